@@ -1,0 +1,40 @@
+//! What the probe (`src/main.rs`, built for the BPF target) and its userspace loader
+//! (`proxy/probe.rs`) must agree on: map and program names, and the counter slots.
+//!
+//! This library target also exists so that cargo can build the package for the host: the
+//! userspace crate depends on it, both to share these constants and so that aya-build
+//! finds the probe through cargo metadata.
+#![no_std]
+
+/// SockHash keyed by a socket's own cookie. The stream programs are attached to this map,
+/// so a socket's received bytes go through the verdict once it is a member.
+pub const SPLICED_MAP: &str = "SPLICED";
+
+/// SockHash keyed by a socket's cookie whose value is that socket's *peer*: the verdict
+/// redirects the bytes received on socket `c` to `PEER_OF[c]`. No programs are attached,
+/// so being a member does not change how a socket receives.
+pub const PEER_OF_MAP: &str = "PEER_OF";
+
+/// Per-CPU array of `u64` counters, indexed by the `COUNTER_*` slots.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// The `stream_parser` program: every skb is one message.
+pub const PARSER_PROGRAM: &str = "splice_parser";
+
+/// The `stream_verdict` program: redirect to the peer's egress.
+pub const VERDICT_PROGRAM: &str = "splice_verdict";
+
+/// Bytes handed to a peer's egress.
+pub const COUNTER_REDIRECTED_BYTES: u32 = 0;
+/// Messages (skbs) handed to a peer's egress.
+pub const COUNTER_REDIRECTED_MESSAGES: u32 = 1;
+/// Messages dropped because the socket had no peer in `PEER_OF`.
+pub const COUNTER_REDIRECT_FAILURES: u32 = 2;
+/// Bytes in those dropped messages.
+pub const COUNTER_DROPPED_BYTES: u32 = 3;
+/// Number of counter slots.
+pub const COUNTER_SLOTS: u32 = 4;
+
+/// Entries each SockHash holds unless the loader asks for another size: two per spliced
+/// connection.
+pub const DEFAULT_MAP_CAPACITY: u32 = 1 << 18;

@@ -1,0 +1,14 @@
+//! splice-proxy: a TCP reverse proxy that routes each connection on its first message and
+//! then splices the two sockets inside the kernel with a BPF sockmap.
+//!
+//! The pieces, each owning its own state:
+//! - [`config`]: routes.toml, parsed and validated.
+//! - [`route`]: matchers and the route table that picks a route for a first message.
+//! - [`balance`]: the order in which a route's backends are tried.
+//! - [`probe`]: the loaded eBPF programs and their maps.
+//! - [`splice`]: the executor-free engine that owns a connection after its first message.
+//! - [`server`]: the glommio runtime: accept, first message, connect, hand-off.
+
+pub mod balance;
+pub mod config;
+pub mod route;

@@ -1,0 +1,1 @@
+fn main() { println!("{}", splice_proxy::PROBE.len()); }
