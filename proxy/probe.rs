@@ -1,0 +1,290 @@
+//! The loaded eBPF probe: its two programs attached to the `SPLICED` SockHash, and typed
+//! handles on its maps. [`Probe`] owns the programs (dropping it detaches them, and every
+//! spliced connection then stops moving: KERNEL-NOTES pitfall 8); [`SpliceMaps`] are
+//! per-thread handles that carry out the order in which a pair joins and leaves the maps.
+
+use std::{
+    fmt,
+    os::fd::{AsFd, BorrowedFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, MapError, PerCpuArray, SockHash},
+    programs::{ProgramError, SkSkb},
+};
+use proxy_probe::{
+    COUNTER_DROPPED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
+    COUNTER_REDIRECTED_MESSAGES, COUNTERS_MAP, PARSER_PROGRAM, PEER_OF_MAP, SPLICED_MAP,
+    VERDICT_PROGRAM,
+};
+
+/// The object built from proxy-probe/ by build.rs (from source, or the checked prebuilt).
+static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-probe"));
+
+/// Whether the kernel runs a stream parser before the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttachMode {
+    /// Verdict only: the kernel hands each received skb straight to the verdict, skipping
+    /// the strparser. Measured faster on this kernel (BENCHMARKS.md).
+    #[default]
+    Verdict,
+    /// `stream_parser` + `stream_verdict`: the classic strparser path (kernel 4.14+).
+    ParserAndVerdict,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Verdict => "verdict",
+            AttachMode::ParserAndVerdict => "parser+verdict",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the probe object has no {kind} named {name}: it was built from other sources")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("duplicating the descriptor of map {name}: {source}")]
+    Duplicate {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sums over all CPUs of the probe's counters, since it was loaded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub redirected_bytes: u64,
+    pub redirected_messages: u64,
+    pub redirect_failures: u64,
+    pub dropped_bytes: u64,
+}
+
+pub struct Probe {
+    /// Owns the programs and their attachment to `SPLICED`.
+    _ebpf: Ebpf,
+    spliced: SockHash<MapData, u64>,
+    peer_of: SockHash<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    attach: AttachMode,
+}
+
+impl Probe {
+    /// Loads the programs and attaches them to `SPLICED`. `capacity` is the number of
+    /// sockets each SockHash can hold: two per spliced connection.
+    pub fn load(attach: AttachMode, capacity: u32) -> Result<Probe, ProbeError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(SPLICED_MAP, capacity)
+            .map_max_entries(PEER_OF_MAP, capacity)
+            .load(PROBE_OBJECT)?;
+        let spliced = sock_hash(take_map(&mut ebpf, SPLICED_MAP)?, SPLICED_MAP)?;
+        let peer_of = sock_hash(take_map(&mut ebpf, PEER_OF_MAP)?, PEER_OF_MAP)?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?).map_err(|source| {
+            ProbeError::Map {
+                name: COUNTERS_MAP,
+                source,
+            }
+        })?;
+
+        let mut programs = vec![VERDICT_PROGRAM];
+        if attach == AttachMode::ParserAndVerdict {
+            programs.push(PARSER_PROGRAM);
+        }
+        for name in programs {
+            let program: &mut SkSkb = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .load()
+                .and_then(|()| program.attach(spliced.fd()))
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+
+        Ok(Probe {
+            _ebpf: ebpf,
+            spliced,
+            peer_of,
+            counters,
+            attach,
+        })
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.attach
+    }
+
+    /// Handles on the maps for one thread: inserts need `&mut`, and separate handles
+    /// (over duplicated descriptors of the same maps) let threads insert without a lock.
+    pub fn maps(&self) -> Result<SpliceMaps, ProbeError> {
+        Ok(SpliceMaps {
+            spliced: duplicate_sock_hash(&self.spliced, SPLICED_MAP)?,
+            peer_of: duplicate_sock_hash(&self.peer_of, PEER_OF_MAP)?,
+        })
+    }
+
+    pub fn counters(&self) -> Result<Counters, ProbeError> {
+        let sum = |slot: u32| -> Result<u64, ProbeError> {
+            let per_cpu = self.counters.get(&slot, 0).map_err(|source| ProbeError::Map {
+                name: COUNTERS_MAP,
+                source,
+            })?;
+            Ok(per_cpu.iter().sum())
+        };
+        Ok(Counters {
+            redirected_bytes: sum(COUNTER_REDIRECTED_BYTES)?,
+            redirected_messages: sum(COUNTER_REDIRECTED_MESSAGES)?,
+            redirect_failures: sum(COUNTER_REDIRECT_FAILURES)?,
+            dropped_bytes: sum(COUNTER_DROPPED_BYTES)?,
+        })
+    }
+
+    /// Sockets currently in `SPLICED` and in `PEER_OF`: both are 0 when no connection is
+    /// spliced, which is how tests prove that teardown left nothing behind.
+    pub fn entries(&self) -> (usize, usize) {
+        (self.spliced.keys().count(), self.peer_of.keys().count())
+    }
+}
+
+/// Why a pair could not be put into the maps. In every case the maps hold nothing of the
+/// pair afterwards and no byte has been lost, so the caller can copy in userspace instead.
+#[derive(Debug, thiserror::Error)]
+#[error("the kernel refused to splice the {side} socket: {source}")]
+pub struct JoinError {
+    pub side: Side,
+    #[source]
+    pub source: MapError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        })
+    }
+}
+
+/// Which directions the kernel moves after [`SpliceMaps::join`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinOutcome {
+    /// Both: the pair is spliced.
+    Both,
+    /// Only upstream-to-client; the client's remaining bytes must be copied.
+    UpstreamOnly,
+}
+
+/// One socket as the maps know it.
+#[derive(Clone, Copy)]
+pub struct MapSocket<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub cookie: u64,
+}
+
+/// One thread's handles on `SPLICED` and `PEER_OF`.
+pub struct SpliceMaps {
+    spliced: SockHash<MapData, u64>,
+    peer_of: SockHash<MapData, u64>,
+}
+
+impl SpliceMaps {
+    /// Splices `client` and `upstream`. Both become redirect targets (`PEER_OF`) before
+    /// either's ingress goes through the verdict (`SPLICED`), so no byte is ever
+    /// redirected to an empty slot. The caller must have written the first message to the
+    /// upstream completely (pitfall 7) and must kick the receive queues afterwards.
+    ///
+    /// An error leaves nothing in the maps. The kernel only admits ESTABLISHED sockets,
+    /// so a client whose FIN lands between the upstream's insert and its own is refused
+    /// after the upstream's bytes may already be on their way to it: that pair stays
+    /// half-spliced ([`JoinOutcome::UpstreamOnly`]), because taking the client out of
+    /// `PEER_OF` would discard what the kernel has queued for it.
+    pub fn join(&mut self, client: MapSocket<'_>, upstream: MapSocket<'_>) -> Result<JoinOutcome, JoinError> {
+        let refused = |side| move |source| JoinError { side, source };
+        self.peer_of
+            .insert(client.cookie, upstream.fd, 0)
+            .map_err(refused(Side::Upstream))?;
+        if let Err(source) = self.peer_of.insert(upstream.cookie, client.fd, 0) {
+            self.forget(&[client.cookie]);
+            return Err(JoinError {
+                side: Side::Client,
+                source,
+            });
+        }
+        if let Err(source) = self.spliced.insert(upstream.cookie, upstream.fd, 0) {
+            self.forget(&[client.cookie, upstream.cookie]);
+            return Err(JoinError {
+                side: Side::Upstream,
+                source,
+            });
+        }
+        if let Err(source) = self.spliced.insert(client.cookie, client.fd, 0) {
+            tracing::debug!("client refused after the upstream was spliced: {source}");
+            return Ok(JoinOutcome::UpstreamOnly);
+        }
+        Ok(JoinOutcome::Both)
+    }
+
+    /// Removes a pair from both maps. Closing a socket also removes it, but the pair's
+    /// entries go as soon as it is done, so the maps count live pairs only.
+    pub fn leave(&mut self, client: u64, upstream: u64) {
+        for cookie in [client, upstream] {
+            let _ = self.spliced.remove(&cookie);
+        }
+        self.forget(&[client, upstream]);
+    }
+
+    fn forget(&mut self, cookies: &[u64]) {
+        for cookie in cookies {
+            let _ = self.peer_of.remove(cookie);
+        }
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, ProbeError> {
+    ebpf.take_map(name)
+        .ok_or(ProbeError::Missing { kind: "map", name })
+}
+
+fn sock_hash(map: Map, name: &'static str) -> Result<SockHash<MapData, u64>, ProbeError> {
+    SockHash::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}
+
+fn duplicate_sock_hash(
+    map: &SockHash<MapData, u64>,
+    name: &'static str,
+) -> Result<SockHash<MapData, u64>, ProbeError> {
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| ProbeError::Duplicate { name, source })?;
+    let data = MapData::from_fd(fd).map_err(|source| ProbeError::Map { name, source })?;
+    sock_hash(Map::SockHash(data), name)
+}

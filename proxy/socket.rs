@@ -1,0 +1,207 @@
+//! The raw socket calls the splice engine needs and std does not offer: the socket cookie
+//! (the key of the probe's maps), the kernel's TCP byte counters, forced send buffers,
+//! the receive low-water mark that makes the kernel re-run the verdict, and abortive
+//! close. Every `unsafe` block of the userspace crate that touches a socket is here.
+
+use std::{
+    io,
+    mem::{self, MaybeUninit},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
+};
+
+/// The part of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h) that we read.
+/// libc's glibc binding stops before the byte counters, so the layout is spelled out here;
+/// the kernel copies at most the length we pass, so a prefix of the struct is valid.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcpInfo {
+    pub state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    wscale: u8,
+    app_limited: u8,
+    rto: u32,
+    ato: u32,
+    snd_mss: u32,
+    rcv_mss: u32,
+    unacked: u32,
+    sacked: u32,
+    lost: u32,
+    retrans: u32,
+    fackets: u32,
+    /// Milliseconds since data was last sent.
+    pub last_data_sent_ms: u32,
+    last_ack_sent: u32,
+    /// Milliseconds since data was last received.
+    pub last_data_recv_ms: u32,
+    last_ack_recv: u32,
+    pmtu: u32,
+    rcv_ssthresh: u32,
+    rtt: u32,
+    rttvar: u32,
+    snd_ssthresh: u32,
+    snd_cwnd: u32,
+    advmss: u32,
+    reordering: u32,
+    rcv_rtt: u32,
+    rcv_space: u32,
+    total_retrans: u32,
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    /// Bytes the remote end has acknowledged (the SYN of an active open counts as one).
+    pub bytes_acked: u64,
+    /// Bytes received in sequence, counting a received FIN as one.
+    pub bytes_received: u64,
+}
+
+/// `TCP_ESTABLISHED` from the kernel's `enum tcp_state`.
+pub const TCP_ESTABLISHED: u8 = 1;
+
+/// The kernel's identity for this socket: stable for its life, never reused.
+pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Bytes written to the socket that the remote end has not acknowledged yet (SIOCOUTQ).
+pub fn unacked_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (== TIOCOUTQ) writes one c_int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+
+/// Every byte ever written into the socket's send queue: acknowledged, in flight or not
+/// yet sent. Reads `bytes_acked` first so that an ACK arriving between the two calls can
+/// only make the sum smaller than the truth, never larger.
+pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.bytes_acked;
+    Ok(acked + unacked_bytes(fd)?)
+}
+
+/// Setting the low-water mark makes the kernel call the socket's data_ready, which runs
+/// the verdict over bytes queued before the socket joined the sockmap (KERNEL-NOTES
+/// pitfall 1); 1 is also the default, so nothing else changes.
+pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1 as libc::c_int)
+}
+
+/// Send buffer beyond `net.core.wmem_max` (needs CAP_NET_ADMIN). A redirected stream can
+/// only move as fast as the peer's send buffer drains (KERNEL-NOTES pitfall 4).
+pub fn force_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+}
+
+/// The pending socket error, cleared by reading it.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let code: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((code != 0).then(|| io::Error::from_raw_os_error(code)))
+}
+
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown takes no pointers; the fd is borrowed, so it is open.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes with an RST instead of a FIN, the way a proxy passes on a reset it received.
+pub fn close_with_reset(fd: OwnedFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // A failure leaves an orderly close, which still ends the connection.
+    let _ = setsockopt(fd_ref(&fd), libc::SOL_SOCKET, libc::SO_LINGER, linger);
+    drop(fd);
+}
+
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL take and return plain integers.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `read(2)` into `buf`, returning 0 at end of stream.
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `send(2)` without SIGPIPE: a peer that went away is an error, not a signal.
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Duplicates a descriptor, so that a socket can outlive the runtime object that opened it.
+pub fn duplicate(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    fd.try_clone_to_owned()
+}
+
+fn fd_ref(fd: &OwnedFd) -> BorrowedFd<'_> {
+    std::os::fd::AsFd::as_fd(fd)
+}
+
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` has room for `len` bytes and every option read here is plain data
+    // (integers or a C struct of integers), for which all-zero and any bytes are valid.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised, then possibly (partly) overwritten by the kernel.
+    Ok(unsafe { value.assume_init() })
+}
+
+fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `value`, which lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! The splice engine: owns every connection after its first message. It takes plain
+//! owned sockets, not runtime objects, and runs on its own threads, so a program that
+//! embeds the library can hand it connections from any runtime.
+//!
+//! Each worker thread sleeps on one epoll instance. For a spliced connection it only
+//! watches for the close: the bytes never reach it. When a side sends its FIN the worker
+//! waits for the kernel to finish moving what came before it, then passes the half-close
+//! on; when both directions are closed it removes the pair from the maps and closes both
+//! sockets. Sockets the kernel refuses to splice are copied here instead, with the same
+//! close semantics.
+
+mod pair;
+mod poll;
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use pair::{Endpoint, Next, Pair, Side};
+use poll::{Epoll, Wakeup};
+
+use crate::{
+    probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
+    socket,
+};
+
+/// Send buffer for spliced sockets: with the default buffers a splice is no faster than
+/// a userspace copy (KERNEL-NOTES pitfall 4).
+const SPLICED_SEND_BUFFER: usize = 16 << 20;
+
+/// How often a worker re-checks half-closes that wait for the kernel to drain. The waits
+/// measured here took 2-600 us, so a millisecond keeps the close prompt.
+const DRAIN_POLL: Duration = Duration::from_millis(1);
+
+/// A connection whose first message has been routed and written to the upstream.
+pub struct Connection {
+    pub client: OwnedFd,
+    pub upstream: OwnedFd,
+    /// Bytes the caller read from the client and wrote, all of them, to the upstream.
+    pub forwarded: u64,
+    pub info: ConnectionInfo,
+}
+
+/// What the access log says about a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub client: SocketAddr,
+    pub route: Arc<str>,
+    pub backend: SocketAddr,
+    pub accepted: Instant,
+}
+
+/// How a connection's bytes moved, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Splice,
+    Copy,
+}
+
+pub struct SpliceEngine {
+    workers: Vec<WorkerHandle>,
+    next_worker: AtomicUsize,
+    live: Arc<AtomicUsize>,
+    probe: Option<Arc<Probe>>,
+}
+
+struct WorkerHandle {
+    queue: mpsc::Sender<Connection>,
+    wakeup: Arc<Wakeup>,
+}
+
+impl SpliceEngine {
+    /// Starts `workers` threads. Without a probe every connection is copied.
+    pub fn new(probe: Option<Arc<Probe>>, workers: usize) -> io::Result<SpliceEngine> {
+        let live = Arc::new(AtomicUsize::new(0));
+        let mut handles = Vec::with_capacity(workers.max(1));
+        for index in 0..workers.max(1) {
+            let maps = probe
+                .as_ref()
+                .map(|probe| probe.maps())
+                .transpose()
+                .map_err(io::Error::other)?;
+            let (queue, incoming) = mpsc::channel();
+            let wakeup = Arc::new(Wakeup::new()?);
+            let worker = Worker {
+                epoll: Epoll::new()?,
+                wakeup: Arc::clone(&wakeup),
+                incoming,
+                maps,
+                pairs: Vec::new(),
+                free: Vec::new(),
+                draining: Vec::new(),
+                live: Arc::clone(&live),
+            };
+            worker.epoll.add(wakeup.fd(), poll::READABLE, WAKEUP_TOKEN)?;
+            thread::Builder::new()
+                .name(format!("splice-{index}"))
+                .spawn(move || worker.run())?;
+            handles.push(WorkerHandle { queue, wakeup });
+        }
+        Ok(SpliceEngine {
+            workers: handles,
+            next_worker: AtomicUsize::new(0),
+            live,
+            probe,
+        })
+    }
+
+    /// Takes over a connection. It never fails: a connection the kernel will not splice
+    /// is copied, and one that cannot be set up at all is closed and logged.
+    pub fn adopt(&self, connection: Connection) {
+        let index = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let worker = &self.workers[index];
+        self.live.fetch_add(1, Ordering::Relaxed);
+        if worker.queue.send(connection).is_ok() {
+            worker.wakeup.wake();
+        } else {
+            // The worker thread is gone (it only ends by panicking); the connection was
+            // dropped with the message, which closes it.
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!("splice worker {index} has stopped; connection closed");
+        }
+    }
+
+    /// Connections adopted and not yet closed.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub fn probe(&self) -> Option<&Arc<Probe>> {
+        self.probe.as_ref()
+    }
+}
+
+const WAKEUP_TOKEN: u64 = u64::MAX;
+
+/// Epoll tokens name a pair's slot and side: `slot << 1 | side`.
+fn token(slot: usize, side: Side) -> u64 {
+    (slot as u64) << 1 | u64::from(side == Side::Upstream)
+}
+
+struct Worker {
+    epoll: Epoll,
+    wakeup: Arc<Wakeup>,
+    incoming: mpsc::Receiver<Connection>,
+    maps: Option<SpliceMaps>,
+    pairs: Vec<Option<Pair>>,
+    free: Vec<usize>,
+    /// Slots with a half-close waiting for the kernel to drain.
+    draining: Vec<usize>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = Vec::with_capacity(256);
+        loop {
+            let timeout = (!self.draining.is_empty()).then_some(DRAIN_POLL);
+            if let Err(e) = self.epoll.wait(&mut events, timeout) {
+                tracing::error!("epoll_wait failed in a splice worker: {e}");
+                thread::sleep(DRAIN_POLL);
+                continue;
+            }
+            for event in &events {
+                let (token, flags) = (event.u64, event.events);
+                if token == WAKEUP_TOKEN {
+                    self.wakeup.clear();
+                    while let Ok(connection) = self.incoming.try_recv() {
+                        self.adopt(connection);
+                    }
+                    continue;
+                }
+                let slot = (token >> 1) as usize;
+                let side = if token & 1 == 0 { Side::Client } else { Side::Upstream };
+                let Some(Some(pair)) = self.pairs.get_mut(slot) else {
+                    continue;
+                };
+                let next = pair.on_events(side, flags);
+                self.settle(slot, next);
+            }
+            for slot in std::mem::take(&mut self.draining) {
+                if let Some(Some(pair)) = self.pairs.get_mut(slot) {
+                    let next = pair.advance();
+                    self.settle(slot, next);
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, connection: Connection) {
+        let info = connection.info.clone();
+        match self.start(connection) {
+            Ok(slot) => {
+                if let Some(Some(pair)) = self.pairs.get_mut(slot) {
+                    // Bytes (or a FIN) may have arrived before epoll was watching.
+                    let next = pair.advance();
+                    self.settle(slot, next);
+                }
+            }
+            Err(e) => {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(client = %info.client, route = %info.route, backend = %info.backend, "connection closed: setting it up failed: {e}");
+            }
+        }
+    }
+
+    /// Splices the connection if the probe is loaded and the kernel accepts both sockets,
+    /// else copies it; registers it with epoll. Returns its slot.
+    fn start(&mut self, connection: Connection) -> io::Result<usize> {
+        let Connection {
+            client,
+            upstream,
+            forwarded,
+            info,
+        } = connection;
+        socket::set_nonblocking(client.as_fd())?;
+        socket::set_nonblocking(upstream.as_fd())?;
+        let mut pair = match &mut self.maps {
+            Some(maps) => splice(maps, client, upstream, forwarded, info)?,
+            None => Pair::new(
+                Endpoint { fd: client, cookie: 0 },
+                Endpoint { fd: upstream, cookie: 0 },
+                forwarded,
+                info,
+            ),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.pairs.push(None);
+                self.pairs.len() - 1
+            }
+        };
+        let registered = self
+            .epoll
+            .add(pair.client.fd(), pair.interest(Side::Client), token(slot, Side::Client))
+            .and_then(|()| {
+                self.epoll.add(
+                    pair.upstream.fd(),
+                    pair.interest(Side::Upstream),
+                    token(slot, Side::Upstream),
+                )
+            });
+        if let Err(e) = registered {
+            self.free.push(slot);
+            if pair.in_maps
+                && let Some(maps) = &mut self.maps
+            {
+                maps.leave(pair.client.cookie, pair.upstream.cookie);
+                pair.in_maps = false;
+            }
+            return Err(e);
+        }
+        self.pairs[slot] = Some(pair);
+        Ok(slot)
+    }
+
+    fn settle(&mut self, slot: usize, next: Next) {
+        match next {
+            Next::Wait => {}
+            Next::Poll => {
+                if !self.draining.contains(&slot) {
+                    self.draining.push(slot);
+                }
+            }
+            Next::Done => self.finish(slot, None),
+            Next::Reset(e) => self.finish(slot, Some(e)),
+        }
+    }
+
+    /// Tears a pair down: out of the maps, both sockets closed (with an RST if it ended
+    /// in an error, so that both ends learn it did not end cleanly), one log line.
+    fn finish(&mut self, slot: usize, error: Option<io::Error>) {
+        let Some(pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        self.draining.retain(|&s| s != slot);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+
+        let (sent_up, sent_down) = pair.bytes_sent();
+        if pair.in_maps
+            && let Some(maps) = &mut self.maps
+        {
+            maps.leave(pair.client.cookie, pair.upstream.cookie);
+        }
+        let mode = if pair.is_spliced() { "splice" } else { "copy" };
+        let info = &pair.info;
+        let duration = info.accepted.elapsed();
+        match &error {
+            None => tracing::info!(
+                client = %info.client, route = %info.route, backend = %info.backend, mode,
+                bytes_up = sent_up, bytes_down = sent_down, duration = ?duration, end = "closed",
+                "connection"
+            ),
+            Some(e) => tracing::info!(
+                client = %info.client, route = %info.route, backend = %info.backend, mode,
+                bytes_up = sent_up, bytes_down = sent_down, duration = ?duration, end = "reset",
+                "connection: {e}"
+            ),
+        }
+        if error.is_some() {
+            socket::close_with_reset(pair.client.fd);
+            socket::close_with_reset(pair.upstream.fd);
+        }
+    }
+}
+
+/// Puts a pair into the maps; what the kernel refuses is copied instead.
+fn splice(
+    maps: &mut SpliceMaps,
+    client: OwnedFd,
+    upstream: OwnedFd,
+    forwarded: u64,
+    info: ConnectionInfo,
+) -> io::Result<Pair> {
+    let client = Endpoint {
+        cookie: socket::cookie(client.as_fd())?,
+        fd: client,
+    };
+    let upstream = Endpoint {
+        cookie: socket::cookie(upstream.as_fd())?,
+        fd: upstream,
+    };
+    let mut pair = Pair::new(client, upstream, forwarded, info);
+    if !pair.settle_client_queue()? {
+        tracing::debug!(client = %pair.info.client, "client still streaming or closing at the hand-off; copying in userspace");
+        return Ok(pair);
+    }
+    for endpoint in [&pair.client, &pair.upstream] {
+        // Without CAP_NET_ADMIN the default buffer stays: slower, not wrong.
+        let _ = socket::force_send_buffer(endpoint.fd(), SPLICED_SEND_BUFFER);
+    }
+    // Taken before the inserts: from now on only the kernel writes into either socket.
+    let client_written = socket::bytes_written(pair.client.fd())?;
+    let upstream_written = socket::bytes_written(pair.upstream.fd())?;
+    let joined = maps.join(
+        MapSocket {
+            fd: pair.client.fd(),
+            cookie: pair.client.cookie,
+        },
+        MapSocket {
+            fd: pair.upstream.fd(),
+            cookie: pair.upstream.cookie,
+        },
+    );
+    match joined {
+        Ok(outcome) => {
+            pair.in_maps = true;
+            pair.kernel_moves_to_client(client_written);
+            if outcome == JoinOutcome::Both {
+                pair.kernel_moves_to_upstream(upstream_written);
+            }
+            // Bytes queued before the inserts wait for a data_ready (pitfall 1).
+            socket::kick_receive_queue(pair.upstream.fd())?;
+            if outcome == JoinOutcome::Both {
+                socket::kick_receive_queue(pair.client.fd())?;
+            } else {
+                tracing::debug!(client = %pair.info.client, "client closed during the splice: its last bytes are copied");
+            }
+        }
+        Err(refused) => {
+            tracing::debug!(client = %pair.info.client, "{refused}; copying in userspace");
+        }
+    }
+    Ok(pair)
+}
