@@ -11,4 +11,8 @@
 
 pub mod balance;
 pub mod config;
+pub mod probe;
 pub mod route;
+pub mod server;
+mod socket;
+pub mod splice;

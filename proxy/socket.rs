@@ -6,7 +6,7 @@
 use std::{
     io,
     mem::{self, MaybeUninit},
-    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
 };
 
 /// The part of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h) that we read.
@@ -15,7 +15,7 @@ use std::{
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TcpInfo {
-    pub state: u8,
+    state: u8,
     ca_state: u8,
     retransmits: u8,
     probes: u8,
@@ -56,9 +56,6 @@ pub struct TcpInfo {
     /// Bytes received in sequence, counting a received FIN as one.
     pub bytes_received: u64,
 }
-
-/// `TCP_ESTABLISHED` from the kernel's `enum tcp_state`.
-pub const TCP_ESTABLISHED: u8 = 1;
 
 /// The kernel's identity for this socket: stable for its life, never reused.
 pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -123,7 +120,7 @@ pub fn close_with_reset(fd: OwnedFd) {
         l_linger: 0,
     };
     // A failure leaves an orderly close, which still ends the connection.
-    let _ = setsockopt(fd_ref(&fd), libc::SOL_SOCKET, libc::SO_LINGER, linger);
+    let _ = setsockopt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_LINGER, linger);
     drop(fd);
 }
 
@@ -159,15 +156,6 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// Duplicates a descriptor, so that a socket can outlive the runtime object that opened it.
-pub fn duplicate(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    fd.try_clone_to_owned()
-}
-
-fn fd_ref(fd: &OwnedFd) -> BorrowedFd<'_> {
-    std::os::fd::AsFd::as_fd(fd)
-}
-
 fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = mem::size_of::<T>() as libc::socklen_t;
@@ -189,7 +177,12 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
     Ok(unsafe { value.assume_init() })
 }
 
-fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
+fn setsockopt<T>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: T,
+) -> io::Result<()> {
     // SAFETY: the pointer and length describe `value`, which lives across the call.
     let rc = unsafe {
         libc::setsockopt(

@@ -36,10 +36,6 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token)
     }
 
-    pub fn modify(&self, fd: BorrowedFd<'_>, interest: u32, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token)
-    }
-
     /// Waits for events; `None` waits without a limit.
     pub fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let timeout_ms = timeout.map_or(-1, |t| {
@@ -51,7 +47,12 @@ impl Epoll {
         // SAFETY: the kernel writes at most `capacity` events into the vector's spare
         // capacity; `set_len` then covers exactly the events it wrote.
         unsafe {
-            let n = libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), capacity, timeout_ms);
+            let n = libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                capacity,
+                timeout_ms,
+            );
             match cvt(n) {
                 Ok(n) => events.set_len(n as usize),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -61,7 +62,13 @@ impl Epoll {
         Ok(())
     }
 
-    fn ctl(&self, op: libc::c_int, fd: BorrowedFd<'_>, interest: u32, token: u64) -> io::Result<()> {
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        fd: BorrowedFd<'_>,
+        interest: u32,
+        token: u64,
+    ) -> io::Result<()> {
         let mut event = Event {
             events: interest | EDGE,
             u64: token,
