@@ -44,10 +44,15 @@ impl fmt::Display for AttachMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}")]
+    #[error(
+        "loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}"
+    )]
     Load(#[from] aya::EbpfError),
     #[error("the probe object has no {kind} named {name}: it was built from other sources")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -96,12 +101,13 @@ impl Probe {
             .load(PROBE_OBJECT)?;
         let spliced = sock_hash(take_map(&mut ebpf, SPLICED_MAP)?, SPLICED_MAP)?;
         let peer_of = sock_hash(take_map(&mut ebpf, PEER_OF_MAP)?, PEER_OF_MAP)?;
-        let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?).map_err(|source| {
-            ProbeError::Map {
-                name: COUNTERS_MAP,
-                source,
-            }
-        })?;
+        let counters =
+            PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?).map_err(|source| {
+                ProbeError::Map {
+                    name: COUNTERS_MAP,
+                    source,
+                }
+            })?;
 
         let mut programs = vec![VERDICT_PROGRAM];
         if attach == AttachMode::ParserAndVerdict {
@@ -146,10 +152,13 @@ impl Probe {
 
     pub fn counters(&self) -> Result<Counters, ProbeError> {
         let sum = |slot: u32| -> Result<u64, ProbeError> {
-            let per_cpu = self.counters.get(&slot, 0).map_err(|source| ProbeError::Map {
-                name: COUNTERS_MAP,
-                source,
-            })?;
+            let per_cpu = self
+                .counters
+                .get(&slot, 0)
+                .map_err(|source| ProbeError::Map {
+                    name: COUNTERS_MAP,
+                    source,
+                })?;
             Ok(per_cpu.iter().sum())
         };
         Ok(Counters {
@@ -225,7 +234,11 @@ impl SpliceMaps {
     /// after the upstream's bytes may already be on their way to it: that pair stays
     /// half-spliced ([`JoinOutcome::UpstreamOnly`]), because taking the client out of
     /// `PEER_OF` would discard what the kernel has queued for it.
-    pub fn join(&mut self, client: MapSocket<'_>, upstream: MapSocket<'_>) -> Result<JoinOutcome, JoinError> {
+    pub fn join(
+        &mut self,
+        client: MapSocket<'_>,
+        upstream: MapSocket<'_>,
+    ) -> Result<JoinOutcome, JoinError> {
         let refused = |side| move |source| JoinError { side, source };
         self.peer_of
             .insert(client.cookie, upstream.fd, 0)

@@ -101,7 +101,9 @@ impl SpliceEngine {
                 draining: Vec::new(),
                 live: Arc::clone(&live),
             };
-            worker.epoll.add(wakeup.fd(), poll::READABLE, WAKEUP_TOKEN)?;
+            worker
+                .epoll
+                .add(wakeup.fd(), poll::READABLE, WAKEUP_TOKEN)?;
             thread::Builder::new()
                 .name(format!("splice-{index}"))
                 .spawn(move || worker.run())?;
@@ -180,7 +182,11 @@ impl Worker {
                     continue;
                 }
                 let slot = (token >> 1) as usize;
-                let side = if token & 1 == 0 { Side::Client } else { Side::Upstream };
+                let side = if token & 1 == 0 {
+                    Side::Client
+                } else {
+                    Side::Upstream
+                };
                 let Some(Some(pair)) = self.pairs.get_mut(slot) else {
                     continue;
                 };
@@ -227,8 +233,14 @@ impl Worker {
         let mut pair = match &mut self.maps {
             Some(maps) => splice(maps, client, upstream, forwarded, info)?,
             None => Pair::new(
-                Endpoint { fd: client, cookie: 0 },
-                Endpoint { fd: upstream, cookie: 0 },
+                Endpoint {
+                    fd: client,
+                    cookie: 0,
+                },
+                Endpoint {
+                    fd: upstream,
+                    cookie: 0,
+                },
                 forwarded,
                 info,
             ),
@@ -242,7 +254,11 @@ impl Worker {
         };
         let registered = self
             .epoll
-            .add(pair.client.fd(), pair.interest(Side::Client), token(slot, Side::Client))
+            .add(
+                pair.client.fd(),
+                pair.interest(Side::Client),
+                token(slot, Side::Client),
+            )
             .and_then(|()| {
                 self.epoll.add(
                     pair.upstream.fd(),

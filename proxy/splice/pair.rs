@@ -35,7 +35,9 @@ impl Endpoint {
 enum Mover {
     /// The probe redirects them. `base` is the destination's `bytes_written` when the
     /// kernel took over: from then on every byte written into it came from the redirect.
-    Kernel { base: u64 },
+    Kernel {
+        base: u64,
+    },
     Copy(CopyBuffer),
 }
 
@@ -88,7 +90,12 @@ pub(super) enum Side {
 }
 
 impl Pair {
-    pub fn new(client: Endpoint, upstream: Endpoint, first_message_len: u64, info: ConnectionInfo) -> Pair {
+    pub fn new(
+        client: Endpoint,
+        upstream: Endpoint,
+        first_message_len: u64,
+        info: ConnectionInfo,
+    ) -> Pair {
         Pair {
             client,
             upstream,
@@ -288,7 +295,12 @@ impl Direction {
     /// Whether the kernel has written into `dst` every byte `src` received before its FIN
     /// that we did not read ourselves. The redirect is asynchronous, so the FIN must not
     /// be passed on before this holds (KERNEL-NOTES pitfall 2).
-    fn kernel_drained(&mut self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>, base: u64) -> io::Result<bool> {
+    fn kernel_drained(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        base: u64,
+    ) -> io::Result<bool> {
         // The received count includes the FIN's sequence number.
         let owed = socket::tcp_info(src)?
             .bytes_received
@@ -300,7 +312,8 @@ impl Direction {
         let now = Instant::now();
         match self.drain_progress {
             Some((seen, since)) if seen == moved => {
-                if now.duration_since(since) > DRAIN_STALL_LIMIT && socket::unacked_bytes(dst)? == 0 {
+                if now.duration_since(since) > DRAIN_STALL_LIMIT && socket::unacked_bytes(dst)? == 0
+                {
                     tracing::warn!(
                         missing = owed - moved,
                         "the kernel stopped moving a half-closed stream; passing the close on without the missing bytes"
@@ -340,7 +353,11 @@ impl CopyBuffer {
                 Ok(0) => Ok(Filled::Eof),
                 Ok(n) => {
                     (self.start, self.end) = (0, n);
-                    Ok(if n < self.bytes.len() { Filled::Partly(n) } else { Filled::Full(n) })
+                    Ok(if n < self.bytes.len() {
+                        Filled::Partly(n)
+                    } else {
+                        Filled::Full(n)
+                    })
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::Empty),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
