@@ -1,0 +1,1466 @@
+//! routes.toml: parsed, validated, and described.
+//!
+//! This module owns the file format (the contract in DESIGN.md) and every check on it. A
+//! [`Config`] that comes out of [`Config::parse`] is consistent: every route has a name no
+//! other route has, at least one backend, and either matchers or `default = true`; at
+//! most one route is the default; every matcher can be decided within
+//! `first_message_max` bytes. A typo must not silently change routing, so unknown keys
+//! are errors, and every error names the file, the line and the key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeString, DeTable, DeValue};
+
+use crate::balance::{Balance, ParseBalanceError};
+use crate::route::Matcher;
+
+const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
+const DEFAULT_FIRST_MESSAGE_MAX: usize = 16 * 1024;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Every connection holds a buffer this large until it is routed.
+const FIRST_MESSAGE_MAX_LIMIT: usize = 1024 * 1024;
+
+/// Longer timeouts let silent clients hold connections for hours: a typo, not a wish.
+const TIMEOUT_LIMIT: Duration = Duration::from_hours(1);
+
+/// What the proxy does, from routes.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// How long to wait for the client's first bytes before routing on what has arrived
+    /// (the default route if nothing has).
+    pub first_message_timeout: Duration,
+    /// The most bytes read before routing.
+    pub first_message_max: usize,
+    /// How long one backend may take to accept before the next one is tried.
+    pub connect_timeout: Duration,
+    /// In file order, which is the order they are tried in.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// All must hold. Empty for the default route.
+    pub matchers: Vec<Matcher>,
+    /// Takes the connections no other route matched, and those that sent nothing.
+    pub default: bool,
+    pub backends: Vec<SocketAddr>,
+    pub balance: Balance,
+}
+
+/// Why routes.toml could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {error}", file.display())]
+    Read { file: PathBuf, error: io::Error },
+    #[error(transparent)]
+    Invalid(Box<Invalid>),
+}
+
+/// Where in which file what is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}:{line}: {place}{problem}", file.display())]
+pub struct Invalid {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    pub place: Place,
+    pub problem: Problem,
+}
+
+/// The route and key an error is about, as far as they are known.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Place {
+    pub route: Option<RouteLabel>,
+    pub key: Option<String>,
+}
+
+/// How an error refers to a route: by name, or by position when it has no usable name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteLabel {
+    Named(String),
+    /// 1-based position among the `[[route]]` tables.
+    Numbered(usize),
+}
+
+/// Renders as a prefix of the message: `route "web": key "backends": `.
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.route {
+            Some(RouteLabel::Named(name)) => write!(f, "route {name:?}: ")?,
+            Some(RouteLabel::Numbered(number)) => write!(f, "route #{number}: ")?,
+            None => {}
+        }
+        if let Some(key) = &self.key {
+            write!(f, "key {key:?}: ")?;
+        }
+        Ok(())
+    }
+}
+
+/// What is wrong, in words for the person editing the file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Problem {
+    #[error("TOML syntax: {0}")]
+    Syntax(String),
+    /// An unknown key, a missing key or a value of the wrong type, as serde put it.
+    #[error("{0}")]
+    Schema(String),
+    #[error("not supported yet by this version of splice-proxy")]
+    NotSupportedYet,
+    #[error("{text:?} is not a duration such as \"250ms\", \"3s\" or \"1m\": {reason}")]
+    NotADuration {
+        text: String,
+        reason: humantime::DurationError,
+    },
+    #[error("{text:?} is out of range: must be more than 0 and at most 1h")]
+    DurationOutOfRange { text: String },
+    #[error("{value} is out of range: must be {min}..={max}")]
+    OutOfRange { value: i64, min: usize, max: usize },
+    #[error(
+        "this needs the first {needed} bytes of the message but first_message_max is {max}, \
+         so it could never match"
+    )]
+    BeyondFirstMessageMax { needed: usize, max: usize },
+    #[error("an empty string matches everything; for a catch-all route use default = true")]
+    EmptyBytes,
+    #[error("\"at\" needs \"bytes\": the bytes expected at that offset")]
+    AtWithoutBytes,
+    #[error("\"bytes\" needs \"at\": the offset where they are expected")]
+    BytesWithoutAt,
+    #[error("min_length {min} is more than max_length {max}")]
+    MinAboveMax { min: usize, max: usize },
+    #[error(
+        "the route has no matcher: give prefix, at + bytes, or min_length/max_length, \
+         or make it the catch-all with default = true"
+    )]
+    NoMatcher,
+    #[error(
+        "a default route takes what no other route matched, so it has no matchers: \
+         remove this key or default = true"
+    )]
+    DefaultWithMatcher,
+    #[error("route {first:?} on line {first_line} is already the default; only one route can be")]
+    SecondDefault { first: String, first_line: usize },
+    #[error("a route name cannot be empty")]
+    EmptyName,
+    #[error("route name already used on line {first_line}")]
+    DuplicateName { first_line: usize },
+    #[error("the route has no backends: give at least one, e.g. backends = [\"127.0.0.1:9001\"]")]
+    NoBackends,
+    #[error(
+        "{text:?} is not an address (expected ip:port, e.g. 127.0.0.1:9001; \
+         host names are not resolved)"
+    )]
+    NotAnAddress { text: String },
+    #[error("{text:?}: port 0 cannot be connected to")]
+    PortZero { text: String },
+    #[error(transparent)]
+    Balance(ParseBalanceError),
+    #[error("no routes: add at least one [[route]] with backends")]
+    NoRoutes,
+}
+
+impl Config {
+    /// Reads and parses the routes file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Read`] if the file cannot be read, else as [`Config::parse`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            file: path.to_owned(),
+            error,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses routes.toml text; `file` only names it in errors.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for the first problem found.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let source = Source { text, file };
+        // Parsed once into a spanned document, which both feeds serde and lets an error
+        // at a byte offset be traced back to its route and key.
+        let (document, syntax_errors) = DeTable::parse_recoverable(text);
+        if let Some(error) = syntax_errors.first() {
+            return Err(source.toml_error(error, &document, Problem::Syntax));
+        }
+        let raw = RawConfig::deserialize(toml::de::Deserializer::from(document.clone()))
+            .map_err(|error| source.toml_error(&error, &document, Problem::Schema))?;
+        source.validate(raw)
+    }
+}
+
+/// The file as serde sees it: every field spanned so that a value found wrong after
+/// parsing can still be reported at its line.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    first_message_timeout: Option<Spanned<DurationText>>,
+    first_message_max: Option<Spanned<i64>>,
+    connect_timeout: Option<Spanned<DurationText>>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Spanned<String>,
+    sni: Option<Spanned<String>>,
+    http_host: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    at: Option<Spanned<i64>>,
+    bytes: Option<Spanned<String>>,
+    min_length: Option<Spanned<i64>>,
+    max_length: Option<Spanned<i64>>,
+    default: Option<Spanned<bool>>,
+    backends: Option<Spanned<Vec<Spanned<String>>>>,
+    balance: Option<Spanned<String>>,
+}
+
+/// A duration as written. A string type of its own so that `connect_timeout = 2` is
+/// answered with what a duration looks like rather than just "expected a string".
+struct DurationText(String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = DurationText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"250ms\", \"3s\" or \"1m\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<DurationText, E> {
+                Ok(DurationText(text.to_owned()))
+            }
+        }
+
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// The text being parsed and the file it came from, for errors.
+struct Source<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Source<'_> {
+    fn invalid(&self, span: Range<usize>, place: Place, problem: Problem) -> ConfigError {
+        let line = line_at(self.text, span.start);
+        ConfigError::Invalid(Box::new(Invalid {
+            file: self.file.to_owned(),
+            line,
+            place,
+            problem,
+        }))
+    }
+
+    /// A toml or serde error, placed by its span.
+    fn toml_error(
+        &self,
+        error: &toml::de::Error,
+        document: &Spanned<DeTable<'_>>,
+        problem: fn(String) -> Problem,
+    ) -> ConfigError {
+        let span = error.span().unwrap_or(0..0);
+        let mut place = place_of(self.text, document.get_ref(), span.start);
+        // toml names a duplicate key only by its span.
+        if place.key.is_none() && error.message() == "duplicate key" {
+            place.key = self.text.get(span.clone()).map(str::to_owned);
+        }
+        self.invalid(span, place, problem(error.message().to_owned()))
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let first_message_timeout = self.timeout(
+            raw.first_message_timeout,
+            "first_message_timeout",
+            DEFAULT_FIRST_MESSAGE_TIMEOUT,
+        )?;
+        let connect_timeout = self.timeout(
+            raw.connect_timeout,
+            "connect_timeout",
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let first_message_max = match &raw.first_message_max {
+            Some(value) => integer_in(value, 1, FIRST_MESSAGE_MAX_LIMIT).map_err(|problem| {
+                self.invalid(value.span(), Place::key("first_message_max"), problem)
+            })?,
+            None => DEFAULT_FIRST_MESSAGE_MAX,
+        };
+
+        if raw.route.is_empty() {
+            return Err(self.invalid(0..0, Place::key("route"), Problem::NoRoutes));
+        }
+        let mut routes: Vec<RouteConfig> = Vec::with_capacity(raw.route.len());
+        let mut name_lines: HashMap<String, usize> = HashMap::new();
+        // The default route so far: its name and the line of its `default = true`.
+        let mut default_route: Option<(String, usize)> = None;
+        for (index, raw_route) in raw.route.into_iter().enumerate() {
+            let (route, spans) = self.route(index + 1, raw_route, first_message_max)?;
+            let place = |key: &str| Place::route_key(RouteLabel::Named(route.name.clone()), key);
+
+            if let Some(&first_line) = name_lines.get(&route.name) {
+                let problem = Problem::DuplicateName { first_line };
+                return Err(self.invalid(spans.name, place("name"), problem));
+            }
+            name_lines.insert(route.name.clone(), line_at(self.text, spans.name.start));
+
+            if let Some(default_span) = spans.default {
+                if let Some((first, first_line)) = &default_route {
+                    let problem = Problem::SecondDefault {
+                        first: first.clone(),
+                        first_line: *first_line,
+                    };
+                    return Err(self.invalid(default_span, place("default"), problem));
+                }
+                default_route = Some((route.name.clone(), line_at(self.text, default_span.start)));
+            }
+            routes.push(route);
+        }
+        Ok(Config {
+            first_message_timeout,
+            first_message_max,
+            connect_timeout,
+            routes,
+        })
+    }
+
+    fn timeout(
+        &self,
+        value: Option<Spanned<DurationText>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let span = value.span();
+        let DurationText(text) = value.into_inner();
+        match humantime::parse_duration(&text) {
+            Ok(duration) if !duration.is_zero() && duration <= TIMEOUT_LIMIT => Ok(duration),
+            Ok(_) => Err(self.invalid(span, Place::key(key), Problem::DurationOutOfRange { text })),
+            Err(reason) => Err(self.invalid(
+                span,
+                Place::key(key),
+                Problem::NotADuration { text, reason },
+            )),
+        }
+    }
+
+    /// One `[[route]]`, with where its `name` and `default = true` are for the checks
+    /// across routes.
+    fn route(
+        &self,
+        number: usize,
+        raw: RawRoute,
+        first_message_max: usize,
+    ) -> Result<(RouteConfig, RouteSpans), ConfigError> {
+        let name_span = raw.name.span();
+        let name = raw.name.get_ref().clone();
+        if name.is_empty() {
+            let place = Place::route_key(RouteLabel::Numbered(number), "name");
+            return Err(self.invalid(name_span, place, Problem::EmptyName));
+        }
+        let check = RouteCheck {
+            source: self,
+            name: &name,
+            first_message_max,
+        };
+
+        for (key, planned) in [("sni", &raw.sni), ("http_host", &raw.http_host)] {
+            if let Some(planned) = planned {
+                return Err(check.fail(planned.span(), key, Problem::NotSupportedYet));
+            }
+        }
+
+        let matchers = check.matchers(&raw)?;
+        let default = raw.default.as_ref().filter(|default| *default.get_ref());
+        match (default, matchers.first()) {
+            (Some(_), Some(first)) => {
+                return Err(check.fail(first.span.clone(), first.key, Problem::DefaultWithMatcher));
+            }
+            (None, None) => {
+                let place = Place::route(RouteLabel::Named(name.clone()));
+                return Err(self.invalid(name_span, place, Problem::NoMatcher));
+            }
+            _ => {}
+        }
+
+        let backends = check.backends(raw.backends, &name_span)?;
+        let balance = match raw.balance {
+            Some(balance) => balance
+                .get_ref()
+                .parse()
+                .map_err(|error| check.fail(balance.span(), "balance", Problem::Balance(error)))?,
+            None => Balance::default(),
+        };
+
+        let spans = RouteSpans {
+            name: name_span,
+            default: default.map(Spanned::span),
+        };
+        let route = RouteConfig {
+            name,
+            matchers: matchers.into_iter().map(|found| found.matcher).collect(),
+            default: spans.default.is_some(),
+            backends,
+            balance,
+        };
+        Ok((route, spans))
+    }
+}
+
+/// The byte ranges of a route's keys that the checks across routes report at.
+struct RouteSpans {
+    name: Range<usize>,
+    /// Where `default = true` is, for a default route.
+    default: Option<Range<usize>>,
+}
+
+/// The checks on one named `[[route]]`.
+struct RouteCheck<'a> {
+    source: &'a Source<'a>,
+    name: &'a str,
+    first_message_max: usize,
+}
+
+/// A matcher with the key that gave it, so a default route can be told which key to drop.
+struct FoundMatcher {
+    matcher: Matcher,
+    key: &'static str,
+    span: Range<usize>,
+}
+
+impl RouteCheck<'_> {
+    fn fail(&self, span: Range<usize>, key: &str, problem: Problem) -> ConfigError {
+        let place = Place::route_key(RouteLabel::Named(self.name.to_owned()), key);
+        self.source.invalid(span, place, problem)
+    }
+
+    fn matchers(&self, raw: &RawRoute) -> Result<Vec<FoundMatcher>, ConfigError> {
+        let mut found = Vec::new();
+        if let Some(prefix) = &raw.prefix {
+            let bytes = self.nonempty_bytes(prefix, "prefix")?;
+            self.within_first_message_max(bytes.len(), prefix.span(), "prefix")?;
+            found.push(FoundMatcher {
+                matcher: Matcher::Prefix(bytes),
+                key: "prefix",
+                span: prefix.span(),
+            });
+        }
+
+        match (&raw.at, &raw.bytes) {
+            (Some(at), Some(bytes)) => {
+                let offset = self.integer_in(at, "at", 0, self.first_message_max)?;
+                let bytes = self.nonempty_bytes(bytes, "bytes")?;
+                self.within_first_message_max(offset.saturating_add(bytes.len()), at.span(), "at")?;
+                found.push(FoundMatcher {
+                    matcher: Matcher::At { offset, bytes },
+                    key: "at",
+                    span: at.span(),
+                });
+            }
+            (Some(at), None) => return Err(self.fail(at.span(), "at", Problem::AtWithoutBytes)),
+            (None, Some(bytes)) => {
+                return Err(self.fail(bytes.span(), "bytes", Problem::BytesWithoutAt));
+            }
+            (None, None) => {}
+        }
+
+        let min = (raw.min_length.as_ref())
+            .map(|min| self.integer_in(min, "min_length", 0, self.first_message_max))
+            .transpose()?;
+        let max = (raw.max_length.as_ref())
+            .map(|max| self.integer_in(max, "max_length", 1, self.first_message_max))
+            .transpose()?;
+        let (key, given) = match (&raw.min_length, &raw.max_length) {
+            (Some(min_length), _) => ("min_length", min_length),
+            (None, Some(max_length)) => ("max_length", max_length),
+            (None, None) => return Ok(found),
+        };
+        if let (Some(min), Some(max)) = (min, max)
+            && min > max
+        {
+            return Err(self.fail(given.span(), key, Problem::MinAboveMax { min, max }));
+        }
+        found.push(FoundMatcher {
+            matcher: Matcher::Length {
+                min: min.unwrap_or(0),
+                max: max.unwrap_or(usize::MAX),
+            },
+            key,
+            span: given.span(),
+        });
+        Ok(found)
+    }
+
+    fn integer_in(
+        &self,
+        value: &Spanned<i64>,
+        key: &str,
+        min: usize,
+        max: usize,
+    ) -> Result<usize, ConfigError> {
+        integer_in(value, min, max).map_err(|problem| self.fail(value.span(), key, problem))
+    }
+
+    fn nonempty_bytes(&self, text: &Spanned<String>, key: &str) -> Result<Vec<u8>, ConfigError> {
+        if text.get_ref().is_empty() {
+            return Err(self.fail(text.span(), key, Problem::EmptyBytes));
+        }
+        Ok(text.get_ref().as_bytes().to_vec())
+    }
+
+    /// A matcher that needs more bytes than are ever read could never match.
+    fn within_first_message_max(
+        &self,
+        needed: usize,
+        span: Range<usize>,
+        key: &str,
+    ) -> Result<(), ConfigError> {
+        if needed > self.first_message_max {
+            let problem = Problem::BeyondFirstMessageMax {
+                needed,
+                max: self.first_message_max,
+            };
+            return Err(self.fail(span, key, problem));
+        }
+        Ok(())
+    }
+
+    fn backends(
+        &self,
+        raw: Option<Spanned<Vec<Spanned<String>>>>,
+        name_span: &Range<usize>,
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let Some(raw) = raw else {
+            return Err(self.fail(name_span.clone(), "backends", Problem::NoBackends));
+        };
+        if raw.get_ref().is_empty() {
+            return Err(self.fail(raw.span(), "backends", Problem::NoBackends));
+        }
+        raw.into_inner()
+            .into_iter()
+            .map(|text| {
+                let span = text.span();
+                let text = text.into_inner();
+                match text.parse::<SocketAddr>() {
+                    Ok(address) if address.port() == 0 => {
+                        Err(self.fail(span, "backends", Problem::PortZero { text }))
+                    }
+                    Ok(address) => Ok(address),
+                    Err(_) => Err(self.fail(span, "backends", Problem::NotAnAddress { text })),
+                }
+            })
+            .collect()
+    }
+}
+
+fn integer_in(value: &Spanned<i64>, min: usize, max: usize) -> Result<usize, Problem> {
+    let number = *value.get_ref();
+    usize::try_from(number)
+        .ok()
+        .filter(|number| (min..=max).contains(number))
+        .ok_or(Problem::OutOfRange {
+            value: number,
+            min,
+            max,
+        })
+}
+
+/// The 1-based line that byte `offset` of `text` is on.
+fn line_at(text: &str, offset: usize) -> usize {
+    let before = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
+    before.iter().filter(|&&byte| byte == b'\n').count() + 1
+}
+
+impl Place {
+    fn key(key: &str) -> Place {
+        Place {
+            route: None,
+            key: Some(key.to_owned()),
+        }
+    }
+
+    fn route(route: RouteLabel) -> Place {
+        Place {
+            route: Some(route),
+            key: None,
+        }
+    }
+
+    fn route_key(route: RouteLabel, key: &str) -> Place {
+        Place {
+            route: Some(route),
+            key: Some(key.to_owned()),
+        }
+    }
+}
+
+/// The route and key whose text holds byte `offset` of `text`, as far as its parsed
+/// `document` tells (after a syntax error it is what toml could recover). A syntax error
+/// may lie just past the value toml recovered, so a key also holds the rest of its line.
+fn place_of(text: &str, document: &DeTable<'_>, offset: usize) -> Place {
+    let holds = |key: &Spanned<DeString<'_>>, value: &Spanned<DeValue<'_>>| {
+        let rest_of_key_line = text.get(key.span().start..offset);
+        covers(&key.span(), offset)
+            || covers(&value.span(), offset)
+            || rest_of_key_line.is_some_and(|rest| !rest.contains('\n'))
+    };
+    let routes = match document.get("route").map(Spanned::get_ref) {
+        Some(DeValue::Array(routes)) => &routes[..],
+        _ => &[],
+    };
+
+    // The span of a `[[route]]` element is its header, so the route whose header last
+    // precedes the offset is the one around it.
+    let mut enclosing_route = None;
+    for (index, route) in routes.iter().enumerate() {
+        let label = route_label(route, index + 1);
+        if let DeValue::Table(table) = route.get_ref()
+            && let Some((key, _)) = table.iter().find(|(key, value)| holds(key, value))
+        {
+            return Place::route_key(label, key.get_ref());
+        }
+        if route.span().start <= offset {
+            enclosing_route = Some(label);
+        }
+    }
+    let top_level_key = |wanted: fn(&str) -> bool| {
+        document
+            .iter()
+            .find(|(key, value)| wanted(key.get_ref()) && holds(key, value))
+            .map(|(key, _)| Place::key(key.get_ref()))
+    };
+    top_level_key(|key| key != "route")
+        .or_else(|| enclosing_route.map(Place::route))
+        // Reached when `route` is there but not an array of tables.
+        .or_else(|| top_level_key(|key| key == "route"))
+        .unwrap_or_default()
+}
+
+/// A route by its name if it has a usable one, else by its position.
+fn route_label(route: &Spanned<DeValue<'_>>, number: usize) -> RouteLabel {
+    match route.get_ref().get("name").map(Spanned::get_ref) {
+        Some(DeValue::String(name)) if !name.is_empty() => RouteLabel::Named(name.to_string()),
+        _ => RouteLabel::Numbered(number),
+    }
+}
+
+/// Whether `span` holds `offset`; an empty span holds its start, where toml reports
+/// errors at the end of the input.
+fn covers(span: &Range<usize>, offset: usize) -> bool {
+    span.start <= offset && offset < span.end.max(span.start + 1)
+}
+
+/// What `splice-proxy --check` prints: the timeouts, then one line per route in file
+/// order, every line ending in a newline.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "first_message_timeout {}, first_message_max {} bytes, connect_timeout {}",
+            humantime::format_duration(self.first_message_timeout),
+            self.first_message_max,
+            humantime::format_duration(self.connect_timeout),
+        )?;
+        for route in &self.routes {
+            writeln!(f, "{route}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin)`
+impl fmt::Display for RouteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "route {:?}: ", self.name)?;
+        let mut tests = Vec::with_capacity(self.matchers.len() + 1);
+        if self.default {
+            tests.push("default".to_owned());
+        }
+        tests.extend(self.matchers.iter().map(Matcher::to_string));
+        f.write_str(&tests.join(", "))?;
+        let backends: Vec<String> = self.backends.iter().map(SocketAddr::to_string).collect();
+        write!(f, " -> {} ({})", backends.join(", "), self.balance)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file from its lines, so that a test can count lines by index.
+    fn file(lines: &[&str]) -> String {
+        lines.join("\n") + "\n"
+    }
+
+    fn parse(lines: &[&str]) -> Result<Config, ConfigError> {
+        Config::parse(&file(lines), Path::new("routes.toml"))
+    }
+
+    /// Asserts that the file is refused with a message that starts with the file name,
+    /// `line` and `place` (the route and key), and goes on to say `says`.
+    #[track_caller]
+    fn assert_refused(lines: &[&str], line: usize, place: &str, says: &str) {
+        let message = parse(lines).unwrap_err().to_string();
+        let expected_start = format!("routes.toml:{line}: {place}");
+        assert!(
+            message.starts_with(&expected_start),
+            "{message:?} should start with {expected_start:?}"
+        );
+        assert!(message.contains(says), "{message:?} should say {says:?}");
+    }
+
+    fn backend(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn defaults_when_keys_are_absent() {
+        let config = parse(&[
+            "[[route]]",
+            r#"name = "web""#,
+            r#"prefix = "GET ""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ])
+        .unwrap();
+        assert_eq!(config.first_message_timeout, Duration::from_secs(3));
+        assert_eq!(config.first_message_max, 16384);
+        assert_eq!(config.connect_timeout, Duration::from_secs(2));
+        assert_eq!(
+            config.routes,
+            [RouteConfig {
+                name: "web".to_owned(),
+                matchers: vec![Matcher::Prefix(b"GET ".to_vec())],
+                default: false,
+                backends: vec![backend(9001)],
+                balance: Balance::RoundRobin,
+            }]
+        );
+    }
+
+    #[test]
+    fn every_key() {
+        let config = parse(&[
+            r#"first_message_timeout = "250ms""#,
+            "first_message_max = 512",
+            r#"connect_timeout = "1m""#,
+            "",
+            "[[route]]",
+            r#"name = "tag-600""#,
+            r#"prefix = "\u0016\u0003""#,
+            "at = 20",
+            r#"bytes = "600""#,
+            "min_length = 290",
+            "max_length = 294",
+            r#"backends = ["127.0.0.1:5001", "[::1]:5002"]"#,
+            r#"balance = "round-robin""#,
+            "",
+            "[[route]]",
+            r#"name = "fallback""#,
+            "default = true",
+            r#"backends = ["127.0.0.1:9009"]"#,
+        ])
+        .unwrap();
+        assert_eq!(config.first_message_timeout, Duration::from_millis(250));
+        assert_eq!(config.first_message_max, 512);
+        assert_eq!(config.connect_timeout, Duration::from_secs(60));
+        assert_eq!(
+            config.routes[0].matchers,
+            [
+                Matcher::Prefix(vec![0x16, 0x03]),
+                Matcher::At {
+                    offset: 20,
+                    bytes: b"600".to_vec()
+                },
+                Matcher::Length { min: 290, max: 294 },
+            ]
+        );
+        assert_eq!(
+            config.routes[0].backends,
+            [backend(5001), "[::1]:5002".parse().unwrap()]
+        );
+        assert!(!config.routes[0].default);
+        assert!(config.routes[1].default);
+        assert!(config.routes[1].matchers.is_empty());
+    }
+
+    #[test]
+    fn duration_forms() {
+        for (text, duration) in [
+            ("250ms", Duration::from_millis(250)),
+            ("3s", Duration::from_secs(3)),
+            ("1m", Duration::from_secs(60)),
+            ("1m 30s", Duration::from_secs(90)),
+            ("1h", Duration::from_secs(3600)),
+        ] {
+            let config = parse(&[
+                &format!("first_message_timeout = {text:?}"),
+                &format!("connect_timeout = {text:?}"),
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ])
+            .unwrap();
+            assert_eq!(config.first_message_timeout, duration, "{text}");
+            assert_eq!(config.connect_timeout, duration, "{text}");
+        }
+    }
+
+    #[test]
+    fn length_alone() {
+        let route = |length: &str| {
+            parse(&[
+                "[[route]]",
+                r#"name = "short""#,
+                length,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ])
+            .unwrap()
+            .routes
+            .remove(0)
+            .matchers
+        };
+        assert_eq!(
+            route("min_length = 3"),
+            [Matcher::Length {
+                min: 3,
+                max: usize::MAX
+            }]
+        );
+        assert_eq!(
+            route("max_length = 3"),
+            [Matcher::Length { min: 0, max: 3 }]
+        );
+    }
+
+    #[test]
+    fn refuses_toml_syntax_errors() {
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                "prefix = GET",
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            3,
+            r#"route "web": key "prefix": "#,
+            "TOML syntax: ",
+        );
+        assert_refused(
+            &[r#"connect_timeout = "2s""#, "[[route]", r#"name = "web""#],
+            2,
+            "",
+            "TOML syntax: ",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web"#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            2,
+            r#"route "web": key "name": "#,
+            "TOML syntax: ",
+        );
+        assert_refused(
+            &["[[route]]", r#"name = "web""#, r#"name = "api""#],
+            3,
+            r#"route "web": key "name": "#,
+            "TOML syntax: duplicate key",
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_keys() {
+        assert_refused(
+            &["first_mesage_max = 10", "[[route]]"],
+            1,
+            r#"key "first_mesage_max": "#,
+            "unknown field `first_mesage_max`",
+        );
+        // The route's name is found even when the typo comes before it.
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"prefx = "GET ""#,
+                r#"name = "web""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            2,
+            r#"route "web": key "prefx": "#,
+            "unknown field `prefx`",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                "[route.matcher]",
+                r#"prefix = "x""#,
+            ],
+            3,
+            r#"route "web": key "matcher": "#,
+            "unknown field `matcher`",
+        );
+    }
+
+    #[test]
+    fn refuses_wrong_types() {
+        assert_refused(
+            &[r#"first_message_max = "16k""#],
+            1,
+            r#"key "first_message_max": "#,
+            "invalid type: string \"16k\"",
+        );
+        assert_refused(
+            &["[[route]]", r#"name = "web""#, r#"default = "yes""#],
+            3,
+            r#"route "web": key "default": "#,
+            "expected a boolean",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                r#"backends = "127.0.0.1:9001""#,
+            ],
+            3,
+            r#"route "web": key "backends": "#,
+            "expected a sequence",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                "backends = [",
+                r#"  "127.0.0.1:9001","#,
+                "  9002,",
+                "]",
+            ],
+            5,
+            r#"route "web": key "backends": "#,
+            "invalid type: integer `9002`",
+        );
+        assert_refused(
+            &["[[route]]", "name = 5"],
+            2,
+            r#"route #1: key "name": "#,
+            "expected a string",
+        );
+        assert_refused(
+            &["[route]", r#"name = "web""#],
+            1,
+            r#"key "route": "#,
+            "expected a sequence",
+        );
+        assert_refused(
+            &["connect_timeout = 2"],
+            1,
+            r#"key "connect_timeout": "#,
+            r#"expected a duration string such as "250ms""#,
+        );
+    }
+
+    #[test]
+    fn refuses_a_route_without_a_name() {
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+                "[[route]]",
+                r#"prefix = "PUT ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            5,
+            "route #2: ",
+            "missing field `name`",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            1,
+            "route #1: ",
+            "missing field `name`",
+        );
+        assert_refused(
+            &["[[route]]", r#"name = """#],
+            2,
+            r#"route #1: key "name": "#,
+            "cannot be empty",
+        );
+    }
+
+    #[test]
+    fn refuses_bad_durations() {
+        for (text, says) in [
+            (
+                "3x",
+                r#""3x" is not a duration such as "250ms", "3s" or "1m": unknown time unit "x""#,
+            ),
+            ("3", "time unit needed"),
+            ("", "value was empty"),
+            (
+                "0s",
+                r#""0s" is out of range: must be more than 0 and at most 1h"#,
+            ),
+            ("2h", "out of range"),
+        ] {
+            assert_refused(
+                &[
+                    r#"connect_timeout = "1s""#,
+                    &format!("first_message_timeout = {text:?}"),
+                ],
+                2,
+                r#"key "first_message_timeout": "#,
+                says,
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_first_message_max_out_of_range() {
+        for value in ["0", "1048577", "-1"] {
+            assert_refused(
+                &[&format!("first_message_max = {value}")],
+                1,
+                r#"key "first_message_max": "#,
+                &format!("{value} is out of range: must be 1..=1048576"),
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_missing_or_empty_backends() {
+        assert_refused(
+            &["[[route]]", r#"name = "web""#, r#"prefix = "GET ""#],
+            2,
+            r#"route "web": key "backends": "#,
+            "no backends",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                "backends = []",
+            ],
+            4,
+            r#"route "web": key "backends": "#,
+            "no backends",
+        );
+    }
+
+    #[test]
+    fn refuses_bad_backend_addresses() {
+        let route = |backends: &str| {
+            [
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                backends,
+            ]
+            .map(str::to_owned)
+        };
+        let message = parse(
+            &route(r#"backends = ["127.0.0.1"]"#)
+                .each_ref()
+                .map(String::as_str),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            message,
+            r#"routes.toml:4: route "web": key "backends": "127.0.0.1" is not an address (expected ip:port, e.g. 127.0.0.1:9001; host names are not resolved)"#
+        );
+        assert_refused(
+            &route(r#"backends = ["localhost:9001"]"#)
+                .each_ref()
+                .map(String::as_str),
+            4,
+            r#"route "web": key "backends": "#,
+            r#""localhost:9001" is not an address"#,
+        );
+        assert_refused(
+            &route(r#"backends = ["127.0.0.1:0"]"#)
+                .each_ref()
+                .map(String::as_str),
+            4,
+            r#"route "web": key "backends": "#,
+            "port 0",
+        );
+    }
+
+    #[test]
+    fn refuses_duplicate_route_names() {
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "PUT ""#,
+                r#"backends = ["127.0.0.1:9002"]"#,
+            ],
+            6,
+            r#"route "web": key "name": "#,
+            "already used on line 2",
+        );
+    }
+
+    #[test]
+    fn refuses_a_route_without_matcher_unless_default() {
+        for default in [&[][..], &["default = false"][..]] {
+            let mut lines = vec!["[[route]]", r#"name = "web""#];
+            lines.extend_from_slice(default);
+            lines.push(r#"backends = ["127.0.0.1:9001"]"#);
+            assert_refused(
+                &lines,
+                2,
+                r#"route "web": "#,
+                "no matcher: give prefix, at + bytes",
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_a_default_route_with_matchers() {
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "fallback""#,
+                "default = true",
+                "min_length = 4",
+                r#"backends = ["127.0.0.1:9009"]"#,
+            ],
+            4,
+            r#"route "fallback": key "min_length": "#,
+            "a default route takes what no other route matched",
+        );
+    }
+
+    #[test]
+    fn refuses_a_second_default_route() {
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "a""#,
+                "default = true",
+                r#"backends = ["127.0.0.1:9001"]"#,
+                "[[route]]",
+                r#"name = "b""#,
+                r#"backends = ["127.0.0.1:9002"]"#,
+                "default = true",
+            ],
+            8,
+            r#"route "b": key "default": "#,
+            r#"route "a" on line 3 is already the default"#,
+        );
+    }
+
+    #[test]
+    fn refuses_at_and_bytes_apart() {
+        let route = |matcher: &'static str| {
+            [
+                "[[route]]",
+                r#"name = "tag""#,
+                matcher,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ]
+        };
+        assert_refused(
+            &route("at = 20"),
+            3,
+            r#"route "tag": key "at": "#,
+            r#""at" needs "bytes""#,
+        );
+        assert_refused(
+            &route(r#"bytes = "600""#),
+            3,
+            r#"route "tag": key "bytes": "#,
+            r#""bytes" needs "at""#,
+        );
+    }
+
+    #[test]
+    fn refuses_empty_prefix_and_bytes() {
+        let route = |matcher: &'static str| {
+            [
+                "[[route]]",
+                r#"name = "web""#,
+                matcher,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ]
+        };
+        assert_refused(
+            &route(r#"prefix = """#),
+            3,
+            r#"route "web": key "prefix": "#,
+            "empty string",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "web""#,
+                "at = 2",
+                r#"bytes = """#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            4,
+            r#"route "web": key "bytes": "#,
+            "empty string",
+        );
+    }
+
+    #[test]
+    fn refuses_matchers_that_could_never_match() {
+        assert_refused(
+            &[
+                "first_message_max = 4",
+                "[[route]]",
+                r#"name = "hello""#,
+                r#"prefix = "HELLO""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            4,
+            r#"route "hello": key "prefix": "#,
+            "needs the first 5 bytes of the message but first_message_max is 4",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "tag""#,
+                "at = 16383",
+                r#"bytes = "60""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            3,
+            r#"route "tag": key "at": "#,
+            "needs the first 16385 bytes",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "tag""#,
+                "at = -1",
+                r#"bytes = "60""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            3,
+            r#"route "tag": key "at": "#,
+            "-1 is out of range: must be 0..=16384",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "long""#,
+                "min_length = 20000",
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            3,
+            r#"route "long": key "min_length": "#,
+            "20000 is out of range: must be 0..=16384",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "none""#,
+                "max_length = 0",
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            3,
+            r#"route "none": key "max_length": "#,
+            "0 is out of range: must be 1..=16384",
+        );
+        assert_refused(
+            &[
+                "[[route]]",
+                r#"name = "tag""#,
+                "min_length = 294",
+                "max_length = 290",
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            3,
+            r#"route "tag": key "min_length": "#,
+            "min_length 294 is more than max_length 290",
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_and_planned_balance() {
+        let route = |balance: &'static str| {
+            [
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001", "127.0.0.1:9002"]"#,
+                balance,
+            ]
+        };
+        assert_refused(
+            &route(r#"balance = "roundrobin""#),
+            5,
+            r#"route "web": key "balance": "#,
+            r#""roundrobin" is not a balance policy"#,
+        );
+        for planned in ["least-conn", "source-hash"] {
+            let balance = format!("balance = {planned:?}");
+            let mut lines = route("").to_vec();
+            lines[4] = &balance;
+            assert_refused(
+                &lines,
+                5,
+                r#"route "web": key "balance": "#,
+                &format!("{planned:?} is not supported yet"),
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_planned_matchers() {
+        for (key, value) in [("sni", "a.example.com"), ("http_host", "b.example.com")] {
+            let line = format!("{key} = {value:?}");
+            assert_refused(
+                &[
+                    "[[route]]",
+                    r#"name = "tls""#,
+                    &line,
+                    r#"backends = ["127.0.0.1:9001"]"#,
+                ],
+                3,
+                &format!(r#"route "tls": key "{key}": "#),
+                "not supported yet",
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_a_file_without_routes() {
+        assert_refused(&[""], 1, r#"key "route": "#, "no routes");
+        assert_refused(
+            &[r#"connect_timeout = "1s""#],
+            1,
+            r#"key "route": "#,
+            "no routes",
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_given() {
+        let message = Config::parse(
+            "[[route]]\nname = 5\n",
+            Path::new("examples/mplex-routes.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            message.starts_with("examples/mplex-routes.toml:2: "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn load_reports_the_file_and_the_os_error() {
+        let path = Path::new("/nonexistent/routes.toml");
+        let error = Config::load(path).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::Read { error, .. } if error.kind() == io::ErrorKind::NotFound)
+        );
+        let message = error.to_string();
+        assert!(
+            message.starts_with("/nonexistent/routes.toml: "),
+            "{message}"
+        );
+        assert!(message.contains("No such file or directory"), "{message}");
+    }
+
+    #[test]
+    fn the_examples_are_valid() {
+        let routes = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/routes.toml");
+        let config = Config::load(&routes).unwrap();
+        assert!(config.routes.iter().any(|route| route.default));
+
+        let mplex = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/mplex-routes.toml");
+        let config = Config::load(&mplex).unwrap();
+        assert!(config.routes.iter().all(|route| !route.default));
+        for (route, tag) in config.routes.iter().zip(["600", "601", "602"]) {
+            assert_eq!(
+                route.matchers,
+                [
+                    Matcher::At {
+                        offset: 20,
+                        bytes: tag.as_bytes().to_vec()
+                    },
+                    Matcher::Length { min: 290, max: 294 },
+                ]
+            );
+        }
+        let ports: Vec<_> = config
+            .routes
+            .iter()
+            .flat_map(|route| route.backends.clone())
+            .collect();
+        assert_eq!(ports, [backend(5600), backend(5601), backend(5602)]);
+    }
+
+    #[test]
+    fn describes_itself_for_check() {
+        let config = parse(&[
+            "first_message_max = 512",
+            "[[route]]",
+            r#"name = "tag-600""#,
+            "at = 20",
+            r#"bytes = "600""#,
+            "min_length = 290",
+            "max_length = 294",
+            r#"backends = ["127.0.0.1:5001"]"#,
+            "[[route]]",
+            r#"name = "tls""#,
+            r#"prefix = "\u0016\u0003\"""#,
+            r#"backends = ["127.0.0.1:9001", "127.0.0.1:9002"]"#,
+            "[[route]]",
+            r#"name = "fallback""#,
+            "default = true",
+            r#"backends = ["127.0.0.1:9009"]"#,
+        ])
+        .unwrap();
+        assert_eq!(
+            config.to_string(),
+            [
+                "first_message_timeout 3s, first_message_max 512 bytes, connect_timeout 2s",
+                r#"route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin)"#,
+                r#"route "tls": prefix "\x16\x03\"" -> 127.0.0.1:9001, 127.0.0.1:9002 (round-robin)"#,
+                r#"route "fallback": default -> 127.0.0.1:9009 (round-robin)"#,
+                "",
+            ]
+            .join("\n")
+        );
+    }
+}
