@@ -1,0 +1,344 @@
+//! What the end-to-end tests share: a proxy running in this process with the real probe
+//! loaded, the real `splice-proxy` binary, backends on 127.0.0.1, deterministic payloads
+//! and their hashes, and the process's open fds. Every wait is bounded.
+#![allow(dead_code)] // Each test file uses a different part of this module.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+use splice_proxy::{
+    config::Config,
+    probe::{AttachMode, Probe},
+    route::RouteTable,
+    server::{Limits, Listeners, Server},
+    splice::SpliceEngine,
+};
+
+/// Every blocking socket in the tests gives up after this long, so a bug hangs no test.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How a test proxy moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moving {
+    Splice(AttachMode),
+    Copy,
+}
+
+pub const SPLICE: Moving = Moving::Splice(AttachMode::Verdict);
+pub const SPLICE_PARSER: Moving = Moving::Splice(AttachMode::ParserAndVerdict);
+pub const COPY: Moving = Moving::Copy;
+
+/// A proxy in this process: the library's server, engine and probe, exactly as the
+/// binary wires them. Its executors run until the test process exits.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub engine: Arc<SpliceEngine>,
+    pub probe: Option<Arc<Probe>>,
+}
+
+impl Proxy {
+    /// Starts a proxy on 127.0.0.1:0 with `routes` (the text of a routes.toml). A
+    /// splicing proxy that cannot load the probe fails the test with the reason.
+    pub fn start(routes: &str, moving: Moving) -> Proxy {
+        let config = Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
+        let probe = match moving {
+            Moving::Splice(attach) => Some(Arc::new(
+                Probe::load(attach, 1 << 14).expect("the probe must load: tests run as root on a kernel with sockmap"),
+            )),
+            Moving::Copy => None,
+        };
+        let engine = Arc::new(SpliceEngine::new(probe.clone(), 2).expect("splice workers start"));
+        let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).expect("bind 127.0.0.1:0");
+        let server = Server::start(
+            listeners,
+            Arc::new(RouteTable::new(&config)),
+            Limits::from(&config),
+            Arc::clone(&engine),
+        )
+        .expect("executors start");
+        let addr = server.local_addr();
+        // The executors run on their own threads; nothing joins them.
+        std::mem::forget(server);
+        Proxy { addr, engine, probe }
+    }
+
+    pub fn connect(&self) -> TcpStream {
+        connect(self.addr)
+    }
+
+    /// Waits until every connection the engine adopted has closed and (when splicing)
+    /// both maps are empty; panics with what is left after `limit`.
+    pub fn wait_idle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let live = self.engine.live();
+            let entries = self.probe.as_ref().map_or((0, 0), |p| p.entries());
+            if live == 0 && entries == (0, 0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {limit:?}: {live} connections still live, map entries (SPLICED, PEER_OF) = {entries:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Bytes the probe has redirected so far (0 when copying).
+    pub fn redirected_bytes(&self) -> u64 {
+        self.probe
+            .as_ref()
+            .map_or(0, |p| p.counters().expect("read probe counters").redirected_bytes)
+    }
+}
+
+/// Bytes read through read(2)/recv(2) by this process's proxy threads (the executors
+/// and the splice workers, named `splice-*`), from /proc: the proof that spliced bytes
+/// never reached userspace.
+pub fn proxy_threads_read_bytes() -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task").flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("splice") {
+            continue;
+        }
+        let io = std::fs::read_to_string(task.path().join("io")).unwrap_or_default();
+        total += io
+            .lines()
+            .find_map(|line| line.strip_prefix("rchar: "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd").count()
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream
+}
+
+/// `len` bytes that differ at every offset and between seeds, so that a lost, repeated
+/// or reordered block changes the hash.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Reads until EOF, hashing as it goes; returns (bytes, hash).
+pub fn read_to_end_hashed(stream: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok((total, hasher.finalize().into())),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A backend on 127.0.0.1:0 that runs `serve` on its own thread for each connection.
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<Mutex<usize>>,
+}
+
+impl Backend {
+    pub fn start<F>(serve: F) -> Backend
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(0));
+        let count = Arc::clone(&accepted);
+        let serve = Arc::new(serve);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                *count.lock().unwrap() += 1;
+                stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+                let serve = Arc::clone(&serve);
+                thread::spawn(move || serve(stream));
+            }
+        });
+        Backend { addr, accepted }
+    }
+
+    /// Echoes every byte, then half-closes after the client's FIN.
+    pub fn echo() -> Backend {
+        Backend::start(|mut stream| {
+            let mut reader = stream.try_clone().unwrap();
+            let _ = io::copy(&mut reader, &mut stream);
+            let _ = stream.shutdown(Shutdown::Write);
+        })
+    }
+
+    /// Sends `greeting` first (a server-speaks-first protocol), then echoes.
+    pub fn greeter(greeting: &'static [u8]) -> Backend {
+        Backend::start(move |mut stream| {
+            if stream.write_all(greeting).is_err() {
+                return;
+            }
+            let mut reader = stream.try_clone().unwrap();
+            let _ = io::copy(&mut reader, &mut stream);
+            let _ = stream.shutdown(Shutdown::Write);
+        })
+    }
+
+    /// Reports (bytes, hash) of everything each connection sent, through the channel.
+    pub fn sink() -> (Backend, mpsc::Receiver<(u64, [u8; 32])>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let backend = Backend::start(move |mut stream| {
+            if let Ok(result) = read_to_end_hashed(&mut stream) {
+                let _ = tx.lock().unwrap().send(result);
+            }
+        });
+        (backend, rx)
+    }
+
+    pub fn accepted(&self) -> usize {
+        *self.accepted.lock().unwrap()
+    }
+}
+
+/// An address on 127.0.0.1 where nothing listens (bound, then closed).
+pub fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// The `splice-proxy` binary, started with `args`; stderr is collected line by line.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub addr: Option<SocketAddr>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_splice-proxy")
+}
+
+impl ProxyProcess {
+    /// Starts the binary and, unless it exits first, waits for its "listening on ADDR"
+    /// line (bounded) to learn the address.
+    pub fn start(args: &[&str]) -> ProxyProcess {
+        let mut child = Command::new(binary())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn splice-proxy");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&stderr);
+        let (tx, rx) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                if let Some(rest) = line.split("listening on ").nth(1)
+                    && let Some(addr) = rest.split_whitespace().next().and_then(|a| a.parse().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(10)).ok();
+        ProxyProcess { child, addr, stderr }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+            .unwrap_or_else(|| panic!("splice-proxy did not start listening; stderr:\n{}", self.stderr()))
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits (bounded) until stderr has a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line containing {needle:?} within {limit:?}; stderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Writes a routes file into a fresh temporary directory and returns its path.
+pub fn routes_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("splice-proxy-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("routes.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
