@@ -172,13 +172,11 @@ impl Worker {
                 thread::sleep(DRAIN_POLL);
                 continue;
             }
+            let mut woken = false;
             for event in &events {
                 let (token, flags) = (event.u64, event.events);
                 if token == WAKEUP_TOKEN {
-                    self.wakeup.clear();
-                    while let Ok(connection) = self.incoming.try_recv() {
-                        self.adopt(connection);
-                    }
+                    woken = true;
                     continue;
                 }
                 let slot = (token >> 1) as usize;
@@ -197,6 +195,14 @@ impl Worker {
                 if let Some(Some(pair)) = self.pairs.get_mut(slot) {
                     let next = pair.advance();
                     self.settle(slot, next);
+                }
+            }
+            // Only now, when no event of this batch can still name a freed slot: a new
+            // pair in a reused slot must not receive its predecessor's events.
+            if woken {
+                self.wakeup.clear();
+                while let Ok(connection) = self.incoming.try_recv() {
+                    self.adopt(connection);
                 }
             }
         }
