@@ -4,7 +4,7 @@
 //! per-thread handles that carry out the order in which a pair joins and leaves the maps.
 
 use std::{
-    fmt,
+    fmt, io,
     os::fd::{AsFd, BorrowedFd},
 };
 
@@ -18,6 +18,8 @@ use proxy_probe::{
     COUNTER_REDIRECTED_MESSAGES, COUNTERS_MAP, PARSER_PROGRAM, PEER_OF_MAP, SPLICED_MAP,
     VERDICT_PROGRAM,
 };
+
+use crate::socket;
 
 /// The object built from proxy-probe/ by build.rs (from source, or the checked prebuilt).
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-probe"));
@@ -217,6 +219,43 @@ pub struct MapSocket<'a> {
     pub cookie: u64,
 }
 
+impl<'a> MapSocket<'a> {
+    /// `fd` under its socket cookie, the key the maps know it by.
+    pub fn new(fd: BorrowedFd<'a>) -> io::Result<MapSocket<'a>> {
+        Ok(MapSocket {
+            fd,
+            cookie: socket::cookie(fd)?,
+        })
+    }
+
+    /// Makes the kernel run the verdict over bytes that arrived before the socket joined
+    /// the maps (KERNEL-NOTES pitfall 1): call it right after [`SpliceMaps::join`] or
+    /// [`SpliceMaps::loop_back`].
+    pub fn kick_receive_queue(&self) -> io::Result<()> {
+        socket::kick_receive_queue(self.fd)
+    }
+
+    /// The kernel's byte counts for this socket, from which a program that drives the
+    /// maps itself can tell when the redirect has caught up with a FIN (pitfall 2).
+    pub fn byte_counts(&self) -> io::Result<ByteCounts> {
+        // Written first: a byte received between the two reads is in `received` only, so
+        // the redirect can look behind but never ahead of what it owes.
+        let written = socket::bytes_written(self.fd)?;
+        let received = socket::tcp_info(self.fd)?.bytes_received;
+        Ok(ByteCounts { received, written })
+    }
+}
+
+/// See [`MapSocket::byte_counts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteCounts {
+    /// Bytes received in sequence, counting a received FIN as one.
+    pub received: u64,
+    /// Bytes ever written into the send queue (acknowledged, in flight or not yet sent),
+    /// by this process or by the kernel's redirect; compare differences, not totals.
+    pub written: u64,
+}
+
 /// One thread's handles on `SPLICED` and `PEER_OF`.
 pub struct SpliceMaps {
     spliced: SockHash<MapData, u64>,
@@ -262,6 +301,26 @@ impl SpliceMaps {
             return Ok(JoinOutcome::UpstreamOnly);
         }
         Ok(JoinOutcome::Both)
+    }
+
+    /// Makes `socket` its own peer: every byte it receives is sent back out of it by the
+    /// kernel, an echo server without userspace reads (examples/echo.rs). `PEER_OF`
+    /// before `SPLICED`, as in [`join`](SpliceMaps::join); the caller must kick the
+    /// receive queue afterwards. An error leaves nothing in the maps; `leave(cookie,
+    /// cookie)` takes the socket out again.
+    pub fn loop_back(&mut self, socket: MapSocket<'_>) -> Result<(), JoinError> {
+        let refused = |source| JoinError {
+            side: Side::Client,
+            source,
+        };
+        self.peer_of
+            .insert(socket.cookie, socket.fd, 0)
+            .map_err(refused)?;
+        if let Err(source) = self.spliced.insert(socket.cookie, socket.fd, 0) {
+            self.forget(&[socket.cookie]);
+            return Err(refused(source));
+        }
+        Ok(())
     }
 
     /// Removes a pair from both maps. Closing a socket also removes it, but the pair's
