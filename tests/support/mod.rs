@@ -48,15 +48,18 @@ impl Proxy {
     /// Starts a proxy on 127.0.0.1:0 with `routes` (the text of a routes.toml). A
     /// splicing proxy that cannot load the probe fails the test with the reason.
     pub fn start(routes: &str, moving: Moving) -> Proxy {
-        let config = Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
+        let config =
+            Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
         let probe = match moving {
             Moving::Splice(attach) => Some(Arc::new(
-                Probe::load(attach, 1 << 14).expect("the probe must load: tests run as root on a kernel with sockmap"),
+                Probe::load(attach, 1 << 14)
+                    .expect("the probe must load: tests run as root on a kernel with sockmap"),
             )),
             Moving::Copy => None,
         };
         let engine = Arc::new(SpliceEngine::new(probe.clone(), 2).expect("splice workers start"));
-        let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).expect("bind 127.0.0.1:0");
+        let listeners =
+            Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).expect("bind 127.0.0.1:0");
         let server = Server::start(
             listeners,
             Arc::new(RouteTable::new(&config)),
@@ -67,7 +70,11 @@ impl Proxy {
         let addr = server.local_addr();
         // The executors run on their own threads; nothing joins them.
         std::mem::forget(server);
-        Proxy { addr, engine, probe }
+        Proxy {
+            addr,
+            engine,
+            probe,
+        }
     }
 
     pub fn connect(&self) -> TcpStream {
@@ -94,9 +101,9 @@ impl Proxy {
 
     /// Bytes the probe has redirected so far (0 when copying).
     pub fn redirected_bytes(&self) -> u64 {
-        self.probe
-            .as_ref()
-            .map_or(0, |p| p.counters().expect("read probe counters").redirected_bytes)
+        self.probe.as_ref().map_or(0, |p| {
+            p.counters().expect("read probe counters").redirected_bytes
+        })
     }
 }
 
@@ -105,7 +112,10 @@ impl Proxy {
 /// never reached userspace.
 pub fn proxy_threads_read_bytes() -> u64 {
     let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task").flatten() {
+    for task in std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .flatten()
+    {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if !comm.starts_with("splice") {
             continue;
@@ -122,7 +132,9 @@ pub fn proxy_threads_read_bytes() -> u64 {
 
 /// Open file descriptors of this process.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd").count()
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
 }
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
@@ -281,12 +293,20 @@ impl ProxyProcess {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(10)).ok();
-        ProxyProcess { child, addr, stderr }
+        ProxyProcess {
+            child,
+            addr,
+            stderr,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
-            .unwrap_or_else(|| panic!("splice-proxy did not start listening; stderr:\n{}", self.stderr()))
+        self.addr.unwrap_or_else(|| {
+            panic!(
+                "splice-proxy did not start listening; stderr:\n{}",
+                self.stderr()
+            )
+        })
     }
 
     pub fn stderr(&self) -> String {
@@ -297,7 +317,13 @@ impl ProxyProcess {
     pub fn wait_for_log(&self, needle: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(line) = self.stderr.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            if let Some(line) = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
                 return line.clone();
             }
             assert!(
@@ -341,4 +367,125 @@ pub fn routes_file(name: &str, text: &str) -> PathBuf {
     let path = dir.join("routes.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+// ---------------------------------------------------------------------------------------
+// Added for tests/cli.rs and tests/examples.rs: the binary under a command the test
+// builds (e.g. without privileges), bounded waits for a process, echo round trips.
+
+impl ProxyProcess {
+    /// As [`ProxyProcess::start`], for a command the caller built around the binary (its
+    /// stdout and stderr are taken over): e.g. the binary run by `setpriv` as nobody.
+    pub fn spawn(command: &mut Command) -> ProxyProcess {
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&stderr);
+        let (tx, rx) = mpsc::channel();
+        let pipe = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
+                if let Some(rest) = line.split("listening on ").nth(1)
+                    && let Some(addr) = rest.split_whitespace().next().and_then(|a| a.parse().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        // Returns early, without an address, if the process exits (the pipe closes).
+        let addr = rx.recv_timeout(Duration::from_secs(10)).ok();
+        ProxyProcess {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    /// Waits (bounded) for the process to exit and for the rest of its stderr; panics
+    /// with what it logged if it is still running after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The reader thread ends at EOF; give it a moment to store the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {limit:?}; stderr:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Lines of stderr containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Writes `data` and half-closes from a second thread while this one reads until EOF;
+/// returns (bytes, hash) of what came back. Through an echo both directions stream at
+/// once, so neither side's buffers can fill up and stall the other.
+pub fn round_trip(stream: &TcpStream, data: Arc<Vec<u8>>) -> io::Result<(u64, [u8; 32])> {
+    let writer = stream.try_clone()?;
+    let writing = thread::spawn(move || {
+        (&writer).write_all(&data)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let read = read_to_end_hashed(&mut &*stream);
+    writing.join().expect("writer thread")?;
+    read
+}
+
+/// Runs `command` to its end with stdout and stderr collected; kills it and panics if it
+/// runs longer than `limit`.
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} still running after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }

@@ -1,0 +1,319 @@
+//! The `splice-proxy` command as a user runs it: its help, `--check` on good and broken
+//! routes files, and real exchanges in each `--mode`, as root and as nobody (through
+//! `setpriv`, so that the probe cannot load). Every wait is bounded and every exchange is
+//! checked by hash.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use support::*;
+
+const EXIT_LIMIT: Duration = Duration::from_secs(10);
+const LOG_LIMIT: Duration = Duration::from_secs(10);
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// Runs the binary with `args` to its end.
+fn run(args: &[&str]) -> (i32, String, String) {
+    let output = output_within(Command::new(binary()).args(args), EXIT_LIMIT);
+    (
+        output
+            .status
+            .code()
+            .expect("exited, not killed by a signal"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_names_the_options() {
+    let (code, stdout, stderr) = run(&["--help"]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    for option in ["--listen", "--routes", "--check", "--mode"] {
+        assert!(
+            stdout.contains(option),
+            "--help does not mention {option}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_prints_every_route_of_the_sample_files() {
+    let routes = examples_dir().join("routes.toml");
+    let (code, stdout, stderr) = run(&["--routes", routes.to_str().unwrap(), "--check"]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    for line in [
+        r#"route "ping": prefix "PING" -> 127.0.0.1:9001, 127.0.0.1:9002"#,
+        r#"route "v2": at 4 = "v2" -> 127.0.0.1:9002"#,
+        r#"route "fallback": default -> 127.0.0.1:9009"#,
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+
+    let mplex = examples_dir().join("mplex-routes.toml");
+    let (code, stdout, stderr) = run(&["--routes", mplex.to_str().unwrap(), "--check"]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    for tag in ["600", "601", "602"] {
+        let line =
+            format!(r#"route "tag-{tag}": at 20 = "{tag}", length 290..=294 -> 127.0.0.1:5{tag}"#);
+        assert!(stdout.contains(&line), "no {line:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn check_names_the_file_line_and_key_of_an_error() {
+    let cases = [
+        (
+            "syntax",
+            "connect_timeout = \"2s\"\n[[route]]\nname = \"web\nbackends = [\"127.0.0.1:9001\"]\n",
+            3,
+            "name",
+            "TOML syntax",
+        ),
+        (
+            "unknown-key",
+            "[[route]]\nname = \"web\"\nprefix = \"GET \"\nbakends = [\"127.0.0.1:9001\"]\n",
+            4,
+            "bakends",
+            "unknown field",
+        ),
+        (
+            "bad-backend",
+            "[[route]]\nname = \"web\"\nprefix = \"GET \"\nbackends = [\n  \"127.0.0.1:9001\",\n  \"localhost:9002\",\n]\n",
+            6,
+            "backends",
+            "\"localhost:9002\" is not an address",
+        ),
+    ];
+    for (name, text, line, key, problem) in cases {
+        let file = routes_file(&format!("cli-broken-{name}"), text);
+        let file = file.to_str().unwrap();
+        let (code, stdout, stderr) = run(&["--routes", file, "--check"]);
+        assert_eq!(code, 1, "{name}: stdout {stdout:?}, stderr {stderr:?}");
+        let place = format!("{file}:{line}: ");
+        assert!(
+            stderr.contains(&place),
+            "{name}: no {place:?} in {stderr:?}"
+        );
+        let key = format!("key \"{key}\"");
+        assert!(stderr.contains(&key), "{name}: no {key} in {stderr:?}");
+        assert!(
+            stderr.contains(problem),
+            "{name}: no {problem:?} in {stderr:?}"
+        );
+        assert!(
+            stdout.is_empty(),
+            "{name}: a broken file printed routes: {stdout:?}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_routes_file_is_named() {
+    let missing =
+        std::env::temp_dir().join(format!("splice-proxy-{}-missing.toml", std::process::id()));
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["--routes", missing, "--check"],
+        vec!["--routes", missing, "--listen", "127.0.0.1:0"],
+    ] {
+        let (code, _, stderr) = run(&args);
+        assert_ne!(code, 0);
+        assert!(
+            stderr.contains(missing),
+            "{stderr:?} does not name {missing}"
+        );
+        assert!(stderr.contains("No such file"), "{stderr:?}");
+    }
+}
+
+/// A routes file like examples/routes.toml, pointing at `echo` and at an address where
+/// nothing listens.
+fn echo_routes(name: &str, echo: SocketAddr) -> PathBuf {
+    routes_file(
+        name,
+        &format!(
+            "first_message_timeout = \"3s\"\nconnect_timeout = \"2s\"\n\n\
+             [[route]]\nname = \"hello\"\nprefix = \"HELLO\"\nbackends = [\"{echo}\"]\n\n\
+             [[route]]\nname = \"fallback\"\ndefault = true\nbackends = [\"{}\"]\n",
+            refused_addr()
+        ),
+    )
+}
+
+/// One connection through the proxy at `proxy` to an echo backend: the first message,
+/// its echo (after which the engine owns the connection), then `len` more bytes both
+/// ways, checked by hash. Returns the client's address and the bytes sent.
+fn echo_exchange(proxy: SocketAddr, len: usize, seed: u64) -> (SocketAddr, u64) {
+    let first = b"HELLO proxy\n";
+    let mut client = connect(proxy);
+    client.write_all(first).unwrap();
+    let mut echo = vec![0; first.len()];
+    client.read_exact(&mut echo).unwrap();
+    assert_eq!(echo, first);
+    let data = Arc::new(payload(len, seed));
+    let (echoed, hash) = round_trip(&client, Arc::clone(&data)).unwrap();
+    assert_eq!(
+        (echoed, hash),
+        (len as u64, sha256(&data)),
+        "echo of {len} bytes"
+    );
+    (client.local_addr().unwrap(), (first.len() + len) as u64)
+}
+
+/// The access-log line of the connection from `client`, checked field by field.
+fn check_log(
+    proxy: &ProxyProcess,
+    client: SocketAddr,
+    backend: SocketAddr,
+    mode: &str,
+    bytes: u64,
+) {
+    let line = proxy.wait_for_log(&format!("client={client} "), LOG_LIMIT);
+    for field in [
+        "route=hello".to_owned(),
+        format!("backend={backend}"),
+        format!("mode=\"{mode}\""),
+        format!("bytes_up={bytes}"),
+        format!("bytes_down={bytes}"),
+    ] {
+        assert!(line.contains(&field), "no {field} in {line:?}");
+    }
+}
+
+#[test]
+fn splice_mode_proxies_and_logs_each_connection() {
+    let backend = Backend::echo();
+    let routes = echo_routes("cli-splice", backend.addr);
+    let proxy = ProxyProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--mode",
+        "splice",
+    ]);
+    let addr = proxy.addr();
+    proxy.wait_for_log("(splice mode", LOG_LIMIT);
+    let (client, bytes) = echo_exchange(addr, 4 << 20, 1);
+    check_log(&proxy, client, backend.addr, "splice", bytes);
+}
+
+#[test]
+fn copy_mode_proxies_and_logs_copy() {
+    let backend = Backend::echo();
+    let routes = echo_routes("cli-copy", backend.addr);
+    let proxy = ProxyProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--mode",
+        "copy",
+    ]);
+    let addr = proxy.addr();
+    proxy.wait_for_log("(copy mode", LOG_LIMIT);
+    let (client, bytes) = echo_exchange(addr, 4 << 20, 2);
+    check_log(&proxy, client, backend.addr, "copy", bytes);
+}
+
+/// The binary as user nobody with no capabilities. nobody must be able to reach and run
+/// it: if some directory above it is closed to others, it runs from a copy in a
+/// world-readable temporary directory.
+fn unprivileged(args: &[&str]) -> Command {
+    let binary = Path::new(binary());
+    let open_to_others = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005)
+    };
+    let program = if binary.ancestors().skip(1).all(open_to_others) && open_to_others(binary) {
+        binary.to_owned()
+    } else {
+        let dir = std::env::temp_dir().join(format!("splice-proxy-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("splice-proxy");
+        if !copy.exists() {
+            std::fs::copy(binary, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        copy
+    };
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(program)
+        .args(args);
+    command
+}
+
+#[test]
+fn splice_mode_without_privileges_exits_with_the_reason() {
+    let routes = echo_routes("cli-nobody-splice", refused_addr());
+    let mut proxy = ProxyProcess::spawn(&mut unprivileged(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--mode",
+        "splice",
+    ]));
+    let status = proxy.wait_exit(EXIT_LIMIT);
+    let stderr = proxy.stderr();
+    assert!(
+        !status.success(),
+        "it ran without privileges; stderr:\n{stderr}"
+    );
+    assert!(proxy.addr.is_none(), "it listened; stderr:\n{stderr}");
+    for reason in [
+        "--mode splice: the probe could not be loaded",
+        "needs root, or CAP_BPF and CAP_NET_ADMIN",
+    ] {
+        assert!(stderr.contains(reason), "no {reason:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn auto_mode_without_privileges_warns_once_and_copies() {
+    let backend = Backend::echo();
+    let routes = echo_routes("cli-nobody-auto", backend.addr);
+    let proxy = ProxyProcess::spawn(&mut unprivileged(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--mode",
+        "auto",
+    ]));
+    let addr = proxy.addr();
+    proxy.wait_for_log("(copy mode", LOG_LIMIT);
+    for seed in 0..3 {
+        let (client, bytes) = echo_exchange(addr, 1 << 20, 10 + seed);
+        check_log(&proxy, client, backend.addr, "copy", bytes);
+    }
+    let warnings = proxy.log_lines("the probe could not be loaded");
+    assert_eq!(
+        warnings.len(),
+        1,
+        "want one warning; stderr:\n{}",
+        proxy.stderr()
+    );
+    assert!(warnings[0].contains("WARN"), "{warnings:?}");
+}
