@@ -1,0 +1,457 @@
+//! The splice-proxy benchmark: one run measures each target side by side on 127.0.0.1:
+//!
+//! - `direct`: the client talks to the backend with no proxy (the limit),
+//! - `splice-verdict` and `splice-parser`: splice-proxy in splice mode with each attach
+//!   mode, `copy`: splice-proxy copying in userspace,
+//! - `haproxy`: HAProxy in `mode tcp` with `option splice-auto`,
+//! - `nginx`: the nginx `stream` module,
+//!
+//! under these workloads, each a few seconds and bounded in time and count:
+//!
+//! - bulk: 1 and 4 streams, upload and download, in Gbit/s, every byte verified at the
+//!   sink against a reference block (see `wire.rs`);
+//! - ping-pong: 1 KiB request and response at 1 and 32 connections: requests/s and
+//!   latency percentiles in microseconds, every response compared with its request;
+//! - connection rate: connect, 64-byte first message, echo, close: connections/s and
+//!   latency percentiles;
+//! - CPU: per GB (bulk), per 10k requests and per 10k connections, for the proxy's
+//!   processes (/proc/<pid>/stat) and for the whole machine (/proc/stat, less other
+//!   processes' user time; see `measure.rs`).
+//!
+//! Each workload runs `--repeats` times per target, interleaved across the targets so
+//! that a burst of outside load hits them alike; a table per workload shows medians,
+//! the range of the first figure, and every figure's ratio to direct, and notes the
+//! runs that were disturbed (a wide range, or other processes busy during a run) or that
+//! failed.
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example bench
+//! cargo run --release --example bench -- --quick --skip-missing   # smoke test
+//! cargo run --release --example bench -- --workloads bulk --targets splice-verdict
+//! scripts/bench-full    # waits (bounded) for a quiet machine, runs, keeps the report
+//! cargo test --release --example bench                            # the tool's own tests
+//! ```
+//!
+//! `--quick` runs every workload briefly and once: it checks bytes, not speed. The exit
+//! status is non-zero if any run failed or any byte check failed, in either mode.
+//! BENCHMARKS.md records a full run and explains every figure.
+//!
+//! The proxies run as child processes with configs generated into a temporary
+//! directory and are killed when the bench ends, however it ends (`process.rs`).
+//! splice-proxy is the real binary built next to this example, so build it first; it
+//! needs root to load its probe. HAProxy and nginx come from Debian (`apt-get install
+//! haproxy nginx libnginx-mod-stream`); a missing one is an error, or a warning and a
+//! skipped target with `--skip-missing`. The backends are a second process (this
+//! executable with `--backend`), so that their CPU time never mixes with the clients'.
+
+mod backend;
+mod measure;
+mod process;
+mod report;
+mod targets;
+mod wire;
+mod workloads;
+
+use std::{
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+use crate::{
+    backend::Backend,
+    measure::{Processes, Snapshot, Usage},
+    process::TempDir,
+    report::{Cell, Sample},
+    targets::{Kind, Target},
+    wire::{Damaged, Pattern},
+    workloads::Workload,
+};
+
+/// Benchmarks splice-proxy against a direct connection, HAProxy and nginx on 127.0.0.1.
+#[derive(Parser, Debug)]
+#[command(max_term_width = 100)]
+struct Args {
+    /// Smoke test: every workload once and briefly; checks bytes, not speed.
+    #[arg(long)]
+    quick: bool,
+
+    /// Skip a target whose program is not installed (with a warning) instead of failing.
+    #[arg(long)]
+    skip_missing: bool,
+
+    /// Seconds per run [default: 2, or 0.2 with --quick].
+    #[arg(long, value_name = "S")]
+    seconds: Option<f64>,
+
+    /// Runs of each workload per target [default: 3, or 1 with --quick].
+    #[arg(long, value_name = "N")]
+    repeats: Option<usize>,
+
+    /// Only these targets, comma-separated: direct, splice-verdict, splice-parser, copy,
+    /// haproxy, nginx [default: all].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    targets: Vec<String>,
+
+    /// Only these workloads, comma-separated: bulk, ping-pong, connection-rate
+    /// [default: all].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    workloads: Vec<String>,
+
+    /// Run as the bench's backend process (the bench starts it itself).
+    #[arg(long, hide = true)]
+    backend: bool,
+}
+
+/// Bounds on the knobs, so that a typo cannot start an hour-long run.
+const MAX_SECONDS: f64 = 30.0;
+const MAX_REPEATS: usize = 10;
+/// Pause between runs, so that one run's closing connections are done before the next.
+const SETTLE: Duration = Duration::from_millis(100);
+
+struct Settings {
+    workloads: Vec<Workload>,
+    duration: Duration,
+    repeats: usize,
+    quick: bool,
+}
+
+impl Settings {
+    fn from_args(args: &Args) -> anyhow::Result<Settings> {
+        let seconds = args.seconds.unwrap_or(if args.quick { 0.2 } else { 2.0 });
+        if !(0.05..=MAX_SECONDS).contains(&seconds) {
+            bail!("--seconds must be between 0.05 and {MAX_SECONDS}");
+        }
+        let repeats = args.repeats.unwrap_or(if args.quick { 1 } else { 3 });
+        if !(1..=MAX_REPEATS).contains(&repeats) {
+            bail!("--repeats must be between 1 and {MAX_REPEATS}");
+        }
+        for family in &args.workloads {
+            if !Workload::FAMILIES.contains(&family.as_str()) {
+                bail!(
+                    "unknown workload {family:?}; the workloads are {}",
+                    Workload::FAMILIES.join(", ")
+                );
+            }
+        }
+        let workloads = Workload::ALL
+            .into_iter()
+            .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|f| f == w.family()))
+            .collect();
+        Ok(Settings {
+            workloads,
+            duration: Duration::from_secs_f64(seconds),
+            repeats,
+            quick: args.quick,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = if args.backend {
+        backend::run().map(|()| true)
+    } else {
+        run(&args)
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Returns whether every run passed.
+fn run(args: &Args) -> anyhow::Result<bool> {
+    let settings = Settings::from_args(args)?;
+    let kinds = selected_kinds(&args.targets)?;
+    stop::install().context("installing the signal handlers")?;
+
+    let mut programs = Vec::new();
+    for kind in kinds {
+        match targets::locate(kind) {
+            Ok(program) => programs.push((kind, program)),
+            Err(why) if args.skip_missing => {
+                eprintln!("warning: skipping {}: {why}", kind.name());
+            }
+            Err(why) => bail!("{}: {why} (or pass --skip-missing to skip it)", kind.name()),
+        }
+    }
+
+    // Declared first, dropped last: the children are gone before their directory.
+    let mut dir = TempDir::new()?;
+    let backend = Backend::start()?;
+    let mut targets = Vec::new();
+    for (kind, program) in &programs {
+        targets.push(match program {
+            None => Target::direct(backend.addr),
+            Some(program) => Target::start(*kind, program, backend.addr, dir.path())?,
+        });
+    }
+
+    let load_before = measure::load_average();
+    print_preamble(&settings, &targets, &load_before);
+    let started = Instant::now();
+    let results = run_all(&settings, &mut targets, backend.process.id())?;
+
+    for (workload, cells) in &results {
+        println!("\n{}", workload.title());
+        print!("{}", report::workload_table(*workload, cells));
+    }
+    print_summary(&settings, &results, &targets, started.elapsed());
+
+    let passed = results
+        .iter()
+        .flat_map(|(_, cells)| cells)
+        .all(|cell| cell.failures.is_empty());
+    if !passed {
+        dir.keep();
+        println!(
+            "\nSOME RUNS FAILED (see the notes). Configs and proxy logs are kept in {}",
+            dir.path().display()
+        );
+    }
+    Ok(passed)
+}
+
+fn selected_kinds(names: &[String]) -> anyhow::Result<Vec<Kind>> {
+    if names.is_empty() {
+        return Ok(Kind::ALL.to_vec());
+    }
+    let mut kinds = Vec::new();
+    for name in names {
+        let kind = Kind::parse(name).with_context(|| {
+            let known: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+            format!(
+                "unknown target {name:?}; the targets are {}",
+                known.join(", ")
+            )
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    // Ratios need direct.
+    if !kinds.contains(&Kind::Direct) {
+        kinds.insert(0, Kind::Direct);
+    }
+    Ok(kinds)
+}
+
+/// Every workload, `repeats` rounds of every target in turn.
+fn run_all(
+    settings: &Settings,
+    targets: &mut [Target],
+    backend_pid: u32,
+) -> anyhow::Result<Vec<(Workload, Vec<Cell>)>> {
+    let pattern = Pattern::new();
+    let total = settings.workloads.len() * settings.repeats * targets.len();
+    let mut done = 0;
+    let mut results = Vec::new();
+    for &workload in &settings.workloads {
+        let mut cells: Vec<Cell> = targets.iter().map(|t| Cell::new(t.kind)).collect();
+        for _ in 0..settings.repeats {
+            for (target, cell) in targets.iter_mut().zip(&mut cells) {
+                if stop::requested() {
+                    bail!("interrupted");
+                }
+                done += 1;
+                let progress = format!(
+                    "[{done:3}/{total}] {} | {}",
+                    workload.title(),
+                    target.kind.name()
+                );
+                match run_once(workload, target, backend_pid, settings.duration, &pattern) {
+                    Ok(sample) => {
+                        eprintln!("{progress} | {:.2}", sample.rate);
+                        cell.samples.push(sample);
+                    }
+                    Err(e) => {
+                        eprintln!("{progress} | FAILED: {e:#}");
+                        if e.chain().any(|cause| cause.is::<Damaged>()) {
+                            cell.damaged += 1;
+                        }
+                        cell.failures.push(format!("{e:#}"));
+                    }
+                }
+                std::thread::sleep(SETTLE);
+            }
+        }
+        results.push((workload, cells));
+    }
+    Ok(results)
+}
+
+fn run_once(
+    workload: Workload,
+    target: &mut Target,
+    backend_pid: u32,
+    duration: Duration,
+    pattern: &Pattern,
+) -> anyhow::Result<Sample> {
+    target.check_alive()?;
+    let processes = Processes {
+        bench: std::process::id(),
+        backend: backend_pid,
+        proxy: target.pids(),
+    };
+    let before = Snapshot::take(&processes);
+    let outcome = workloads::run(workload, target.addr, duration, pattern)?;
+    let after = Snapshot::take(&processes);
+    target.check_alive()?;
+    Ok(Sample::new(
+        workload,
+        outcome,
+        Usage::between(&before, &after),
+        target.kind != Kind::Direct,
+    ))
+}
+
+fn print_preamble(settings: &Settings, targets: &[Target], load: &str) {
+    println!("splice-proxy benchmark (examples/bench)");
+    println!(
+        "machine: {} CPUs, Linux {}, load average {load} (1, 5, 15 min) at the start",
+        measure::cpus(),
+        measure::kernel()
+    );
+    println!(
+        "{}: {} run(s) of {:.1} s per workload and target, interleaved across targets",
+        if settings.quick {
+            "quick mode (figures are not measurements)"
+        } else {
+            "full mode"
+        },
+        settings.repeats,
+        settings.duration.as_secs_f64()
+    );
+    println!("targets:");
+    for target in targets {
+        println!("  {:<15} {}", target.kind.name(), target.kind.describe());
+    }
+    println!(
+        "figures: medians over the runs; min-max: the range of the first figure; x: the figure\n\
+         before it divided by direct's. CPU in seconds per GB moved (bulk) or per 10k requests\n\
+         or connections: proxy = the proxy's processes, machine = all CPUs less other\n\
+         processes' user time. Notes: range = the first figure's range is wider than {:.0}% of\n\
+         its median; others = other processes used more than {:.0}% of the machine in a run.",
+        report::DISTURBED_RANGE * 100.0,
+        report::DISTURBED_OTHERS * 100.0
+    );
+}
+
+fn print_summary(
+    settings: &Settings,
+    results: &[(Workload, Vec<Cell>)],
+    targets: &[Target],
+    elapsed: Duration,
+) {
+    print_attach_comparison(settings, results);
+    print_splice_counts(targets);
+    let cells: Vec<&Cell> = results.iter().flat_map(|(_, cells)| cells).collect();
+    let disturbed = cells.iter().filter(|cell| cell.disturbed()).count();
+    println!(
+        "\n{disturbed} of {} workload/target cells disturbed; load average {} at the end; the run took {:.0} s{}",
+        cells.len(),
+        measure::load_average(),
+        elapsed.as_secs_f64(),
+        if settings.quick { " (quick mode)" } else { "" }
+    );
+}
+
+/// splice-proxy attaches the stream verdict alone by default because it measured faster
+/// than parser + verdict: this is the measurement.
+fn print_attach_comparison(settings: &Settings, results: &[(Workload, Vec<Cell>)]) {
+    let mut lines = Vec::new();
+    for (workload, cells) in results {
+        let rate = |kind| cells.iter().find(|c| c.kind == kind).and_then(Cell::rate);
+        let (Some(verdict), Some(parser)) = (rate(Kind::SpliceVerdict), rate(Kind::SpliceParser))
+        else {
+            continue;
+        };
+        if !matches!(workload, Workload::Bulk { .. }) {
+            continue;
+        }
+        let overlap = if settings.repeats < 2 {
+            "one run each: no ranges to compare"
+        } else if verdict.min > parser.max || parser.min > verdict.max {
+            "the ranges do not overlap"
+        } else {
+            "the ranges overlap: within the noise"
+        };
+        lines.push(format!(
+            "  {:<24} verdict {:.2} ({:.2}-{:.2}), parser {:.2} ({:.2}-{:.2}) Gbit/s: {:.2}x, {overlap}",
+            workload.title(),
+            verdict.median,
+            verdict.min,
+            verdict.max,
+            parser.median,
+            parser.min,
+            parser.max,
+            verdict.median / parser.median,
+        ));
+    }
+    if !lines.is_empty() {
+        println!("\nsplice attach modes, bulk throughput (verdict / parser):");
+        println!("{}", lines.join("\n"));
+    }
+}
+
+/// Whether splice-proxy spliced what it was asked to: a connection it copies instead
+/// would make a splice figure a copy figure.
+fn print_splice_counts(targets: &[Target]) {
+    // The proxy logs a connection when it closes: give the last ones a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let counts: Vec<String> = targets
+        .iter()
+        .filter_map(|target| {
+            let (spliced, copied) = target.splice_counts()?;
+            Some(format!(
+                "  {:<15} {spliced} spliced, {copied} copied",
+                target.kind.name()
+            ))
+        })
+        .collect();
+    if !counts.is_empty() {
+        println!("\nsplice-proxy connections by mode, from each instance's log:");
+        println!("{}", counts.join("\n"));
+    }
+}
+
+/// Ctrl-C and friends end the bench between two runs, through the normal return path,
+/// so that every guard kills its child.
+mod stop {
+    use super::{AtomicBool, Ordering};
+
+    static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        REQUESTED.store(true, Ordering::SeqCst);
+    }
+
+    pub fn install() -> std::io::Result<()> {
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            // glibc's signal() installs it with SA_RESTART.
+            let previous = unsafe {
+                libc::signal(
+                    signal,
+                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                )
+            };
+            if previous == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn requested() -> bool {
+        REQUESTED.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,467 @@
+//! What the bench measures: the backend reached directly, and each proxy in front of it.
+//! Each proxy runs as a child process on 127.0.0.1 with a config generated into the
+//! bench's temporary directory, two workers or threads each (one per core here), and
+//! otherwise the defaults a user gets, plus what the comparison calls for (`option
+//! splice-auto` for HAProxy).
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    process::Child,
+    wire::{self, Header, Op},
+};
+
+/// How long a proxy may take to start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Workers (nginx), threads (HAProxy), executors and splice workers (splice-proxy).
+const PROXY_THREADS: usize = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    SpliceVerdict,
+    SpliceParser,
+    Copy,
+    Haproxy,
+    Nginx,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Direct,
+        Kind::SpliceVerdict,
+        Kind::SpliceParser,
+        Kind::Copy,
+        Kind::Haproxy,
+        Kind::Nginx,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::SpliceVerdict => "splice-verdict",
+            Kind::SpliceParser => "splice-parser",
+            Kind::Copy => "copy",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Direct => "client to backend, no proxy: the limit",
+            Kind::SpliceVerdict => "splice-proxy --mode splice --attach verdict (the default)",
+            Kind::SpliceParser => "splice-proxy --mode splice --attach parser",
+            Kind::Copy => "splice-proxy --mode copy (userspace copy)",
+            Kind::Haproxy => "HAProxy, mode tcp, option splice-auto",
+            Kind::Nginx => "nginx stream proxy_pass",
+        }
+    }
+
+    fn is_splice_proxy(self) -> bool {
+        matches!(self, Kind::SpliceVerdict | Kind::SpliceParser | Kind::Copy)
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+/// A proxy's program.
+pub enum Program {
+    SpliceProxy(PathBuf),
+    Haproxy(PathBuf),
+    Nginx {
+        binary: PathBuf,
+        /// The stream module to load, when nginx has it as a dynamic module.
+        stream_module: Option<PathBuf>,
+        /// util-linux's unshare, to run nginx in a PID namespace of its own.
+        unshare: PathBuf,
+    },
+}
+
+/// Finds the program a target runs (None for direct, which runs none); `Err` says what
+/// is missing and how to install it.
+pub fn locate(kind: Kind) -> Result<Option<Program>, String> {
+    let program = match kind {
+        Kind::Direct => return Ok(None),
+        Kind::SpliceVerdict | Kind::SpliceParser | Kind::Copy => {
+            Program::SpliceProxy(splice_proxy_binary()?)
+        }
+        Kind::Haproxy => Program::Haproxy(
+            find_program("haproxy")
+                .ok_or_else(|| "haproxy is not installed: apt-get install haproxy".to_owned())?,
+        ),
+        Kind::Nginx => {
+            let binary = find_program("nginx").ok_or_else(|| {
+                "nginx is not installed: apt-get install nginx libnginx-mod-stream".to_owned()
+            })?;
+            let stream_module = nginx_stream_module(&binary)?;
+            let unshare = find_program("unshare").ok_or_else(|| {
+                "unshare is not installed (it runs nginx in a PID namespace): apt-get install util-linux"
+                    .to_owned()
+            })?;
+            Program::Nginx {
+                binary,
+                stream_module,
+                unshare,
+            }
+        }
+    };
+    Ok(Some(program))
+}
+
+/// The splice-proxy binary next to this example: target/<profile>/splice-proxy, when this
+/// is target/<profile>/examples/bench.
+fn splice_proxy_binary() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding the bench executable: {e}"))?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("{} has no grandparent directory", exe.display()))?;
+    let binary = profile_dir.join("splice-proxy");
+    if !binary.is_file() {
+        return Err(format!(
+            "{} is not built: run `cargo build --release` first",
+            binary.display()
+        ));
+    }
+    warn_if_stale(&binary);
+    Ok(binary)
+}
+
+/// `cargo run --example bench` does not rebuild the proxy binary: say so if a source
+/// file is newer than it.
+fn warn_if_stale(binary: &Path) {
+    let Ok(built) = fs::metadata(binary).and_then(|m| m.modified()) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = ["proxy", "proxy-probe/src", "Cargo.toml", "build.rs"].map(|p| root.join(p));
+    let mut stack: Vec<PathBuf> = sources.to_vec();
+    while let Some(path) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(&path) {
+            stack.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+        } else if fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| modified > built)
+        {
+            eprintln!(
+                "warning: {} is newer than {}: run `cargo build --release` to measure the current sources",
+                path.display(),
+                binary.display()
+            );
+            return;
+        }
+    }
+}
+
+/// Looks in PATH and in the sbin directories, which a non-root PATH may lack.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// nginx's stream module: built in (None), or the dynamic module's path.
+fn nginx_stream_module(nginx: &Path) -> Result<Option<PathBuf>, String> {
+    let output = Command::new(nginx)
+        .arg("-V")
+        .output()
+        .map_err(|e| format!("running {} -V: {e}", nginx.display()))?;
+    // nginx prints its configure arguments on stderr.
+    let text = String::from_utf8_lossy(&output.stderr);
+    let args: Vec<&str> = text.split_whitespace().collect();
+    if args.contains(&"--with-stream") {
+        return Ok(None);
+    }
+    if !args.contains(&"--with-stream=dynamic") {
+        return Err("this nginx was built without the stream module".to_owned());
+    }
+    let dir = args
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--modules-path="))
+        .unwrap_or("/usr/lib/nginx/modules");
+    let module = Path::new(dir).join("ngx_stream_module.so");
+    if module.is_file() {
+        Ok(Some(module))
+    } else {
+        Err(format!(
+            "{} is missing: apt-get install libnginx-mod-stream",
+            module.display()
+        ))
+    }
+}
+
+/// A target ready for clients.
+pub struct Target {
+    pub kind: Kind,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// The proxy process (None for direct).
+    process: Option<Child>,
+    /// The proxy's processes (nginx: master and workers), for CPU accounting.
+    pids: Vec<u32>,
+    log: Option<PathBuf>,
+}
+
+impl Target {
+    /// The backend itself, with no proxy.
+    pub fn direct(backend: SocketAddr) -> Target {
+        Target {
+            kind: Kind::Direct,
+            addr: backend,
+            process: None,
+            pids: Vec::new(),
+            log: None,
+        }
+    }
+
+    /// Starts the target's proxy in front of `backend` and waits until a connection
+    /// through it works.
+    pub fn start(
+        kind: Kind,
+        program: &Program,
+        backend: SocketAddr,
+        dir: &Path,
+    ) -> anyhow::Result<Target> {
+        let listen = free_port().context("finding a free port")?;
+        let log = dir.join(format!("{}.log", kind.name()));
+        let log_file =
+            fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let place = Placement {
+            listen,
+            backend,
+            dir,
+            log: &log,
+        };
+        let mut command = match program {
+            Program::SpliceProxy(binary) => splice_proxy_command(kind, binary, &place)?,
+            Program::Haproxy(binary) => haproxy_command(binary, &place)?,
+            Program::Nginx {
+                binary,
+                stream_module,
+                unshare,
+            } => nginx_command(binary, stream_module.as_deref(), unshare, &place)?,
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let mut process = Child::spawn(kind.name(), command)?;
+        if let Err(e) = wait_until_serving(&mut process, listen) {
+            let tail = log_tail(&log);
+            bail!(
+                "{} did not start: {e:#}\n--- {} ---\n{tail}",
+                kind.name(),
+                log.display()
+            );
+        }
+        let pids = process.pids();
+        Ok(Target {
+            kind,
+            addr: listen,
+            process: Some(process),
+            pids,
+            log: Some(log),
+        })
+    }
+
+    pub fn pids(&self) -> &[u32] {
+        &self.pids
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        match &mut self.process {
+            Some(process) => process.check_alive(),
+            None => Ok(()),
+        }
+    }
+
+    /// For splice-proxy: how many connections its log says were spliced and copied.
+    pub fn splice_counts(&self) -> Option<(usize, usize)> {
+        if !self.kind.is_splice_proxy() {
+            return None;
+        }
+        let text = fs::read_to_string(self.log.as_ref()?).ok()?;
+        let count = |mode: &str| {
+            text.lines()
+                .filter(|line| {
+                    line.contains(&format!("mode=\"{mode}\""))
+                        || line.contains(&format!("mode={mode} "))
+                })
+                .count()
+        };
+        Some((count("splice"), count("copy")))
+    }
+}
+
+/// Where a proxy listens, what it forwards to, and where its files go.
+struct Placement<'a> {
+    listen: SocketAddr,
+    backend: SocketAddr,
+    /// The bench's temporary directory, for configs.
+    dir: &'a Path,
+    /// The proxy's stderr (and nginx's error log).
+    log: &'a Path,
+}
+
+fn free_port() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow::Result<Command> {
+    let routes = place.dir.join(format!("{}-routes.toml", kind.name()));
+    let magic = std::str::from_utf8(wire::MAGIC).expect("the magic is ASCII");
+    let config = format!(
+        "# The bench's first messages start with {magic}; nothing else is served.\n\
+         [[route]]\n\
+         name = \"bench\"\n\
+         prefix = \"{magic}\"\n\
+         backends = [\"{backend}\"]\n",
+        backend = place.backend
+    );
+    fs::write(&routes, config).with_context(|| format!("writing {}", routes.display()))?;
+    let mode: &[&str] = match kind {
+        Kind::SpliceVerdict => &["--mode", "splice", "--attach", "verdict"],
+        Kind::SpliceParser => &["--mode", "splice", "--attach", "parser"],
+        _ => &["--mode", "copy"],
+    };
+    let mut command = Command::new(binary);
+    command
+        .arg("--listen")
+        .arg(place.listen.to_string())
+        .arg("--routes")
+        .arg(&routes)
+        .args(mode)
+        .args(["--executors", &PROXY_THREADS.to_string()])
+        .args(["--splice-workers", &PROXY_THREADS.to_string()])
+        // One log line per connection, as users run it; plain text to count the modes.
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    Ok(command)
+}
+
+fn haproxy_command(binary: &Path, place: &Placement) -> anyhow::Result<Command> {
+    let config_path = place.dir.join("haproxy.cfg");
+    let config = format!(
+        "global\n\
+         \x20   nbthread {PROXY_THREADS}\n\
+         \x20   maxconn 4096\n\
+         defaults\n\
+         \x20   mode tcp\n\
+         \x20   option splice-auto\n\
+         \x20   timeout connect 5s\n\
+         \x20   timeout client 60s\n\
+         \x20   timeout server 60s\n\
+         frontend bench\n\
+         \x20   bind {listen}\n\
+         \x20   default_backend backends\n\
+         backend backends\n\
+         \x20   server backend {backend}\n",
+        listen = place.listen,
+        backend = place.backend
+    );
+    fs::write(&config_path, config)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let mut command = Command::new(binary);
+    // -db: foreground, one process (its threads), no master.
+    command.arg("-db").arg("-f").arg(&config_path);
+    Ok(command)
+}
+
+fn nginx_command(
+    binary: &Path,
+    stream_module: Option<&Path>,
+    unshare: &Path,
+    place: &Placement,
+) -> anyhow::Result<Command> {
+    let config_path = place.dir.join("nginx.conf");
+    let load_module = stream_module
+        .map(|module| format!("load_module {};\n", module.display()))
+        .unwrap_or_default();
+    // proxy_half_close: nginx closes both sides on the client's half-close unless told
+    // not to, which would cut off every reply sent after it (the upload verdicts here).
+    let config = format!(
+        "{load_module}\
+         daemon off;\n\
+         worker_processes {PROXY_THREADS};\n\
+         pid {pid};\n\
+         error_log {log} warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         stream {{\n\
+         \x20   server {{\n\
+         \x20       listen {listen} reuseport;\n\
+         \x20       proxy_pass {backend};\n\
+         \x20       proxy_half_close on;\n\
+         \x20   }}\n\
+         }}\n",
+        pid = place.dir.join("nginx.pid").display(),
+        log = place.log.display(),
+        listen = place.listen,
+        backend = place.backend,
+    );
+    fs::write(&config_path, config)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    // nginx's workers outlive a killed master. As the first process of its own PID
+    // namespace the master takes them along when it dies, and --kill-child passes the
+    // kill of unshare (our child, see process.rs) on to the master: so even a bench
+    // killed with SIGKILL leaves no worker behind.
+    let mut command = Command::new(unshare);
+    command
+        .args(["--pid", "--fork", "--kill-child", "--"])
+        .arg(binary);
+    // -p and -e keep nginx out of /etc/nginx and /var/log/nginx.
+    command
+        .arg("-p")
+        .arg(place.dir)
+        .arg("-e")
+        .arg(place.log)
+        .arg("-c")
+        .arg(&config_path);
+    Ok(command)
+}
+
+/// Retries an echo handshake through the proxy until one works.
+fn wait_until_serving(process: &mut Child, addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        process.check_alive()?;
+        let header = Header {
+            op: Op::Echo,
+            duration: Duration::ZERO,
+            byte_limit: 0,
+            id: 0,
+        };
+        let attempt = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            .and_then(|stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                Ok(stream)
+            })
+            .map_err(anyhow::Error::from)
+            .and_then(|mut stream| wire::handshake(&mut stream, &header));
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                bail!("no working connection through {addr} within {START_TIMEOUT:?}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
