@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Parser, ValueEnum};
 use splice_proxy::{
     config::Config,
@@ -19,7 +19,7 @@ use splice_proxy::{
 /// crosses into this process.
 ///
 /// Splicing needs root (or CAP_BPF and CAP_NET_ADMIN) and a kernel with SOCKHASH
-/// (4.18+). Logs go to stderr, one line per connection; set RUST_LOG=debug for more.
+/// (4.18+). Logs go to stderr, one line per connection; RUST_LOG (e.g. "debug") sets the level.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, max_term_width = 100)]
 struct Args {
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,glommio=error")),
         )
         .init();
     match run(args) {
@@ -107,15 +107,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let probe = match args.mode {
         Mode::Copy => None,
-        Mode::Splice => Some(
-            Probe::load(attach, args.map_capacity)
-                .context("--mode splice: the probe could not be loaded")?,
-        ),
+        Mode::Splice => Some(Probe::load(attach, args.map_capacity).map_err(|e| {
+            anyhow!(
+                "--mode splice: the probe could not be loaded: {}",
+                with_root_cause(&e)
+            )
+        })?),
         Mode::Auto => match Probe::load(attach, args.map_capacity) {
             Ok(probe) => Some(probe),
             Err(e) => {
                 tracing::warn!(
-                    "the probe could not be loaded, so every connection is copied in userspace: {e}"
+                    "the probe could not be loaded, so every connection is copied in userspace: {}",
+                    with_root_cause(&e)
                 );
                 None
             }
@@ -148,4 +151,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     server.join();
     bail!("every executor stopped")
+}
+
+/// An error's message and its innermost cause (the OS error, usually). aya's errors
+/// repeat their cause at every level, so the whole chain would say it three times.
+fn with_root_cause(error: &dyn std::error::Error) -> String {
+    let mut root = error;
+    while let Some(source) = root.source() {
+        root = source;
+    }
+    if std::ptr::addr_eq(root, error) {
+        error.to_string()
+    } else {
+        format!("{error}: {root}")
+    }
 }

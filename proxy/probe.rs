@@ -44,10 +44,12 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// Each variant's cause is its `source()`, not repeated in its message: print the chain
+/// (anyhow's `{:#}`) to see both.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error(
-        "loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN): {0}"
+        "loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN)"
     )]
     Load(#[from] aya::EbpfError),
     #[error("the probe object has no {kind} named {name}: it was built from other sources")]
@@ -55,19 +57,19 @@ pub enum ProbeError {
         kind: &'static str,
         name: &'static str,
     },
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("duplicating the descriptor of map {name}: {source}")]
+    #[error("duplicating the descriptor of map {name}")]
     Duplicate {
         name: &'static str,
         #[source]
@@ -181,7 +183,7 @@ impl Probe {
 /// Why a pair could not be put into the maps. In every case the maps hold nothing of the
 /// pair afterwards and no byte has been lost, so the caller can copy in userspace instead.
 #[derive(Debug, thiserror::Error)]
-#[error("the kernel refused to splice the {side} socket: {source}")]
+#[error("the kernel refused to splice the {side} socket")]
 pub struct JoinError {
     pub side: Side,
     #[source]

@@ -391,7 +391,7 @@ fn splice(
             }
         }
         Err(refused) => {
-            tracing::debug!(client = %pair.info.client, "{refused}; copying in userspace");
+            tracing::debug!(client = %pair.info.client, "{refused}: {}; copying in userspace", refused.source);
         }
     }
     Ok(pair)
