@@ -6,14 +6,28 @@
 //! program embedding the library can pass its own function instead.
 //!
 //! Everything here runs on bytes a client chose, so nothing may panic: offsets are
-//! checked, never trusted.
+//! checked, never trusted. The protocol matchers read the first message with the parsers
+//! in [`tls`] (the ClientHello) and [`http`] (the request head), each run at most once per
+//! decision however many routes ask, and [`regex`](MessageRegex) searches it. A message
+//! that claims a protocol but breaks its rules, or stops short of a whole ClientHello or
+//! request head, matches none of that protocol's matchers, and the route table logs why
+//! with the client's address, once per connection, when it decides.
 
+pub mod host;
+pub mod http;
+mod regex;
+pub mod tls;
+
+use std::cell::OnceCell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::balance::Balancer;
 use crate::config::Config;
+
+pub use self::host::{HostPattern, HostPatternError};
+pub use self::regex::{MessageRegex, RegexError};
 
 /// One test on a first message. A route holds one or more; all must hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +40,32 @@ pub enum Matcher {
     /// route is decided: a client that sends its first message in one write is routed on
     /// that write's length, whatever it sends afterwards.
     Length { min: usize, max: usize },
+    /// The message is a TLS ClientHello whose server_name (SNI) fits the pattern.
+    Sni(HostPattern),
+    /// The message is a TLS ClientHello that offers at least one of these ALPN
+    /// protocols.
+    Alpn(Vec<Vec<u8>>),
+    /// The message is an HTTP/1.x request for a host that fits the pattern: the
+    /// authority of an absolute-form target, else the Host header, port ignored.
+    HttpHost(HostPattern),
+    /// The message is an HTTP/1.x request whose path (as sent, query included) starts
+    /// with these bytes.
+    HttpPathPrefix(String),
+    /// The regex matches somewhere in the message (see [`MessageRegex`]).
+    Regex(MessageRegex),
+}
+
+/// What a protocol parser made of the first message so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed<T> {
+    /// Enough has arrived to tell what routing needs.
+    Done(T),
+    /// Agrees with the protocol so far; only more bytes can tell.
+    Incomplete,
+    /// Another protocol: the bytes so far already rule this one out.
+    Other,
+    /// Claims to be this protocol but breaks its rules.
+    Malformed(&'static str),
 }
 
 /// What one matcher, or one route, makes of the bytes received so far.
@@ -52,6 +92,11 @@ impl Verdict {
 impl Matcher {
     /// What the first message so far, `first`, says about this matcher.
     pub fn check(&self, first: &[u8]) -> Verdict {
+        self.verdict(&Inspection::new(first))
+    }
+
+    fn verdict(&self, inspection: &Inspection<'_>) -> Verdict {
+        let first = inspection.bytes;
         match self {
             Matcher::Prefix(prefix) => window_verdict(first, 0, prefix),
             Matcher::At { offset, bytes } => window_verdict(first, *offset, bytes),
@@ -63,6 +108,119 @@ impl Matcher {
                 } else {
                     Verdict::NoMatch
                 }
+            }
+            Matcher::Sni(pattern) => inspection.tls().verdict(|hello| {
+                (hello.server_name.as_deref()).is_some_and(|name| pattern.matches(name))
+            }),
+            Matcher::Alpn(wanted) => inspection
+                .tls()
+                .verdict(|hello| hello.alpn.iter().any(|offered| wanted.contains(offered))),
+            Matcher::HttpHost(pattern) => match inspection.http() {
+                Parsed::Done(request) => match request.host {
+                    http::Host::Pending => Verdict::NeedMore,
+                    http::Host::Absent => Verdict::NoMatch,
+                    http::Host::Name(name) => Verdict::from(pattern.matches(name.as_bytes())),
+                },
+                other => other.verdict(|_| false),
+            },
+            Matcher::HttpPathPrefix(prefix) => inspection
+                .http()
+                .verdict(|request| request.path.starts_with(prefix.as_str())),
+            Matcher::Regex(regex) => regex.check(first),
+        }
+    }
+}
+
+impl From<bool> for Verdict {
+    fn from(matches: bool) -> Verdict {
+        if matches {
+            Verdict::Match
+        } else {
+            Verdict::NoMatch
+        }
+    }
+}
+
+impl<T> Parsed<T> {
+    /// `Match` if what was parsed passes `test`; a message that is not (or not validly)
+    /// this protocol never matches.
+    fn verdict(&self, test: impl FnOnce(&T) -> bool) -> Verdict {
+        match self {
+            Parsed::Done(parsed) => Verdict::from(test(parsed)),
+            Parsed::Incomplete => Verdict::NeedMore,
+            Parsed::Other | Parsed::Malformed(_) => Verdict::NoMatch,
+        }
+    }
+}
+
+/// One first message, with the protocol parses the matchers asked for, each done at
+/// most once.
+struct Inspection<'a> {
+    bytes: &'a [u8],
+    tls: OnceCell<Parsed<tls::ClientHello>>,
+    http: OnceCell<Parsed<http::Request<'a>>>,
+}
+
+impl<'a> Inspection<'a> {
+    fn new(bytes: &'a [u8]) -> Inspection<'a> {
+        Inspection {
+            bytes,
+            tls: OnceCell::new(),
+            http: OnceCell::new(),
+        }
+    }
+
+    fn tls(&self) -> &Parsed<tls::ClientHello> {
+        self.tls.get_or_init(|| tls::parse_client_hello(self.bytes))
+    }
+
+    fn http(&self) -> &Parsed<http::Request<'a>> {
+        self.http.get_or_init(|| http::parse_request(self.bytes))
+    }
+
+    /// Logs, once the route is decided, what the protocol parsers found: at info a
+    /// message that claimed a protocol but was malformed, or stopped short of a whole
+    /// ClientHello or request head; at debug the rest.
+    fn log(&self, first: &FirstMessage<'_>, decision: &Decision) {
+        let client = first.client;
+        let bytes = first.bytes.len();
+        let route = match decision {
+            Decision::Forward(forward) => &*forward.route,
+            Decision::Reject | Decision::NeedMore => "(none)",
+        };
+        match self.tls.get() {
+            None => {}
+            Some(Parsed::Done(hello)) => tracing::debug!(
+                %client, route, server_name = ?hello.server_name.as_deref().map(<[u8]>::escape_ascii),
+                alpn = ?hello.alpn.iter().map(|name| name.escape_ascii().to_string()).collect::<Vec<_>>(),
+                "first message is a TLS ClientHello"
+            ),
+            Some(Parsed::Malformed(reason)) => tracing::info!(
+                %client, route, bytes, "first message is a malformed TLS ClientHello: {reason}"
+            ),
+            Some(Parsed::Incomplete) if first.complete => tracing::info!(
+                %client, route, bytes, "first message is an incomplete TLS ClientHello"
+            ),
+            Some(Parsed::Incomplete) => {}
+            Some(Parsed::Other) => {
+                tracing::debug!(%client, route, "first message is not a TLS ClientHello")
+            }
+        }
+        match self.http.get() {
+            None => {}
+            Some(Parsed::Done(request)) => tracing::debug!(
+                %client, route, host = ?request.host, path = request.path,
+                "first message is an HTTP/1.{} request", request.version
+            ),
+            Some(Parsed::Malformed(reason)) => tracing::info!(
+                %client, route, bytes, "first message is a malformed HTTP request: {reason}"
+            ),
+            Some(Parsed::Incomplete) if first.complete => tracing::info!(
+                %client, route, bytes, "first message is an incomplete HTTP request line"
+            ),
+            Some(Parsed::Incomplete) => {}
+            Some(Parsed::Other) => {
+                tracing::debug!(%client, route, "first message is not an HTTP/1.x request")
             }
         }
     }
@@ -105,6 +263,27 @@ impl fmt::Display for Matcher {
             } => write!(f, "length >= {min}"),
             Matcher::Length { min: 0, max } => write!(f, "length <= {max}"),
             Matcher::Length { min, max } => write!(f, "length {min}..={max}"),
+            Matcher::Sni(pattern) => write!(f, "sni \"{pattern}\""),
+            Matcher::Alpn(protocols) => {
+                let quoted: Vec<String> = protocols
+                    .iter()
+                    .map(|name| format!("\"{}\"", name.escape_ascii()))
+                    .collect();
+                write!(f, "alpn [{}]", quoted.join(", "))
+            }
+            Matcher::HttpHost(pattern) => write!(f, "http_host \"{pattern}\""),
+            Matcher::HttpPathPrefix(prefix) => {
+                write!(f, "http_path_prefix \"{}\"", prefix.escape_default())
+            }
+            Matcher::Regex(regex) => {
+                let pattern = regex.as_str();
+                if pattern.contains(|c: char| c == '\'' || c.is_control()) {
+                    write!(f, "regex {pattern:?}")
+                } else {
+                    // As a TOML literal string, the way a regex is best written.
+                    write!(f, "regex '{pattern}'")
+                }
+            }
         }
     }
 }
@@ -220,14 +399,17 @@ impl RouteTable {
 }
 
 impl TableRoute {
-    fn verdict(&self, first: &FirstMessage<'_>) -> Verdict {
-        let verdict = self
-            .matchers
-            .iter()
-            .map(|matcher| matcher.check(first.bytes))
-            .fold(Verdict::Match, Verdict::and);
+    fn verdict(&self, inspection: &Inspection<'_>, complete: bool) -> Verdict {
+        let mut verdict = Verdict::Match;
+        for matcher in &self.matchers {
+            verdict = verdict.and(matcher.verdict(inspection));
+            if verdict == Verdict::NoMatch {
+                // The rest cannot change it, and may need a parse this one spared.
+                return Verdict::NoMatch;
+            }
+        }
         match verdict {
-            Verdict::NeedMore if first.complete => Verdict::NoMatch,
+            Verdict::NeedMore if complete => Verdict::NoMatch,
             verdict => verdict,
         }
     }
@@ -251,19 +433,28 @@ impl Router for RouteTable {
                 Decision::NeedMore
             };
         }
+        let inspection = Inspection::new(first.bytes);
+        let mut decision = None;
         for route in &self.routes {
-            match route.verdict(first) {
-                Verdict::Match => return Decision::Forward(route.forward(first.client)),
+            match route.verdict(&inspection, first.complete) {
+                Verdict::Match => {
+                    decision = Some(Decision::Forward(route.forward(first.client)));
+                    break;
+                }
+                // Not decided yet (never once `complete`), so nothing to log yet.
                 Verdict::NeedMore => return Decision::NeedMore,
                 Verdict::NoMatch => {}
             }
         }
-        self.fall_back(first.client)
+        let decision = decision.unwrap_or_else(|| self.fall_back(first.client));
+        inspection.log(first, &decision);
+        decision
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::tls::tests::client_hello;
     use super::*;
     use crate::balance::Balance;
     use crate::config::RouteConfig;
@@ -552,6 +743,285 @@ mod tests {
         );
     }
 
+    fn sni(pattern: &str) -> Matcher {
+        Matcher::Sni(HostPattern::parse(pattern).unwrap())
+    }
+
+    fn alpn(protocols: &[&str]) -> Matcher {
+        Matcher::Alpn(protocols.iter().map(|p| p.as_bytes().to_vec()).collect())
+    }
+
+    fn http_host(pattern: &str) -> Matcher {
+        Matcher::HttpHost(HostPattern::parse(pattern).unwrap())
+    }
+
+    fn path_prefix(prefix: &str) -> Matcher {
+        Matcher::HttpPathPrefix(prefix.to_owned())
+    }
+
+    fn regex(pattern: &str) -> Matcher {
+        Matcher::Regex(MessageRegex::new(pattern).unwrap())
+    }
+
+    /// What the server does: asks after every `step` bytes until the router decides,
+    /// then once more with `complete` if it never did. Returns the outcome and the bytes
+    /// it took.
+    fn fed_in_steps(routes: &RouteTable, message: &[u8], step: usize) -> (String, usize) {
+        let mut len = 0;
+        while len < message.len() {
+            len = (len + step).min(message.len());
+            let decision = routes.decide(&partial(&message[..len]));
+            if decision != Decision::NeedMore {
+                return (outcome(decision), len);
+            }
+        }
+        (outcome(routes.decide(&complete(message))), len)
+    }
+
+    fn tls_table() -> RouteTable {
+        table(vec![
+            route("a", vec![sni("a.example.com")], &[9001]),
+            route(
+                "wild-h2",
+                vec![sni("*.example.com"), alpn(&["h2"])],
+                &[9002],
+            ),
+            route("h1", vec![alpn(&["http/1.1", "http/1.0"])], &[9003]),
+            default_route("fallback", &[9009]),
+        ])
+    }
+
+    #[test]
+    fn sni_and_alpn_route_tls() {
+        let routes = tls_table();
+        for (server_name, protocols, expected) in [
+            (Some("a.example.com"), &[][..], "a"),
+            (Some("A.EXAMPLE.COM"), &["h2"][..], "a"),
+            (Some("b.example.com"), &["http/1.1", "h2"][..], "wild-h2"),
+            (Some("x.y.example.com"), &["h2"][..], "wild-h2"),
+            (Some("b.example.com"), &["http/1.1"][..], "h1"),
+            (Some("example.com"), &["h2"][..], "fallback"),
+            (None, &["h2"][..], "fallback"),
+            (None, &["http/1.0"][..], "h1"),
+            (None, &[][..], "fallback"),
+        ] {
+            let hello = client_hello(server_name, protocols);
+            let whole = hello.len();
+            for step in [1, 3, whole] {
+                assert_eq!(
+                    fed_in_steps(&routes, &hello, step),
+                    (expected.to_owned(), whole),
+                    "{server_name:?} {protocols:?}, {step} bytes at a time"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn garbled_or_truncated_hellos_match_no_tls_route() {
+        let routes = tls_table();
+        let hello = client_hello(Some("a.example.com"), &["h2"]);
+        // Truncated: waits, and once nothing more will come it is the default's.
+        let truncated = &hello[..hello.len() - 1];
+        assert_eq!(outcome(routes.decide(&partial(truncated))), "NeedMore");
+        assert_eq!(outcome(routes.decide(&complete(truncated))), "fallback");
+        // Garbled: decided as soon as it shows.
+        let mut garbled = hello.clone();
+        garbled[9] = 0x7f; // legacy_version's major
+        assert_eq!(outcome(routes.decide(&partial(&garbled))), "fallback");
+        // Not TLS at all: decided on the first byte.
+        assert_eq!(
+            fed_in_steps(&routes, b"GET / HTTP/1.1\r\n\r\n", 1),
+            ("fallback".to_owned(), 1)
+        );
+        // Without a default route, rejected.
+        let strict = table(vec![route("a", vec![sni("a.example.com")], &[9001])]);
+        assert_eq!(strict.decide(&partial(&garbled)), Decision::Reject);
+        assert_eq!(strict.decide(&complete(truncated)), Decision::Reject);
+    }
+
+    #[test]
+    fn http_host_and_path_prefix() {
+        let routes = table(vec![
+            route(
+                "api-b",
+                vec![http_host("b.example.com"), path_prefix("/api/")],
+                &[9001],
+            ),
+            route("b", vec![http_host("*.b.example.com")], &[9002]),
+            route("static", vec![path_prefix("/static")], &[9003]),
+            route("ssh", vec![prefix(b"SSH-")], &[9004]),
+            default_route("fallback", &[9009]),
+        ]);
+        for (head, expected) in [
+            (
+                &b"GET /api/x HTTP/1.1\r\nHost: B.example.com:8080\r\n\r\n"[..],
+                "api-b",
+            ),
+            (
+                b"GET /api HTTP/1.1\r\nHost: b.example.com\r\n\r\n",
+                "fallback",
+            ),
+            (b"GET /x HTTP/1.1\r\nHost: www.b.example.com\r\n\r\n", "b"),
+            (b"GET http://b.example.com/api/y HTTP/1.1\r\n\r\n", "api-b"),
+            (
+                b"GET /static/a.css HTTP/1.1\r\nHost: c.example.com\r\n\r\n",
+                "static",
+            ),
+            (b"GET /static/a.css HTTP/1.0\r\n\r\n", "static"),
+            (b"GET /api/x HTTP/1.0\r\n\r\n", "fallback"),
+            (b"SSH-2.0-OpenSSH_9.2\r\n", "ssh"),
+            (b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x03", "fallback"),
+        ] {
+            for step in [1, 5, head.len()] {
+                assert_eq!(
+                    fed_in_steps(&routes, head, step).0,
+                    expected,
+                    "{}, {step} bytes at a time",
+                    head.escape_ascii()
+                );
+            }
+        }
+        // "SSH-2.0-x" could still be an HTTP method; at the line end it cannot, and the
+        // HTTP routes no longer hold up the prefix route.
+        assert_eq!(outcome(routes.decide(&partial(b"SSH-2.0-x"))), "NeedMore");
+        assert_eq!(outcome(routes.decide(&partial(b"SSH-2.0-x\r"))), "ssh");
+        // The path decides at the end of the request line; the host waits for the head.
+        let path_only = table(vec![route("static", vec![path_prefix("/static")], &[9003])]);
+        let line = b"GET /static HTTP/1.1";
+        assert_eq!(outcome(path_only.decide(&partial(line))), "static");
+        let line = b"GET /other HTTP/1.1";
+        assert_eq!(outcome(path_only.decide(&partial(line))), "Reject");
+        let host_only = table(vec![route("b", vec![http_host("b.example.com")], &[9001])]);
+        let head = b"GET / HTTP/1.1\r\nHost: b.example.com\r\n";
+        assert_eq!(outcome(host_only.decide(&partial(head))), "NeedMore");
+        let head = b"GET / HTTP/1.1\r\nHost: b.example.com\r\n\r\n";
+        assert_eq!(outcome(host_only.decide(&partial(head))), "b");
+    }
+
+    #[test]
+    fn regex_routes() {
+        let routes = table(vec![
+            route("anchored", vec![regex(r"^HELLO v[0-9]+\n")], &[9001]),
+            route("anywhere", vec![regex(r"(?i)user-agent: curl/")], &[9002]),
+            route("tls", vec![sni("a.example.com")], &[9003]),
+            default_route("fallback", &[9009]),
+        ]);
+        assert_eq!(outcome(routes.decide(&partial(b"HELLO v"))), "NeedMore");
+        assert_eq!(
+            outcome(routes.decide(&partial(b"HELLO v12\nrest"))),
+            "anchored"
+        );
+        // The unanchored regex can still match later: it waits ...
+        let line = b"GET / HTTP/1.1\r\n";
+        assert_eq!(outcome(routes.decide(&partial(line))), "NeedMore");
+        let head = b"GET / HTTP/1.1\r\nUser-Agent: curl/8\r\n";
+        assert_eq!(outcome(routes.decide(&partial(head))), "anywhere");
+        // ... until the message is complete.
+        let head = b"GET / HTTP/1.1\r\n\r\n";
+        assert_eq!(outcome(routes.decide(&complete(head))), "fallback");
+        let hello = client_hello(Some("a.example.com"), &[]);
+        assert_eq!(fed_in_steps(&routes, &hello, 7).0, "tls");
+    }
+
+    #[test]
+    fn protocol_matchers_display() {
+        assert_eq!(sni("*.Example.com").to_string(), r#"sni "*.example.com""#);
+        assert_eq!(
+            alpn(&["h2", "http/1.1"]).to_string(),
+            r#"alpn ["h2", "http/1.1"]"#
+        );
+        assert_eq!(
+            http_host("B.example.com").to_string(),
+            r#"http_host "b.example.com""#
+        );
+        assert_eq!(
+            path_prefix("/api").to_string(),
+            r#"http_path_prefix "/api""#
+        );
+        assert_eq!(regex(r"^GET /\d+").to_string(), r"regex '^GET /\d+'");
+        assert_eq!(regex(r"it's").to_string(), r#"regex "it's""#);
+    }
+
+    /// Collects what a tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The log lines written while `run` runs, at debug level and up.
+    fn logs_of(run: impl FnOnce()) -> Vec<String> {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, run);
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    fn at_info(lines: &[String]) -> Vec<&String> {
+        lines.iter().filter(|line| line.contains("INFO")).collect()
+    }
+
+    #[test]
+    fn logs_bad_first_messages_once_with_the_client() {
+        let routes = table(vec![
+            route("a", vec![sni("a.example.com")], &[9001]),
+            route("web", vec![http_host("b.example.com")], &[9002]),
+            default_route("fallback", &[9009]),
+        ]);
+        let hello = client_hello(Some("a.example.com"), &["h2"]);
+        let mut garbled = hello.clone();
+        garbled[43] = 0xff; // the session id's length
+        let truncated = &hello[..hello.len() - 3];
+
+        let lines = logs_of(|| assert_eq!(fed_in_steps(&routes, &garbled, 1).0, "fallback"));
+        let info = at_info(&lines);
+        assert_eq!(info.len(), 1, "{lines:#?}");
+        assert!(info[0].contains("malformed TLS ClientHello"), "{}", info[0]);
+        assert!(info[0].contains("client=127.0.0.1:40000"), "{}", info[0]);
+        assert!(info[0].contains("fallback"), "{}", info[0]);
+
+        let lines = logs_of(|| assert_eq!(fed_in_steps(&routes, truncated, 1).0, "fallback"));
+        let info = at_info(&lines);
+        assert_eq!(info.len(), 1, "{lines:#?}");
+        assert!(
+            info[0].contains("incomplete TLS ClientHello"),
+            "{}",
+            info[0]
+        );
+
+        let head = b"GET / HTTP/1.1\r\nHost: b.example.com\r\nBad Header: x\r\n\r\n";
+        let lines = logs_of(|| assert_eq!(fed_in_steps(&routes, head, 1).0, "fallback"));
+        let info = at_info(&lines);
+        assert_eq!(info.len(), 1, "{lines:#?}");
+        assert!(info[0].contains("malformed HTTP request"), "{}", info[0]);
+
+        // Good messages and other protocols: debug only, once each.
+        let lines = logs_of(|| {
+            assert_eq!(fed_in_steps(&routes, &hello, 1).0, "a");
+            assert_eq!(fed_in_steps(&routes, b"SSH-2.0-x\r\n", 1).0, "fallback");
+        });
+        assert!(at_info(&lines).is_empty(), "{lines:#?}");
+        let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
+        assert_eq!(count("is a TLS ClientHello"), 1, "{lines:#?}");
+        assert_eq!(count("not a TLS ClientHello"), 1, "{lines:#?}");
+        assert_eq!(count("not an HTTP/1.x request"), 1, "{lines:#?}");
+    }
+
     /// xorshift64: deterministic, so a failure reproduces.
     struct Garbage(u64);
 
@@ -615,6 +1085,9 @@ mod tests {
                 &[9002],
             ),
             route("beyond", vec![at(usize::MAX, b"*")], &[9004]),
+            route("tls", vec![sni("*.example.com"), alpn(&["h2"])], &[9005]),
+            route("http", vec![http_host("b"), path_prefix("/a")], &[9006]),
+            route("regex", vec![regex(r"^G[E ]+6")], &[9007]),
         ]);
 
         let mut garbage = Garbage(0x9e37_79b9_7f4a_7c15);
