@@ -20,7 +20,7 @@ use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
 use crate::balance::{Balance, ParseBalanceError};
-use crate::route::Matcher;
+use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, RegexError};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_FIRST_MESSAGE_MAX: usize = 16 * 1024;
@@ -116,8 +116,6 @@ pub enum Problem {
     /// An unknown key, a missing key or a value of the wrong type, as serde put it.
     #[error("{0}")]
     Schema(String),
-    #[error("not supported yet by this version of splice-proxy")]
-    NotSupportedYet,
     #[error("{text:?} is not a duration such as \"250ms\", \"3s\" or \"1m\": {reason}")]
     NotADuration {
         text: String,
@@ -141,10 +139,35 @@ pub enum Problem {
     #[error("min_length {min} is more than max_length {max}")]
     MinAboveMax { min: usize, max: usize },
     #[error(
-        "the route has no matcher: give prefix, at + bytes, or min_length/max_length, \
-         or make it the catch-all with default = true"
+        "the route has no matcher: give prefix, at + bytes, min_length/max_length, sni, \
+         alpn, http_host, http_path_prefix or regex, or make it the catch-all with \
+         default = true"
     )]
     NoMatcher,
+    #[error("{text:?} is not a host name or \"*.\" and a host name: {reason}")]
+    NotAHostPattern {
+        text: String,
+        reason: HostPatternError,
+    },
+    #[error("an empty list matches no client: give at least one protocol, e.g. alpn = [\"h2\"]")]
+    EmptyAlpn,
+    #[error("{text:?} is not an ALPN protocol name: those are 1 to 255 bytes")]
+    NotAnAlpnName { text: String },
+    #[error(
+        "{text:?} is not the start of a request path: it must start with \"/\" and hold \
+         no spaces or control characters"
+    )]
+    NotAPathPrefix { text: String },
+    #[error(transparent)]
+    Regex(RegexError),
+    #[error(
+        "a first message cannot be both a TLS ClientHello ({tls:?}) and an HTTP request \
+         ({http:?}): make them two routes"
+    )]
+    TlsAndHttp {
+        tls: &'static str,
+        http: &'static str,
+    },
     #[error(
         "a default route takes what no other route matched, so it has no matchers: \
          remove this key or default = true"
@@ -220,13 +243,16 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     name: Spanned<String>,
-    sni: Option<Spanned<String>>,
-    http_host: Option<Spanned<String>>,
     prefix: Option<Spanned<String>>,
     at: Option<Spanned<i64>>,
     bytes: Option<Spanned<String>>,
     min_length: Option<Spanned<i64>>,
     max_length: Option<Spanned<i64>>,
+    sni: Option<Spanned<String>>,
+    alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    http_host: Option<Spanned<String>>,
+    http_path_prefix: Option<Spanned<String>>,
+    regex: Option<Spanned<String>>,
     default: Option<Spanned<bool>>,
     backends: Option<Spanned<Vec<Spanned<String>>>>,
     balance: Option<Spanned<String>>,
@@ -386,12 +412,6 @@ impl Source<'_> {
             first_message_max,
         };
 
-        for (key, planned) in [("sni", &raw.sni), ("http_host", &raw.http_host)] {
-            if let Some(planned) = planned {
-                return Err(check.fail(planned.span(), key, Problem::NotSupportedYet));
-            }
-        }
-
         let matchers = check.matchers(&raw)?;
         let default = raw.default.as_ref().filter(|default| *default.get_ref());
         match (default, matchers.first()) {
@@ -486,6 +506,12 @@ impl RouteCheck<'_> {
             (None, None) => {}
         }
 
+        found.extend(self.length(raw)?);
+        found.extend(self.protocol_matchers(raw)?);
+        Ok(found)
+    }
+
+    fn length(&self, raw: &RawRoute) -> Result<Option<FoundMatcher>, ConfigError> {
         let min = (raw.min_length.as_ref())
             .map(|min| self.integer_in(min, "min_length", 0, self.first_message_max))
             .transpose()?;
@@ -495,22 +521,98 @@ impl RouteCheck<'_> {
         let (key, given) = match (&raw.min_length, &raw.max_length) {
             (Some(min_length), _) => ("min_length", min_length),
             (None, Some(max_length)) => ("max_length", max_length),
-            (None, None) => return Ok(found),
+            (None, None) => return Ok(None),
         };
         if let (Some(min), Some(max)) = (min, max)
             && min > max
         {
             return Err(self.fail(given.span(), key, Problem::MinAboveMax { min, max }));
         }
-        found.push(FoundMatcher {
+        Ok(Some(FoundMatcher {
             matcher: Matcher::Length {
                 min: min.unwrap_or(0),
                 max: max.unwrap_or(usize::MAX),
             },
             key,
             span: given.span(),
-        });
+        }))
+    }
+
+    /// sni, alpn, http_host, http_path_prefix and regex, in that order: after the byte
+    /// matchers, which are cheaper and so tried first.
+    fn protocol_matchers(&self, raw: &RawRoute) -> Result<Vec<FoundMatcher>, ConfigError> {
+        let mut found = Vec::new();
+        let mut push = |matcher, key, span| found.push(FoundMatcher { matcher, key, span });
+        if let Some(sni) = &raw.sni {
+            push(
+                Matcher::Sni(self.host_pattern(sni, "sni")?),
+                "sni",
+                sni.span(),
+            );
+        }
+        if let Some(alpn) = &raw.alpn {
+            push(Matcher::Alpn(self.alpn(alpn)?), "alpn", alpn.span());
+        }
+        if let Some(host) = &raw.http_host {
+            let pattern = self.host_pattern(host, "http_host")?;
+            push(Matcher::HttpHost(pattern), "http_host", host.span());
+        }
+        if let Some(prefix) = &raw.http_path_prefix {
+            let text = prefix.get_ref();
+            if !text.starts_with('/') || text.contains(|c: char| c == ' ' || c.is_control()) {
+                let problem = Problem::NotAPathPrefix { text: text.clone() };
+                return Err(self.fail(prefix.span(), "http_path_prefix", problem));
+            }
+            let matcher = Matcher::HttpPathPrefix(text.clone());
+            push(matcher, "http_path_prefix", prefix.span());
+        }
+        if let Some(regex) = &raw.regex {
+            let compiled = MessageRegex::new(regex.get_ref())
+                .map_err(|error| self.fail(regex.span(), "regex", Problem::Regex(error)))?;
+            push(Matcher::Regex(compiled), "regex", regex.span());
+        }
+
+        let tls_key = found
+            .iter()
+            .map(|m| m.key)
+            .find(|k| ["sni", "alpn"].contains(k));
+        let http = (found.iter()).find(|m| ["http_host", "http_path_prefix"].contains(&m.key));
+        if let (Some(tls), Some(http)) = (tls_key, http) {
+            let problem = Problem::TlsAndHttp {
+                tls,
+                http: http.key,
+            };
+            return Err(self.fail(http.span.clone(), http.key, problem));
+        }
         Ok(found)
+    }
+
+    fn host_pattern(&self, text: &Spanned<String>, key: &str) -> Result<HostPattern, ConfigError> {
+        HostPattern::parse(text.get_ref()).map_err(|reason| {
+            let text_value = text.get_ref().clone();
+            let problem = Problem::NotAHostPattern {
+                text: text_value,
+                reason,
+            };
+            self.fail(text.span(), key, problem)
+        })
+    }
+
+    fn alpn(&self, list: &Spanned<Vec<Spanned<String>>>) -> Result<Vec<Vec<u8>>, ConfigError> {
+        if list.get_ref().is_empty() {
+            return Err(self.fail(list.span(), "alpn", Problem::EmptyAlpn));
+        }
+        (list.get_ref().iter())
+            .map(|name| {
+                let bytes = name.get_ref().as_bytes();
+                if (1..=255).contains(&bytes.len()) {
+                    Ok(bytes.to_vec())
+                } else {
+                    let text = name.get_ref().clone();
+                    Err(self.fail(name.span(), "alpn", Problem::NotAnAlpnName { text }))
+                }
+            })
+            .collect()
     }
 
     fn integer_in(
@@ -1344,19 +1446,167 @@ mod tests {
     }
 
     #[test]
-    fn refuses_planned_matchers() {
-        for (key, value) in [("sni", "a.example.com"), ("http_host", "b.example.com")] {
-            let line = format!("{key} = {value:?}");
-            assert_refused(
-                &[
-                    "[[route]]",
-                    r#"name = "tls""#,
-                    &line,
-                    r#"backends = ["127.0.0.1:9001"]"#,
+    fn accepts_the_protocol_matchers() {
+        let config = parse(&[
+            "[[route]]",
+            r#"name = "tls-a""#,
+            r#"sni = "A.Example.com""#,
+            r#"alpn = ["h2", "http/1.1"]"#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+            "[[route]]",
+            r#"name = "web""#,
+            r#"http_host = "*.example.com""#,
+            r#"http_path_prefix = "/api/""#,
+            r#"backends = ["127.0.0.1:9002"]"#,
+            "[[route]]",
+            r#"name = "hello""#,
+            r#"prefix = "HELLO ""#,
+            r#"regex = '^HELLO v\d+\r\n'"#,
+            r#"backends = ["127.0.0.1:9003"]"#,
+        ])
+        .unwrap();
+        let matchers: Vec<Vec<String>> = (config.routes.iter())
+            .map(|route| route.matchers.iter().map(Matcher::to_string).collect())
+            .collect();
+        assert_eq!(
+            matchers,
+            [
+                vec![r#"sni "a.example.com""#, r#"alpn ["h2", "http/1.1"]"#],
+                vec![
+                    r#"http_host "*.example.com""#,
+                    r#"http_path_prefix "/api/""#
                 ],
+                vec![r#"prefix "HELLO ""#, r"regex '^HELLO v\d+\r\n'"],
+            ]
+        );
+        assert_eq!(
+            config.to_string().lines().nth(1),
+            Some(
+                r#"route "tls-a": sni "a.example.com", alpn ["h2", "http/1.1"] -> 127.0.0.1:9001 (round-robin)"#
+            )
+        );
+    }
+
+    /// A one-route file with `lines` between the name and the backends.
+    fn route_with(lines: &[&str]) -> Vec<String> {
+        let mut file = vec!["[[route]]".to_owned(), r#"name = "r""#.to_owned()];
+        file.extend(lines.iter().map(|line| (*line).to_owned()));
+        file.push(r#"backends = ["127.0.0.1:9001"]"#.to_owned());
+        file
+    }
+
+    #[track_caller]
+    fn assert_route_refused(lines: &[&str], line: usize, key: &str, says: &str) {
+        let file = route_with(lines);
+        let file: Vec<&str> = file.iter().map(String::as_str).collect();
+        assert_refused(&file, line, &format!(r#"route "r": key "{key}": "#), says);
+    }
+
+    #[test]
+    fn refuses_bad_host_patterns() {
+        for key in ["sni", "http_host"] {
+            for (pattern, says) in [
+                ("", "a host name cannot be empty"),
+                ("*", "a wildcard is only allowed as the whole first label"),
+                ("a.*.com", "a wildcard is only allowed"),
+                (
+                    "a..com",
+                    r#"label "" is empty or longer than 63 characters"#,
+                ),
+                (
+                    "a.example.com:443",
+                    r#"label "com:443" has a character other than"#,
+                ),
+                ("-a.com", r#"label "-a" has a character"#),
+            ] {
+                let line = format!("{key} = {pattern:?}");
+                assert_route_refused(
+                    &[&line],
+                    3,
+                    key,
+                    &format!("{pattern:?} is not a host name or \"*.\" and a host name: {says}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_bad_alpn_lists() {
+        assert_route_refused(&["alpn = []"], 3, "alpn", "an empty list matches no client");
+        assert_route_refused(
+            &[r#"alpn = ["h2", ""]"#],
+            3,
+            "alpn",
+            r#""" is not an ALPN protocol name: those are 1 to 255 bytes"#,
+        );
+        let long = format!("alpn = [{:?}]", "x".repeat(256));
+        assert_route_refused(&[&long], 3, "alpn", "is not an ALPN protocol name");
+        assert_route_refused(&[r#"alpn = "h2""#], 3, "alpn", "expected a sequence");
+    }
+
+    #[test]
+    fn refuses_bad_path_prefixes() {
+        for prefix in ["api", "", "*", "/a b", "/a\\n"] {
+            let line = format!("http_path_prefix = \"{prefix}\"");
+            assert_route_refused(
+                &[&line],
                 3,
-                &format!(r#"route "tls": key "{key}": "#),
-                "not supported yet",
+                "http_path_prefix",
+                r#"is not the start of a request path: it must start with "/""#,
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_bad_regexes() {
+        let file = route_with(&["regex = 'a('"]);
+        let file: Vec<&str> = file.iter().map(String::as_str).collect();
+        let message = parse(&file).unwrap_err().to_string();
+        assert!(
+            message.starts_with(r#"routes.toml:3: route "r": key "regex": not a valid regex: "#),
+            "{message}"
+        );
+        // The regex crate's own words, which point at the spot.
+        assert!(message.contains("unclosed group"), "{message}");
+        assert_route_refused(
+            &["regex = 'x*'"],
+            3,
+            "regex",
+            "matches every first message; for a catch-all route use default = true",
+        );
+    }
+
+    #[test]
+    fn refuses_tls_and_http_in_one_route() {
+        assert_route_refused(
+            &[r#"sni = "a.example.com""#, r#"http_path_prefix = "/""#],
+            4,
+            "http_path_prefix",
+            r#"a first message cannot be both a TLS ClientHello ("sni") and an HTTP request ("http_path_prefix")"#,
+        );
+        assert_route_refused(
+            &[r#"http_host = "a.example.com""#, r#"alpn = ["h2"]"#],
+            3,
+            "http_host",
+            r#"("alpn") and an HTTP request ("http_host")"#,
+        );
+    }
+
+    #[test]
+    fn refuses_a_default_route_with_protocol_matchers() {
+        for line in [
+            r#"sni = "a.example.com""#,
+            r#"alpn = ["h2"]"#,
+            r#"http_host = "a.example.com""#,
+            r#"http_path_prefix = "/""#,
+            "regex = '^a'",
+        ] {
+            let key = line.split(' ').next().unwrap();
+            assert_route_refused(
+                &["default = true", line],
+                4,
+                key,
+                "a default route takes what no other route matched",
             );
         }
     }
