@@ -370,6 +370,195 @@ pub fn routes_file(name: &str, text: &str) -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------
+// Added for tests/splice.rs: routes, hand-off waits, shared payloads, backends that
+// stream, reply after EOF or report how a read ended, and abortive closes.
+
+impl Proxy {
+    /// Whether this proxy loaded the probe (splice or splice-with-parser mode).
+    pub fn is_splicing(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    /// Waits until the engine owns `count` connections and, when splicing, all of them
+    /// are in both maps (two sockets each): the point after which bytes take the
+    /// kernel's path. Panics with what it saw after `limit`.
+    pub fn wait_handed_off(&self, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let live = self.engine.live();
+            let entries = self.probe.as_ref().map_or((0, 0), |p| p.entries());
+            let wanted = if self.is_splicing() {
+                (2 * count, 2 * count)
+            } else {
+                (0, 0)
+            };
+            if live == count && entries == wanted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {limit:?}: {live} connections live (want {count}), \
+                 map entries (SPLICED, PEER_OF) = {entries:?} (want {wanted:?})"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// `backends = ["a", "b"]` for a routes file.
+pub fn backends_toml(backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!("backends = [{}]", list.join(", "))
+}
+
+/// A routes file with one route, taking first messages that start with `prefix`.
+pub fn prefix_routes(prefix: &str, backends: &[SocketAddr]) -> String {
+    format!(
+        "[[route]]\nname = \"prefix\"\nprefix = \"{prefix}\"\n{}\n",
+        backends_toml(backends)
+    )
+}
+
+/// A routes file whose only route is the default, with the given first-message timeout
+/// (e.g. "200ms").
+pub fn default_routes(first_message_timeout: &str, backends: &[SocketAddr]) -> String {
+    format!(
+        "first_message_timeout = \"{first_message_timeout}\"\n\n\
+         [[route]]\nname = \"default\"\ndefault = true\n{}\n",
+        backends_toml(backends)
+    )
+}
+
+/// `payload(len, seed)`, generated once per process and shared: the big payloads take a
+/// noticeable time to generate and several tests send the same one.
+pub fn shared_payload(len: usize, seed: u64) -> Arc<Vec<u8>> {
+    type Cache = std::collections::BTreeMap<(usize, u64), Arc<Vec<u8>>>;
+    static CACHE: Mutex<Cache> = Mutex::new(Cache::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    Arc::clone(
+        cache
+            .entry((len, seed))
+            .or_insert_with(|| Arc::new(payload(len, seed))),
+    )
+}
+
+/// SHA-256 of the concatenation of `parts`.
+pub fn sha256_concat(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// Writes `data` from a second thread (then half-closes) while this thread reads until
+/// EOF; returns (bytes, hash) of what came back. For an echo both sides stream at once,
+/// so neither can fill the other's buffers and stall.
+pub fn write_while_reading(
+    stream: &mut TcpStream,
+    data: Arc<Vec<u8>>,
+) -> io::Result<(u64, [u8; 32])> {
+    let mut writer = stream.try_clone()?;
+    let writing = thread::spawn(move || -> io::Result<()> {
+        writer.write_all(&data)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let read = read_to_end_hashed(stream);
+    let written = writing.join().expect("writer thread panicked");
+    written?;
+    read
+}
+
+/// Reads exactly `len` bytes and returns them.
+pub fn read_exactly(stream: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    stream.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Closes `stream` with an RST instead of a FIN (SO_LINGER 0), as a crashed or
+/// aborting peer does.
+pub fn close_with_reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(stream);
+}
+
+/// How a read until the end went: bytes and hash at EOF, or the error, and when it ended.
+pub type ReadOutcome = (io::Result<(u64, [u8; 32])>, Instant);
+
+impl Backend {
+    /// Reads `trigger` bytes (the first message, and whatever the client sends to say
+    /// "go"), then sends `data` and closes.
+    pub fn streamer(trigger: usize, data: Arc<Vec<u8>>) -> Backend {
+        Backend::start(move |mut stream| {
+            if read_exactly(&mut stream, trigger).is_ok() {
+                let _ = stream.write_all(&data);
+            }
+        })
+    }
+
+    /// Reads until the client's FIN and reports (bytes, hash) of it, then answers with
+    /// `reply` and closes: the reply travels after the request direction half-closed.
+    pub fn reply_after_eof(reply: Arc<Vec<u8>>) -> (Backend, mpsc::Receiver<(u64, [u8; 32])>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let backend = Backend::start(move |mut stream| {
+            if let Ok(result) = read_to_end_hashed(&mut stream) {
+                let _ = tx.lock().unwrap().send(result);
+                let _ = stream.write_all(&reply);
+            }
+        });
+        (backend, rx)
+    }
+
+    /// Sends `data` and half-closes from one thread while reading until EOF on another;
+    /// reports (bytes, hash) of what it read.
+    pub fn send_and_sink(data: Arc<Vec<u8>>) -> (Backend, mpsc::Receiver<(u64, [u8; 32])>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let backend = Backend::start(move |mut stream| {
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            let data = Arc::clone(&data);
+            let writing = thread::spawn(move || {
+                let _ = writer.write_all(&data);
+                let _ = writer.shutdown(Shutdown::Write);
+            });
+            let read = read_to_end_hashed(&mut stream);
+            let _ = writing.join();
+            if let Ok(result) = read {
+                let _ = tx.lock().unwrap().send(result);
+            }
+        });
+        (backend, rx)
+    }
+
+    /// Reads until EOF or an error and reports how it ended, and when.
+    pub fn sink_outcome() -> (Backend, mpsc::Receiver<ReadOutcome>) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let backend = Backend::start(move |mut stream| {
+            let result = read_to_end_hashed(&mut stream);
+            let _ = tx.lock().unwrap().send((result, Instant::now()));
+        });
+        (backend, rx)
+    }
+
+    /// Reads exactly `request` bytes, then sends `reply` and keeps the connection open
+    /// until the client closes: a request/response server that waits for whole requests.
+    pub fn request_reply(request: usize, reply: &'static [u8]) -> Backend {
+        Backend::start(move |mut stream| {
+            if read_exactly(&mut stream, request).is_ok() && stream.write_all(reply).is_ok() {
+                let _ = read_to_end_hashed(&mut stream);
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Added for tests/cli.rs and tests/examples.rs: the binary under a command the test
 // builds (e.g. without privileges), bounded waits for a process, echo round trips.
 
@@ -487,5 +676,30 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
         status,
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
+    }
+}
+
+/// This process's open fds and what each refers to (`socket:[inode]`,
+/// `anon_inode:[eventpoll]`, ...), for a leak report that says what leaked.
+pub fn open_fd_targets() -> Vec<(i32, String)> {
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .flatten()
+        .filter_map(|entry| {
+            let fd = entry.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+impl Proxy {
+    /// The probe's counters since it was loaded (all 0 when copying).
+    pub fn counters(&self) -> splice_proxy::probe::Counters {
+        self.probe.as_ref().map_or_else(Default::default, |p| {
+            p.counters().expect("read probe counters")
+        })
     }
 }
