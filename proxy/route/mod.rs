@@ -49,7 +49,7 @@ pub enum Matcher {
     /// authority of an absolute-form target, else the Host header, port ignored.
     HttpHost(HostPattern),
     /// The message is an HTTP/1.x request whose path (as sent, query included) starts
-    /// with these bytes.
+    /// with these bytes. Like `HttpHost`, decided once the whole head has arrived.
     HttpPathPrefix(String),
     /// The regex matches somewhere in the message (see [`MessageRegex`]).
     Regex(MessageRegex),
@@ -115,14 +115,9 @@ impl Matcher {
             Matcher::Alpn(wanted) => inspection
                 .tls()
                 .verdict(|hello| hello.alpn.iter().any(|offered| wanted.contains(offered))),
-            Matcher::HttpHost(pattern) => match inspection.http() {
-                Parsed::Done(request) => match request.host {
-                    http::Host::Pending => Verdict::NeedMore,
-                    http::Host::Absent => Verdict::NoMatch,
-                    http::Host::Name(name) => Verdict::from(pattern.matches(name.as_bytes())),
-                },
-                other => other.verdict(|_| false),
-            },
+            Matcher::HttpHost(pattern) => inspection.http().verdict(|request| {
+                (request.host).is_some_and(|host| pattern.matches(host.as_bytes()))
+            }),
             Matcher::HttpPathPrefix(prefix) => inspection
                 .http()
                 .verdict(|request| request.path.starts_with(prefix.as_str())),
@@ -180,48 +175,58 @@ impl<'a> Inspection<'a> {
 
     /// Logs, once the route is decided, what the protocol parsers found: at info a
     /// message that claimed a protocol but was malformed, or stopped short of a whole
-    /// ClientHello or request head; at debug the rest.
-    fn log(&self, first: &FirstMessage<'_>, decision: &Decision) {
+    /// ClientHello or request head; at debug what a good one asked for, and that a
+    /// message no route took was not the protocol at all.
+    fn log(&self, first: &FirstMessage<'_>, decision: &Decision, matched: bool) {
         let client = first.client;
         let bytes = first.bytes.len();
         let route = match decision {
             Decision::Forward(forward) => &*forward.route,
             Decision::Reject | Decision::NeedMore => "(none)",
         };
-        match self.tls.get() {
-            None => {}
-            Some(Parsed::Done(hello)) => tracing::debug!(
-                %client, route, server_name = ?hello.server_name.as_deref().map(<[u8]>::escape_ascii),
-                alpn = ?hello.alpn.iter().map(|name| name.escape_ascii().to_string()).collect::<Vec<_>>(),
-                "first message is a TLS ClientHello"
-            ),
-            Some(Parsed::Malformed(reason)) => tracing::info!(
-                %client, route, bytes, "first message is a malformed TLS ClientHello: {reason}"
-            ),
-            Some(Parsed::Incomplete) if first.complete => tracing::info!(
-                %client, route, bytes, "first message is an incomplete TLS ClientHello"
-            ),
-            Some(Parsed::Incomplete) => {}
-            Some(Parsed::Other) => {
-                tracing::debug!(%client, route, "first message is not a TLS ClientHello")
+        let other = |protocol: &str| {
+            if !matched {
+                tracing::debug!(%client, %route, "first message is not {protocol}");
             }
+        };
+        match self.tls.get() {
+            None | Some(Parsed::Incomplete) if !first.complete => {}
+            None => {}
+            Some(Parsed::Done(hello)) => {
+                let server_name = (hello.server_name.as_deref()).map_or_else(
+                    || "(none)".to_owned(),
+                    |name| name.escape_ascii().to_string(),
+                );
+                let alpn: Vec<String> = (hello.alpn.iter())
+                    .map(|name| name.escape_ascii().to_string())
+                    .collect();
+                tracing::debug!(
+                    %client, %route, %server_name, alpn = %alpn.join(","),
+                    "first message is a TLS ClientHello"
+                );
+            }
+            Some(Parsed::Malformed(reason)) => tracing::info!(
+                %client, %route, bytes, "first message is a malformed TLS ClientHello: {reason}"
+            ),
+            Some(Parsed::Incomplete) => tracing::info!(
+                %client, %route, bytes, "first message is an incomplete TLS ClientHello"
+            ),
+            Some(Parsed::Other) => other("a TLS ClientHello"),
         }
         match self.http.get() {
+            None | Some(Parsed::Incomplete) if !first.complete => {}
             None => {}
             Some(Parsed::Done(request)) => tracing::debug!(
-                %client, route, host = ?request.host, path = request.path,
+                %client, %route, host = request.host.unwrap_or("(none)"), path = request.path,
                 "first message is an HTTP/1.{} request", request.version
             ),
             Some(Parsed::Malformed(reason)) => tracing::info!(
-                %client, route, bytes, "first message is a malformed HTTP request: {reason}"
+                %client, %route, bytes, "first message is a malformed HTTP request: {reason}"
             ),
-            Some(Parsed::Incomplete) if first.complete => tracing::info!(
-                %client, route, bytes, "first message is an incomplete HTTP request line"
+            Some(Parsed::Incomplete) => tracing::info!(
+                %client, %route, bytes, "first message is an incomplete HTTP request head"
             ),
-            Some(Parsed::Incomplete) => {}
-            Some(Parsed::Other) => {
-                tracing::debug!(%client, route, "first message is not an HTTP/1.x request")
-            }
+            Some(Parsed::Other) => other("an HTTP/1.x request"),
         }
     }
 }
@@ -434,11 +439,11 @@ impl Router for RouteTable {
             };
         }
         let inspection = Inspection::new(first.bytes);
-        let mut decision = None;
+        let mut matched = None;
         for route in &self.routes {
             match route.verdict(&inspection, first.complete) {
                 Verdict::Match => {
-                    decision = Some(Decision::Forward(route.forward(first.client)));
+                    matched = Some(Decision::Forward(route.forward(first.client)));
                     break;
                 }
                 // Not decided yet (never once `complete`), so nothing to log yet.
@@ -446,8 +451,9 @@ impl Router for RouteTable {
                 Verdict::NoMatch => {}
             }
         }
-        let decision = decision.unwrap_or_else(|| self.fall_back(first.client));
-        inspection.log(first, &decision);
+        let was_matched = matched.is_some();
+        let decision = matched.unwrap_or_else(|| self.fall_back(first.client));
+        inspection.log(first, &decision, was_matched);
         decision
     }
 }
@@ -886,12 +892,13 @@ mod tests {
         // HTTP routes no longer hold up the prefix route.
         assert_eq!(outcome(routes.decide(&partial(b"SSH-2.0-x"))), "NeedMore");
         assert_eq!(outcome(routes.decide(&partial(b"SSH-2.0-x\r"))), "ssh");
-        // The path decides at the end of the request line; the host waits for the head.
+        // Path and host wait for the whole head, so that how the head is split into
+        // reads cannot change the answer.
         let path_only = table(vec![route("static", vec![path_prefix("/static")], &[9003])]);
-        let line = b"GET /static HTTP/1.1";
-        assert_eq!(outcome(path_only.decide(&partial(line))), "static");
-        let line = b"GET /other HTTP/1.1";
-        assert_eq!(outcome(path_only.decide(&partial(line))), "Reject");
+        let line = b"GET /static HTTP/1.1\r\n";
+        assert_eq!(outcome(path_only.decide(&partial(line))), "NeedMore");
+        let head = b"GET /static HTTP/1.1\r\nBad Header: x\r\n\r\n";
+        assert_eq!(outcome(path_only.decide(&partial(head))), "Reject");
         let host_only = table(vec![route("b", vec![http_host("b.example.com")], &[9001])]);
         let head = b"GET / HTTP/1.1\r\nHost: b.example.com\r\n";
         assert_eq!(outcome(host_only.decide(&partial(head))), "NeedMore");
@@ -1010,14 +1017,19 @@ mod tests {
         assert_eq!(info.len(), 1, "{lines:#?}");
         assert!(info[0].contains("malformed HTTP request"), "{}", info[0]);
 
-        // Good messages and other protocols: debug only, once each.
+        // Good messages and other protocols: debug only, once each, and that a message
+        // is not TLS only when no route took it.
+        let head = b"GET / HTTP/1.1\r\nHost: b.example.com\r\n\r\n";
         let lines = logs_of(|| {
             assert_eq!(fed_in_steps(&routes, &hello, 1).0, "a");
             assert_eq!(fed_in_steps(&routes, b"SSH-2.0-x\r\n", 1).0, "fallback");
+            assert_eq!(fed_in_steps(&routes, head, 1).0, "web");
         });
         assert!(at_info(&lines).is_empty(), "{lines:#?}");
         let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
         assert_eq!(count("is a TLS ClientHello"), 1, "{lines:#?}");
+        assert_eq!(count("server_name=a.example.com alpn=h2"), 1, "{lines:#?}");
+        assert_eq!(count("is an HTTP/1.1 request"), 1, "{lines:#?}");
         assert_eq!(count("not a TLS ClientHello"), 1, "{lines:#?}");
         assert_eq!(count("not an HTTP/1.x request"), 1, "{lines:#?}");
     }
