@@ -166,7 +166,7 @@ fn tagged_echo(proxy: SocketAddr, first: &[u8], header: &str, len: usize, seed: 
     );
     assert!(reply[header.len()..] == *first, "echo of the first message");
     let data = Arc::new(payload(len, seed));
-    let (echoed, hash) = round_trip(&client, Arc::clone(&data)).unwrap();
+    let (echoed, hash) = write_while_reading(&mut client, Arc::clone(&data)).unwrap();
     assert_eq!(
         (echoed, hash),
         (len as u64, sha256(&data)),
@@ -209,7 +209,7 @@ fn echo_echoes_in_the_kernel_and_empties_the_maps() {
     client.read_exact(&mut ping).unwrap();
     assert_eq!(&ping, b"ping");
     let data = Arc::new(payload(1 << 20, 7));
-    let (echoed, hash) = round_trip(&client, Arc::clone(&data)).unwrap();
+    let (echoed, hash) = write_while_reading(&mut client, Arc::clone(&data)).unwrap();
     assert_eq!((echoed, hash), (1 << 20, sha256(&data)));
     let line = echo.line(
         &format!("closed {}: ", client.local_addr().unwrap()),
@@ -223,7 +223,7 @@ fn echo_echoes_in_the_kernel_and_empties_the_maps() {
         "{line}"
     );
 
-    let (rest, _) = round_trip(&held, Arc::new(Vec::new())).unwrap();
+    let (rest, _) = write_while_reading(&mut held, Arc::new(Vec::new())).unwrap();
     assert_eq!(rest, 0);
     let line = echo.line(
         &format!("closed {}: ", held.local_addr().unwrap()),

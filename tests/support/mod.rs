@@ -269,35 +269,7 @@ impl ProxyProcess {
     /// Starts the binary and, unless it exits first, waits for its "listening on ADDR"
     /// line (bounded) to learn the address.
     pub fn start(args: &[&str]) -> ProxyProcess {
-        let mut child = Command::new(binary())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn splice-proxy");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&stderr);
-        let (tx, rx) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let line = strip_ansi(&line);
-                if let Some(rest) = line.split("listening on ").nth(1)
-                    && let Some(addr) = rest.split_whitespace().next().and_then(|a| a.parse().ok())
-                {
-                    let _ = tx.send(addr);
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(10)).ok();
-        ProxyProcess {
-            child,
-            addr,
-            stderr,
-        }
+        ProxyProcess::spawn(Command::new(binary()).args(args))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -626,20 +598,6 @@ impl ProxyProcess {
             .cloned()
             .collect()
     }
-}
-
-/// Writes `data` and half-closes from a second thread while this one reads until EOF;
-/// returns (bytes, hash) of what came back. Through an echo both directions stream at
-/// once, so neither side's buffers can fill up and stall the other.
-pub fn round_trip(stream: &TcpStream, data: Arc<Vec<u8>>) -> io::Result<(u64, [u8; 32])> {
-    let writer = stream.try_clone()?;
-    let writing = thread::spawn(move || {
-        (&writer).write_all(&data)?;
-        writer.shutdown(Shutdown::Write)
-    });
-    let read = read_to_end_hashed(&mut &*stream);
-    writing.join().expect("writer thread")?;
-    read
 }
 
 /// Runs `command` to its end with stdout and stderr collected; kills it and panics if it
