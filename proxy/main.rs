@@ -1,10 +1,21 @@
 //! The `splice-proxy` command: parses the command line and routes.toml, loads the probe,
-//! and runs the server until it is killed.
+//! and runs the server until SIGTERM or SIGINT; SIGHUP reloads the routes.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
+use signal_hook::{
+    consts::{SIGHUP, SIGINT, SIGTERM},
+    iterator::Signals,
+};
 use splice_proxy::{
     config::Config,
     probe::{AttachMode, Probe},
@@ -20,6 +31,10 @@ use splice_proxy::{
 ///
 /// Splicing needs root (or CAP_BPF and CAP_NET_ADMIN) and a kernel with SOCKHASH
 /// (4.18+). Logs go to stderr, one line per connection; RUST_LOG (e.g. "debug") sets the level.
+///
+/// SIGHUP re-reads the routes file for new connections (a broken file keeps the old
+/// routes); SIGTERM or SIGINT stops accepting and waits for live connections up to
+/// --shutdown-grace, then closes the rest and exits 0.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, max_term_width = 100)]
 struct Args {
@@ -56,6 +71,11 @@ struct Args {
     /// it are copied.
     #[arg(long, value_name = "N", default_value_t = proxy_probe::DEFAULT_MAP_CAPACITY)]
     map_capacity: u32,
+
+    /// On SIGTERM or SIGINT, how long live connections may take to finish before the
+    /// rest are reset (e.g. "30s", "500ms"); a second signal ends it at once.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -136,8 +156,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     let limits = Limits::from(&config);
     let router = Arc::new(RouteTable::new(&config));
-    let server =
-        Server::start(listeners, router, limits, engine).context("starting the executors")?;
+    // Before the "listening" line, so that a signal sent once it is logged is handled.
+    let mut signals =
+        Signals::new([SIGHUP, SIGTERM, SIGINT]).context("installing the signal handlers")?;
+    let server = Server::start(listeners, router, limits, Arc::clone(&engine))
+        .context("starting the executors")?;
     tracing::info!(
         "listening on {} ({mode} mode{}, {} routes from {})",
         server.local_addr(),
@@ -149,8 +172,64 @@ fn run(args: Args) -> anyhow::Result<()> {
         config.routes.len(),
         args.routes.display()
     );
-    server.join();
-    bail!("every executor stopped")
+    for signal in signals.forever() {
+        match signal {
+            SIGHUP => reload(&server, &args.routes),
+            _ => break,
+        }
+    }
+    shut_down(&server, &engine, &mut signals, args.shutdown_grace);
+    Ok(())
+}
+
+/// Replaces the routes and limits of new connections with the file's, if it is valid.
+/// Connections already accepted keep the routing they started with.
+fn reload(server: &Server, routes: &Path) {
+    match Config::load(routes) {
+        Ok(config) => {
+            server
+                .routing()
+                .replace(Arc::new(RouteTable::new(&config)), Limits::from(&config));
+            tracing::info!(
+                "reloaded {} routes from {}",
+                config.routes.len(),
+                routes.display()
+            );
+        }
+        Err(e) => tracing::warn!("reload failed, keeping the current routes: {e}"),
+    }
+}
+
+/// Stops accepting, waits up to `grace` for the connections the proxy holds (reading
+/// their first message, or adopted by the engine) to end, then resets what is left.
+fn shut_down(server: &Server, engine: &SpliceEngine, signals: &mut Signals, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    if let Err(e) = server.stop_accepting() {
+        tracing::error!("stopping the listeners failed: {e}");
+    }
+    let live = || server.in_flight() + engine.live();
+    tracing::info!("shutting down: {} connections live", live());
+    loop {
+        if live() == 0 {
+            tracing::info!("shutdown complete");
+            return;
+        }
+        let again = signals
+            .pending()
+            .any(|signal| signal == SIGTERM || signal == SIGINT);
+        if again || Instant::now() >= deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    tracing::info!("grace period over: closing {} connections", live());
+    engine.shutdown();
+    // Let the workers send their resets and log each connection; connections still
+    // reading their first message close when the process exits.
+    let limit = Instant::now() + Duration::from_secs(1);
+    while engine.live() > 0 && Instant::now() < limit {
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// An error's message and its innermost cause (the OS error, usually). aya's errors

@@ -2,14 +2,25 @@
 //! executor per core, each with its own SO_REUSEPORT listener. A connection lives here
 //! from accept until its first message is routed and written to a backend; then both
 //! sockets go to the [`SpliceEngine`] as plain fds.
+//!
+//! The routing (router and limits) sits in a [`RoutingSlot`] that can be replaced while
+//! the server runs: each connection reads it once, at accept, and keeps what it read.
+//! [`Server::stop_accepting`] closes the listeners for a graceful shutdown.
 
 use std::{
+    cell::Cell,
     io,
     net::SocketAddr,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd},
-    sync::Arc,
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+use arc_swap::ArcSwap;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::{
@@ -46,6 +57,35 @@ impl From<&Config> for Limits {
             first_message_max: config.first_message_max,
             connect_timeout: config.connect_timeout,
         }
+    }
+}
+
+/// What a connection is routed with: the router and the limits, taken together so that a
+/// reload changes both at once.
+pub struct Routing {
+    pub router: Arc<dyn Router>,
+    pub limits: Limits,
+}
+
+/// The [`Routing`] new connections use, replaceable while the server runs (the binary
+/// replaces it on SIGHUP). A connection loads it once, when it is accepted, and keeps
+/// that routing until it is handed off, so a replacement never changes a connection
+/// that is already reading its first message. Loading it takes no lock.
+pub struct RoutingSlot(ArcSwap<Routing>);
+
+impl RoutingSlot {
+    pub fn new(router: Arc<dyn Router>, limits: Limits) -> RoutingSlot {
+        RoutingSlot(ArcSwap::from_pointee(Routing { router, limits }))
+    }
+
+    /// The routing a connection accepted now gets.
+    pub fn current(&self) -> Arc<Routing> {
+        self.0.load_full()
+    }
+
+    /// Routes connections accepted from now on with `router` and `limits`.
+    pub fn replace(&self, router: Arc<dyn Router>, limits: Limits) {
+        self.0.store(Arc::new(Routing { router, limits }));
     }
 }
 
@@ -90,11 +130,17 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 pub struct Server {
     executors: PoolThreadHandles<()>,
     local_addr: SocketAddr,
+    routing: Arc<RoutingSlot>,
+    /// Duplicates of the listening sockets, to shut them down from outside the executors.
+    listening: Vec<OwnedFd>,
+    stopping: Arc<AtomicBool>,
+    /// Connections accepted and not yet handed to the engine (or closed).
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Server {
-    /// Starts one executor per listener; each accepts, routes with `router` and hands
-    /// connections to `engine`.
+    /// Starts one executor per listener; each accepts, routes with `router` and `limits`
+    /// (replaceable later through [`Server::routing`]) and hands connections to `engine`.
     pub fn start(
         listeners: Listeners,
         router: Arc<dyn Router>,
@@ -103,25 +149,42 @@ impl Server {
     ) -> io::Result<Server> {
         let local_addr = listeners.local_addr;
         let count = listeners.sockets.len();
+        let listening = listeners
+            .sockets
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        let routing = Arc::new(RoutingSlot::new(router, limits));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let shared = Shared {
+            routing: Arc::clone(&routing),
+            engine,
+            stopping: Arc::clone(&stopping),
+            in_flight: Arc::clone(&in_flight),
+        };
         // Each executor takes one listener; a Mutex hands them out exactly once.
         let sockets = Arc::new(std::sync::Mutex::new(listeners.sockets));
         let executors = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(count))
             .name("splice-accept")
             .on_all_shards(move || {
                 let fd = sockets.lock().ok().and_then(|mut sockets| sockets.pop());
-                let router = Arc::clone(&router);
-                let engine = Arc::clone(&engine);
+                let shared = shared.clone();
                 async move {
                     let Some(fd) = fd else { return };
                     // SAFETY: `fd` is a bound, listening socket that we own and give away.
                     let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
-                    accept_loop(listener, router, limits, engine).await;
+                    accept_loop(listener, shared).await;
                 }
             })
             .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Server {
             executors,
             local_addr,
+            routing,
+            listening,
+            stopping,
+            in_flight,
         })
     }
 
@@ -129,7 +192,41 @@ impl Server {
         self.local_addr
     }
 
-    /// Blocks until every executor has stopped (they stop only if their listener fails).
+    /// The routing new connections get: replace it to reload routes and limits.
+    pub fn routing(&self) -> &Arc<RoutingSlot> {
+        &self.routing
+    }
+
+    /// Stops accepting: from now on connects to the address are refused. Connections
+    /// already accepted go on; each executor stops once those it holds are handed to
+    /// the engine or closed. Calling it again does nothing.
+    pub fn stop_accepting(&self) -> io::Result<()> {
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        for fd in &self.listening {
+            // On a listening socket SHUT_RD stops listening (the kernel resets what is
+            // still in the accept queue and refuses new connects) and wakes a pending
+            // accept, io_uring's included, which then fails with EINVAL. Closing the
+            // fd would do neither while the executor's accept holds the socket.
+            // SAFETY: shutdown(2) on an fd we own, with a valid `how`.
+            if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } != 0 {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+        result
+    }
+
+    /// Connections accepted and not yet handed to the engine: still reading their first
+    /// message, or connecting to a backend. With [`SpliceEngine::live`] it counts every
+    /// connection the proxy holds.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until every executor has stopped: after [`Server::stop_accepting`], once
+    /// their connections are handed off; otherwise only if their listener fails.
     pub fn join(self) {
         for result in self.executors.join_all() {
             if let Err(e) = result {
@@ -139,20 +236,52 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    router: Arc<dyn Router>,
-    limits: Limits,
+/// What every executor shares with the server.
+#[derive(Clone)]
+struct Shared {
+    routing: Arc<RoutingSlot>,
     engine: Arc<SpliceEngine>,
-) {
+    stopping: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a connection in flight, on its executor and server-wide, until dropped.
+struct InFlight {
+    local: Rc<Cell<usize>>,
+    global: Arc<AtomicUsize>,
+}
+
+impl InFlight {
+    fn new(local: &Rc<Cell<usize>>, global: &Arc<AtomicUsize>) -> InFlight {
+        local.set(local.get() + 1);
+        global.fetch_add(1, Ordering::SeqCst);
+        InFlight {
+            local: Rc::clone(local),
+            global: Arc::clone(global),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.local.set(self.local.get() - 1);
+        self.global.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Shared) {
+    let local = Rc::new(Cell::new(0));
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                let router = Arc::clone(&router);
-                let engine = Arc::clone(&engine);
-                spawn_local(async move { serve(stream, router.as_ref(), limits, &engine).await })
-                    .detach();
+        let accepted = listener.accept().await;
+        if shared.stopping.load(Ordering::SeqCst) {
+            // A connection accepted just before the listener shut down is served.
+            if let Ok(stream) = accepted {
+                spawn_serve(stream, &shared, &local);
             }
+            break;
+        }
+        match accepted {
+            Ok(stream) => spawn_serve(stream, &shared, &local),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving.
                 tracing::warn!("accept failed: {e}");
@@ -160,10 +289,28 @@ async fn accept_loop(
             }
         }
     }
+    // The executor drops its tasks when this returns: wait for them to hand off.
+    while local.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn spawn_serve(stream: TcpStream, shared: &Shared, local: &Rc<Cell<usize>>) {
+    // Counted before the task runs, and until after the engine adopted the connection,
+    // so that in-flight plus live never misses it.
+    let in_flight = InFlight::new(local, &shared.in_flight);
+    let routing = shared.routing.current();
+    let engine = Arc::clone(&shared.engine);
+    spawn_local(async move {
+        serve(stream, &routing, &engine).await;
+        drop(in_flight);
+    })
+    .detach();
 }
 
 /// One connection from accept to hand-off.
-async fn serve(mut client: TcpStream, router: &dyn Router, limits: Limits, engine: &SpliceEngine) {
+async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) {
+    let (router, limits) = (routing.router.as_ref(), routing.limits);
     let accepted = Instant::now();
     let Ok(client_addr) = client.peer_addr() else {
         return; // Reset before we looked: nothing to serve.

@@ -18,7 +18,7 @@ use std::{
     os::fd::{AsFd, OwnedFd},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     thread,
@@ -71,6 +71,7 @@ pub struct SpliceEngine {
     next_worker: AtomicUsize,
     live: Arc<AtomicUsize>,
     probe: Option<Arc<Probe>>,
+    closing: Arc<AtomicBool>,
 }
 
 struct WorkerHandle {
@@ -82,6 +83,7 @@ impl SpliceEngine {
     /// Starts `workers` threads. Without a probe every connection is copied.
     pub fn new(probe: Option<Arc<Probe>>, workers: usize) -> io::Result<SpliceEngine> {
         let live = Arc::new(AtomicUsize::new(0));
+        let closing = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::with_capacity(workers.max(1));
         for index in 0..workers.max(1) {
             let maps = probe
@@ -100,6 +102,7 @@ impl SpliceEngine {
                 free: Vec::new(),
                 draining: Vec::new(),
                 live: Arc::clone(&live),
+                closing: Arc::clone(&closing),
             };
             worker
                 .epoll
@@ -114,6 +117,7 @@ impl SpliceEngine {
             next_worker: AtomicUsize::new(0),
             live,
             probe,
+            closing,
         })
     }
 
@@ -141,6 +145,21 @@ impl SpliceEngine {
     pub fn probe(&self) -> Option<&Arc<Probe>> {
         self.probe.as_ref()
     }
+
+    /// Ends every connection now, and every one adopted from now on, with a reset: the
+    /// end of a graceful shutdown whose grace period is over. A reset, not a FIN,
+    /// because the connections did not end: a FIN would let a peer that reads until
+    /// the end (an HTTP/1.0 body, a file transfer) take a cut stream for a whole one.
+    /// Each is logged as usual, with `end = "reset"`. Returns at once; [`live`] tells
+    /// when the workers are done.
+    ///
+    /// [`live`]: SpliceEngine::live
+    pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        for worker in &self.workers {
+            worker.wakeup.wake();
+        }
+    }
 }
 
 const WAKEUP_TOKEN: u64 = u64::MAX;
@@ -160,6 +179,8 @@ struct Worker {
     /// Slots with a half-close waiting for the kernel to drain.
     draining: Vec<usize>,
     live: Arc<AtomicUsize>,
+    /// Set by [`SpliceEngine::shutdown`].
+    closing: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -204,6 +225,18 @@ impl Worker {
                 while let Ok(connection) = self.incoming.try_recv() {
                     self.adopt(connection);
                 }
+                if self.closing.load(Ordering::SeqCst) {
+                    self.reset_all();
+                }
+            }
+        }
+    }
+
+    fn reset_all(&mut self) {
+        for slot in 0..self.pairs.len() {
+            if self.pairs[slot].is_some() {
+                let error = io::Error::other("the proxy is shutting down");
+                self.finish(slot, Some(error));
             }
         }
     }
