@@ -661,3 +661,21 @@ impl Proxy {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Added for tests/signals.rs: signals to the binary.
+
+impl ProxyProcess {
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the process.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits in pid_t");
+        // SAFETY: kill(2) with a child's pid that we have not reaped (Drop reaps it).
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            sent,
+            0,
+            "kill({pid}, {signal}): {}",
+            io::Error::last_os_error()
+        );
+    }
+}
