@@ -269,6 +269,11 @@ fn sigterm_closes_what_outlives_the_grace_period() {
         proxy.stderr()
     );
 
+    // The engine reset the spliced connection and logged it.
+    let reset = proxy.log_lines("the proxy is shutting down");
+    assert_eq!(reset.len(), 1, "{}", proxy.stderr());
+    assert!(reset[0].contains("end=\"reset\""), "{:?}", reset[0]);
+
     // Both clients see their connection end (a reset or an EOF), not a timeout.
     for (name, stream) in [("spliced", &mut spliced), ("silent", &mut silent)] {
         let mut buf = [0u8; 64];
