@@ -356,7 +356,8 @@ fn print_summary(
     let cells: Vec<&Cell> = results.iter().flat_map(|(_, cells)| cells).collect();
     let disturbed = cells.iter().filter(|cell| cell.disturbed()).count();
     println!(
-        "\n{disturbed} of {} workload/target cells disturbed; load average {} at the end; the run took {:.0} s{}",
+        "\n{disturbed} of {} workload/target cells disturbed; load average {} at the end (the\n\
+         bench's own threads count in it: the \"others\" notes tell outside load); the run took {:.0} s{}",
         cells.len(),
         measure::load_average(),
         elapsed.as_secs_f64(),
