@@ -28,7 +28,8 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttachMode {
     /// Verdict only: the kernel hands each received skb straight to the verdict, skipping
-    /// the strparser. Measured faster on this kernel (BENCHMARKS.md).
+    /// the strparser. The default: it measured as fast as the parser path here (within
+    /// the noise, download slightly ahead; BENCHMARKS.md) with one kernel stage fewer.
     #[default]
     Verdict,
     /// `stream_parser` + `stream_verdict`: the classic strparser path (kernel 4.14+).
