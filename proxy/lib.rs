@@ -6,11 +6,13 @@
 //! - [`route`]: matchers and the route table that picks a route for a first message.
 //! - [`balance`]: the order in which a route's backends are tried.
 //! - [`probe`]: the loaded eBPF programs and their maps.
+//! - [`metrics`]: what is counted about connections, and its Prometheus exposition.
 //! - [`splice`]: the executor-free engine that owns a connection after its first message.
 //! - [`server`]: the glommio runtime: accept, first message, connect, hand-off.
 
 pub mod balance;
 pub mod config;
+pub mod metrics;
 pub mod probe;
 pub mod route;
 pub mod server;

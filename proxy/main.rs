@@ -2,7 +2,7 @@
 //! and runs the server until SIGTERM or SIGINT; SIGHUP reloads the routes.
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
@@ -18,6 +18,7 @@ use signal_hook::{
 };
 use splice_proxy::{
     config::Config,
+    metrics,
     probe::{AttachMode, Probe},
     route::RouteTable,
     server::{Limits, Listeners, Server},
@@ -76,6 +77,10 @@ struct Args {
     /// rest are reset (e.g. "30s", "500ms"); a second signal ends it at once.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -147,13 +152,25 @@ fn run(args: Args) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let or_cpus = |n: usize| if n == 0 { cpus } else { n };
     let mode = if probe.is_some() { "splice" } else { "copy" };
+    let listeners = Listeners::bind(args.listen, or_cpus(args.executors))
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let metrics_listener = args
+        .metrics
+        .map(|addr| {
+            TcpListener::bind(addr).with_context(|| format!("--metrics: listening on {addr}"))
+        })
+        .transpose()?;
+
     let engine = Arc::new(
         SpliceEngine::new(probe.map(Arc::new), or_cpus(args.splice_workers))
             .context("starting the splice workers")?,
     );
-
-    let listeners = Listeners::bind(args.listen, or_cpus(args.executors))
-        .with_context(|| format!("listening on {}", args.listen))?;
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr()?;
+        metrics::serve(listener, Arc::clone(engine.metrics()))
+            .context("starting the metrics endpoint")?;
+        tracing::info!("metrics at http://{addr}/metrics");
+    }
     let limits = Limits::from(&config);
     let router = Arc::new(RouteTable::new(&config));
     // Before the "listening" line, so that a signal sent once it is logged is handled.

@@ -9,6 +9,7 @@
 
 use std::{
     cell::Cell,
+    fmt::Display,
     io,
     net::SocketAddr,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd},
@@ -33,6 +34,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     config::Config,
+    metrics::{Metrics, Refusal},
     route::{Decision, FirstMessage, Forward, Router},
     splice::{Connection, ConnectionInfo, SpliceEngine},
 };
@@ -245,19 +247,23 @@ struct Shared {
     in_flight: Arc<AtomicUsize>,
 }
 
-/// Counts a connection in flight, on its executor and server-wide, until dropped.
+/// Counts a connection in flight, on its executor, server-wide and in the metrics, until
+/// dropped.
 struct InFlight {
     local: Rc<Cell<usize>>,
     global: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
 }
 
 impl InFlight {
-    fn new(local: &Rc<Cell<usize>>, global: &Arc<AtomicUsize>) -> InFlight {
+    fn new(local: &Rc<Cell<usize>>, global: &Arc<AtomicUsize>, metrics: &Arc<Metrics>) -> InFlight {
         local.set(local.get() + 1);
         global.fetch_add(1, Ordering::SeqCst);
+        metrics.accepted();
         InFlight {
             local: Rc::clone(local),
             global: Arc::clone(global),
+            metrics: Arc::clone(metrics),
         }
     }
 }
@@ -266,6 +272,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.local.set(self.local.get() - 1);
         self.global.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.routed();
     }
 }
 
@@ -298,7 +305,7 @@ async fn accept_loop(listener: TcpListener, shared: Shared) {
 fn spawn_serve(stream: TcpStream, shared: &Shared, local: &Rc<Cell<usize>>) {
     // Counted before the task runs, and until after the engine adopted the connection,
     // so that in-flight plus live never misses it.
-    let in_flight = InFlight::new(local, &shared.in_flight);
+    let in_flight = InFlight::new(local, &shared.in_flight, shared.engine.metrics());
     let routing = shared.routing.current();
     let engine = Arc::clone(&shared.engine);
     spawn_local(async move {
@@ -311,34 +318,55 @@ fn spawn_serve(stream: TcpStream, shared: &Shared, local: &Rc<Cell<usize>>) {
 /// One connection from accept to hand-off.
 async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) {
     let (router, limits) = (routing.router.as_ref(), routing.limits);
+    let metrics = engine.metrics();
     let accepted = Instant::now();
     let Ok(client_addr) = client.peer_addr() else {
-        return; // Reset before we looked: nothing to serve.
+        // Reset before we looked: no address to log.
+        metrics.refused(Refusal::ClientGone);
+        return;
+    };
+    let mut unserved = Unserved {
+        metrics,
+        client: client_addr,
+        accepted,
+        route: None,
+        backend: None,
+        bytes_up: 0,
     };
     let (first, decision) = match read_first_message(&mut client, client_addr, router, limits).await
     {
         Ok(read) => read,
         Err(e) => {
-            tracing::info!(client = %client_addr, "connection closed before routing: {e}");
-            return;
+            return unserved.close(
+                Refusal::ClientGone,
+                format_args!("the client failed before a route was decided: {e}"),
+            );
         }
     };
+    metrics.first_message_decided(accepted.elapsed());
+    unserved.bytes_up = first.len() as u64;
     let forward = match decision {
         Decision::Forward(forward) => forward,
         Decision::Reject | Decision::NeedMore => {
-            tracing::info!(client = %client_addr, bytes = first.len(), "connection closed: no route matches its first message");
-            return;
+            return unserved.close(Refusal::NoRoute, "no route matches its first message");
         }
     };
-    let Some((upstream, backend)) = connect(&forward, limits.connect_timeout, client_addr).await
+    unserved.route = Some(Arc::clone(&forward.route));
+    let Some((upstream, backend)) =
+        connect(&forward, limits.connect_timeout, client_addr, metrics).await
     else {
-        tracing::warn!(client = %client_addr, route = %forward.route, "connection closed: no backend of the route accepted a connection");
-        return;
+        return unserved.close(
+            Refusal::NoBackend,
+            "no backend of the route accepted a connection",
+        );
     };
+    unserved.backend = Some(backend);
     let mut upstream = upstream;
     if let Err(e) = upstream.write_all(&first).await {
-        tracing::warn!(client = %client_addr, route = %forward.route, %backend, "connection closed: writing the first message to the backend failed: {e}");
-        return;
+        return unserved.close(
+            Refusal::BackendWrite,
+            format_args!("writing the first message to the backend failed: {e}"),
+        );
     }
     // Neither proxy hop should add Nagle's delay: the endpoints choose their own.
     let _ = client.set_nodelay(true);
@@ -356,8 +384,44 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
                 accepted,
             },
         }),
-        Err(e) => {
-            tracing::warn!(client = %client_addr, "connection closed: duplicating its socket failed: {e}")
+        Err(e) => unserved.close(
+            Refusal::Setup,
+            format_args!("duplicating its socket failed: {e}"),
+        ),
+    }
+}
+
+/// A connection the server closes itself, before the engine has it: it gets the access
+/// log line the engine writes for the others, with what was known when it ended, and
+/// its refusal is counted.
+struct Unserved<'a> {
+    metrics: &'a Metrics,
+    client: SocketAddr,
+    accepted: Instant,
+    route: Option<Arc<str>>,
+    backend: Option<SocketAddr>,
+    /// The first message's bytes, as far as they were read.
+    bytes_up: u64,
+}
+
+impl Unserved<'_> {
+    fn close(self, reason: Refusal, why: impl Display) {
+        self.metrics.refused(reason);
+        let route = self.route.as_deref().map(tracing::field::display);
+        let backend = self.backend.map(tracing::field::display);
+        let duration_ms = crate::splice::millis(self.accepted.elapsed());
+        let end = reason.as_str();
+        // A client that left or sent what no route takes is the client's business; a
+        // backend that fails is the operator's.
+        match reason {
+            Refusal::ClientGone | Refusal::NoRoute => tracing::info!(
+                client = %self.client, route, backend, bytes_up = self.bytes_up,
+                bytes_down = 0u64, duration_ms, end, "connection: {why}"
+            ),
+            Refusal::NoBackend | Refusal::BackendWrite | Refusal::Setup => tracing::warn!(
+                client = %self.client, route, backend, bytes_up = self.bytes_up,
+                bytes_down = 0u64, duration_ms, end, "connection: {why}"
+            ),
         }
     }
 }
@@ -420,11 +484,17 @@ async fn connect(
     forward: &Forward,
     connect_timeout: Duration,
     client: SocketAddr,
+    metrics: &Metrics,
 ) -> Option<(TcpStream, SocketAddr)> {
     for &backend in &forward.backends {
+        let started = Instant::now();
         match TcpStream::connect_timeout(backend, connect_timeout).await {
-            Ok(stream) => return Some((stream, backend)),
+            Ok(stream) => {
+                metrics.backend_connected(backend, started.elapsed());
+                return Some((stream, backend));
+            }
             Err(e) => {
+                metrics.backend_connect_failed(backend);
                 tracing::warn!(%client, route = %forward.route, %backend, "backend did not accept a connection: {e}")
             }
         }

@@ -29,6 +29,7 @@ use pair::{Endpoint, Next, Pair, Side};
 use poll::{Epoll, Wakeup};
 
 use crate::{
+    metrics::{Metrics, Refusal},
     probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
     socket,
 };
@@ -59,11 +60,21 @@ pub struct ConnectionInfo {
     pub accepted: Instant,
 }
 
-/// How a connection's bytes moved, for logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a connection's bytes move after its first message, for logs and metrics. A pair
+/// with either direction in the kernel counts as spliced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
     Splice,
     Copy,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Splice => "splice",
+            Mode::Copy => "copy",
+        }
+    }
 }
 
 pub struct SpliceEngine {
@@ -72,6 +83,7 @@ pub struct SpliceEngine {
     live: Arc<AtomicUsize>,
     probe: Option<Arc<Probe>>,
     closing: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 struct WorkerHandle {
@@ -84,6 +96,7 @@ impl SpliceEngine {
     pub fn new(probe: Option<Arc<Probe>>, workers: usize) -> io::Result<SpliceEngine> {
         let live = Arc::new(AtomicUsize::new(0));
         let closing = Arc::new(AtomicBool::new(false));
+        let metrics = Arc::new(Metrics::new(probe.clone()));
         let mut handles = Vec::with_capacity(workers.max(1));
         for index in 0..workers.max(1) {
             let maps = probe
@@ -103,6 +116,7 @@ impl SpliceEngine {
                 draining: Vec::new(),
                 live: Arc::clone(&live),
                 closing: Arc::clone(&closing),
+                metrics: Arc::clone(&metrics),
             };
             worker
                 .epoll
@@ -118,6 +132,7 @@ impl SpliceEngine {
             live,
             probe,
             closing,
+            metrics,
         })
     }
 
@@ -144,6 +159,12 @@ impl SpliceEngine {
 
     pub fn probe(&self) -> Option<&Arc<Probe>> {
         self.probe.as_ref()
+    }
+
+    /// The proxy's metrics: the engine records each connection it adopts, and the
+    /// server records through it what happens before.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Ends every connection now, and every one adopted from now on, with a reset: the
@@ -181,6 +202,7 @@ struct Worker {
     live: Arc<AtomicUsize>,
     /// Set by [`SpliceEngine::shutdown`].
     closing: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -243,9 +265,12 @@ impl Worker {
 
     fn adopt(&mut self, connection: Connection) {
         let info = connection.info.clone();
+        let connection_forwarded = connection.forwarded;
         match self.start(connection) {
             Ok(slot) => {
                 if let Some(Some(pair)) = self.pairs.get_mut(slot) {
+                    self.metrics
+                        .proxy_started(&pair.info.route, pair.info.backend, pair.mode());
                     // Bytes (or a FIN) may have arrived before epoll was watching.
                     let next = pair.advance();
                     self.settle(slot, next);
@@ -253,7 +278,14 @@ impl Worker {
             }
             Err(e) => {
                 self.live.fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!(client = %info.client, route = %info.route, backend = %info.backend, "connection closed: setting it up failed: {e}");
+                self.metrics.refused(Refusal::Setup);
+                tracing::warn!(
+                    client = %info.client, route = %info.route, backend = %info.backend,
+                    bytes_up = connection_forwarded, bytes_down = 0u64,
+                    duration_ms = millis(info.accepted.elapsed()),
+                    end = Refusal::Setup.as_str(),
+                    "connection: setting it up failed: {e}"
+                );
             }
         }
     }
@@ -348,18 +380,21 @@ impl Worker {
         {
             maps.leave(pair.client.cookie, pair.upstream.cookie);
         }
-        let mode = if pair.is_spliced() { "splice" } else { "copy" };
+        let mode = pair.mode();
         let info = &pair.info;
-        let duration = info.accepted.elapsed();
+        self.metrics
+            .proxy_closed(&info.route, info.backend, mode, sent_up, sent_down);
+        let duration_ms = millis(info.accepted.elapsed());
+        let mode = mode.as_str();
         match &error {
             None => tracing::info!(
                 client = %info.client, route = %info.route, backend = %info.backend, mode,
-                bytes_up = sent_up, bytes_down = sent_down, duration = ?duration, end = "closed",
+                bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "closed",
                 "connection"
             ),
             Some(e) => tracing::info!(
                 client = %info.client, route = %info.route, backend = %info.backend, mode,
-                bytes_up = sent_up, bytes_down = sent_down, duration = ?duration, end = "reset",
+                bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "reset",
                 "connection: {e}"
             ),
         }
@@ -368,6 +403,12 @@ impl Worker {
             socket::close_with_reset(pair.upstream.fd);
         }
     }
+}
+
+/// A duration in milliseconds to the microsecond, as the access log gives it: a number
+/// in both log formats, and readable.
+pub(crate) fn millis(duration: Duration) -> f64 {
+    duration.as_micros() as f64 / 1000.0
 }
 
 /// Puts a pair into the maps; what the kernel refuses is copied instead.

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{ConnectionInfo, poll};
+use super::{ConnectionInfo, Mode, poll};
 use crate::socket;
 
 /// A userspace copy moves at most this much per read: large enough for a fast stream,
@@ -154,9 +154,14 @@ impl Pair {
         Ok(false)
     }
 
-    pub fn is_spliced(&self) -> bool {
-        matches!(self.to_upstream.mover, Mover::Kernel { .. })
+    pub fn mode(&self) -> Mode {
+        if matches!(self.to_upstream.mover, Mover::Kernel { .. })
             || matches!(self.to_client.mover, Mover::Kernel { .. })
+        {
+            Mode::Splice
+        } else {
+            Mode::Copy
+        }
     }
 
     /// Which epoll events a side needs: copied directions need readiness, kernel

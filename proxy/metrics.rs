@@ -1,0 +1,354 @@
+//! The proxy's metrics: what the server and the engine count about each connection, the
+//! probe's counters read at scrape time, and their Prometheus exposition
+//! ([`Metrics::encode`], served over HTTP by [`serve`]). One [`Metrics`] per engine; the
+//! server records through the engine's.
+//!
+//! Bytes per route are counted when a connection closes, from the kernel's TCP_INFO of
+//! the proxy's two sockets (`bytes_received`, less the FIN), in both modes: that is
+//! exactly what each peer sent, the first message included. The probe's counters move
+//! while a transfer runs, but count only what the kernel redirected (not the first
+//! message, nor anything copied) and have no route: they are exported beside, as
+//! `splice_proxy_redirected_*`.
+
+use std::{
+    fmt, io,
+    net::{SocketAddr, TcpListener},
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text},
+    metrics::{
+        counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::{probe::Probe, splice::Mode};
+
+/// Upper bounds, in seconds, of the latency histograms' buckets: from a loopback
+/// round trip to the longest sensible timeout.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Why a connection ended before the engine took it: the `reason` label of
+/// `splice_proxy_connections_refused_total` and the `end` of its access-log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The client closed or reset before a route was decided.
+    ClientGone,
+    /// No route matched the first message, and there is no default route.
+    NoRoute,
+    /// No backend of the route accepted a connection.
+    NoBackend,
+    /// Writing the first message to the backend failed.
+    BackendWrite,
+    /// Handing the sockets to the engine failed (duplicating or registering them).
+    Setup,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::ClientGone => "client_gone",
+            Refusal::NoRoute => "no_route",
+            Refusal::NoBackend => "no_backend",
+            Refusal::BackendWrite => "backend_write_failed",
+            Refusal::Setup => "setup_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PairLabels {
+    route: String,
+    backend: String,
+    mode: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BytesLabels {
+    route: String,
+    /// "up": client to backend; "down": backend to client.
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// What the server and the engine record, and the registry that exposes it.
+pub struct Metrics {
+    registry: Registry,
+    accepted: Counter,
+    routing: Gauge,
+    proxied: Family<PairLabels, Counter>,
+    active: Family<PairLabels, Gauge>,
+    refused: Family<ReasonLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    first_message: Histogram,
+    connect: HistogramFamily<BackendLabels>,
+    connect_failures: Family<BackendLabels, Counter>,
+}
+
+impl Metrics {
+    /// Metrics for an engine; with a probe, its counters are exported too.
+    pub fn new(probe: Option<Arc<Probe>>) -> Metrics {
+        let metrics = Metrics {
+            registry: Registry::with_prefix("splice_proxy"),
+            accepted: Counter::default(),
+            routing: Gauge::default(),
+            proxied: Family::default(),
+            active: Family::default(),
+            refused: Family::default(),
+            bytes: Family::default(),
+            first_message: latency_histogram(),
+            connect: Family::new_with_constructor(latency_histogram),
+            connect_failures: Family::default(),
+        };
+        metrics.registered(probe)
+    }
+
+    fn registered(mut self, probe: Option<Arc<Probe>>) -> Metrics {
+        let registry = &mut self.registry;
+        registry.register(
+            "connections_accepted",
+            "Connections accepted from clients",
+            self.accepted.clone(),
+        );
+        registry.register(
+            "connections_routing",
+            "Connections accepted and not yet proxied: reading their first message or connecting to a backend",
+            self.routing.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections handed to the engine, by route, backend and mode (splice or copy)",
+            self.proxied.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections being proxied now, by route, backend and mode",
+            self.active.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed before being proxied, by reason",
+            self.refused.clone(),
+        );
+        registry.register_with_unit(
+            "transferred",
+            "Bytes each peer sent through closed connections (first message included), by route and direction: up is client to backend, down is backend to client; counted from TCP_INFO at close",
+            Unit::Bytes,
+            self.bytes.clone(),
+        );
+        registry.register_with_unit(
+            "first_message",
+            "Time from accept until the first message decided a route",
+            Unit::Seconds,
+            self.first_message.clone(),
+        );
+        registry.register_with_unit(
+            "backend_connect",
+            "Time to connect to a backend that accepted, by backend",
+            Unit::Seconds,
+            self.connect.clone(),
+        );
+        registry.register(
+            "backend_connect_failures",
+            "Connects to a backend that failed or timed out, by backend",
+            self.connect_failures.clone(),
+        );
+        if let Some(probe) = probe {
+            registry.register_collector(Box::new(ProbeCounters(probe)));
+        }
+        self
+    }
+
+    /// A client connected; it counts as routing until [`Metrics::routed`].
+    pub fn accepted(&self) {
+        self.accepted.inc();
+        self.routing.inc();
+    }
+
+    /// A connection counted by [`Metrics::accepted`] left the server: handed to the
+    /// engine, or closed.
+    pub fn routed(&self) {
+        self.routing.dec();
+    }
+
+    pub fn first_message_decided(&self, after: Duration) {
+        self.first_message.observe(after.as_secs_f64());
+    }
+
+    pub fn backend_connected(&self, backend: SocketAddr, after: Duration) {
+        self.connect
+            .get_or_create(&backend_labels(backend))
+            .observe(after.as_secs_f64());
+    }
+
+    pub fn backend_connect_failed(&self, backend: SocketAddr) {
+        self.connect_failures
+            .get_or_create(&backend_labels(backend))
+            .inc();
+    }
+
+    pub fn refused(&self, reason: Refusal) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// The engine took a connection and moves it in `mode`.
+    pub fn proxy_started(&self, route: &str, backend: SocketAddr, mode: Mode) {
+        let labels = pair_labels(route, backend, mode);
+        self.proxied.get_or_create(&labels).inc();
+        self.active.get_or_create(&labels).inc();
+    }
+
+    /// A connection [`Metrics::proxy_started`] counted closed, after its peers sent
+    /// `up` (client) and `down` (backend) bytes.
+    pub fn proxy_closed(&self, route: &str, backend: SocketAddr, mode: Mode, up: u64, down: u64) {
+        self.active
+            .get_or_create(&pair_labels(route, backend, mode))
+            .dec();
+        for (direction, bytes) in [("up", up), ("down", down)] {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    route: route.to_owned(),
+                    direction,
+                })
+                .inc_by(bytes);
+        }
+    }
+
+    /// The Prometheus exposition of every metric (OpenMetrics text, which Prometheus
+    /// scrapes as it does its own text format).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = text::encode(&mut out, &self.registry) {
+            // Only a collector fails, and the probe collector returns no error of its
+            // own: keep what was encoded rather than serve nothing.
+            tracing::warn!("encoding the metrics failed: {e}");
+        }
+        out
+    }
+}
+
+fn pair_labels(route: &str, backend: SocketAddr, mode: Mode) -> PairLabels {
+    PairLabels {
+        route: route.to_owned(),
+        backend: backend.to_string(),
+        mode: mode.as_str(),
+    }
+}
+
+fn backend_labels(backend: SocketAddr) -> BackendLabels {
+    BackendLabels {
+        backend: backend.to_string(),
+    }
+}
+
+/// The probe's per-CPU counters, summed when scraped.
+struct ProbeCounters(Arc<Probe>);
+
+impl fmt::Debug for ProbeCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProbeCounters")
+    }
+}
+
+impl Collector for ProbeCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let counters = match self.0.counters() {
+            Ok(counters) => counters,
+            Err(e) => {
+                tracing::warn!("reading the probe's counters for the metrics failed: {e}");
+                return Ok(());
+            }
+        };
+        for (name, help, value) in [
+            (
+                "redirected_bytes",
+                "Bytes the kernel redirected between spliced sockets (all routes; not the first message, nor copied bytes).",
+                counters.redirected_bytes,
+            ),
+            (
+                "redirected_messages",
+                "Messages (skbs) the kernel redirected between spliced sockets.",
+                counters.redirected_messages,
+            ),
+            (
+                "redirect_failures",
+                "Messages the kernel dropped because their socket had no peer in the maps.",
+                counters.redirect_failures,
+            ),
+            (
+                "redirect_dropped_bytes",
+                "Bytes in the messages counted by splice_proxy_redirect_failures_total.",
+                counters.dropped_bytes,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `metrics` as `GET /metrics` on `listener` from a thread of its own until the
+/// process exits; any other path is 404, any other method 405.
+pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
+    let server = tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)?;
+    let content_type = tiny_http::Header::from_bytes(
+        "Content-Type",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )
+    .map_err(|()| io::Error::other("invalid Content-Type header"))?;
+    // Not named splice-*: the tests count those threads' reads as the proxy's.
+    thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = match (request.method(), request.url()) {
+                    (tiny_http::Method::Get, "/metrics") => {
+                        tiny_http::Response::from_string(metrics.encode())
+                            .with_header(content_type.clone())
+                    }
+                    (tiny_http::Method::Get, _) => {
+                        tiny_http::Response::from_string("not found: try /metrics\n")
+                            .with_status_code(404)
+                    }
+                    _ => tiny_http::Response::from_string("only GET\n").with_status_code(405),
+                };
+                if let Err(e) = request.respond(response) {
+                    tracing::debug!("answering a metrics request failed: {e}");
+                }
+            }
+        })?;
+    Ok(())
+}

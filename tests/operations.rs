@@ -1,0 +1,337 @@
+//! What an operator sees of the running binary: the metrics, scraped with curl and
+//! checked against known traffic (the byte counters equal the bytes sent, the probe's
+//! counters rise by what it redirected). Every transfer is checked by hash; every wait
+//! is bounded.
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+const LOG_LIMIT: Duration = Duration::from_secs(10);
+const FIRST: &[u8] = b"HELLO proxy\n";
+
+/// Routes: "hello" to `echo`; "dead" (first messages starting with DEAD) to an address
+/// where nothing listens; anything else matches nothing.
+fn routes(name: &str, echo: SocketAddr, dead: SocketAddr) -> PathBuf {
+    routes_file(
+        name,
+        &format!(
+            "connect_timeout = \"2s\"\n\n\
+             [[route]]\nname = \"hello\"\nprefix = \"HELLO\"\nbackends = [\"{echo}\"]\n\n\
+             [[route]]\nname = \"dead\"\nprefix = \"DEAD\"\nbackends = [\"{dead}\"]\n"
+        ),
+    )
+}
+
+fn start(routes: &Path, mode: &str, extra: &[&str]) -> ProxyProcess {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--mode",
+        mode,
+        "--executors",
+        "2",
+        "--splice-workers",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let proxy = ProxyProcess::start(&args);
+    proxy.addr();
+    proxy
+}
+
+/// The address of the metrics endpoint, from the line the binary logs at start.
+fn metrics_addr(proxy: &ProxyProcess) -> SocketAddr {
+    let line = proxy.wait_for_log("metrics at http://", LOG_LIMIT);
+    line.split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+/// The first message, its echo (after which the engine owns the connection: the client
+/// is not streaming at the hand-off, so a splicing proxy splices it), then `len` bytes
+/// both ways, checked by hash. Returns the client's address and the bytes it sent.
+fn echo_exchange(proxy: SocketAddr, len: usize, seed: u64) -> (SocketAddr, u64) {
+    let mut client = connect(proxy);
+    client.write_all(FIRST).unwrap();
+    assert_eq!(read_exactly(&mut client, FIRST.len()).unwrap(), FIRST);
+    let data = Arc::new(payload(len, seed));
+    let echoed = write_while_reading(&mut client, Arc::clone(&data)).unwrap();
+    assert_eq!(echoed, (len as u64, sha256(&data)), "echo of {len} bytes");
+    (client.local_addr().unwrap(), (FIRST.len() + len) as u64)
+}
+
+/// Sends `first` and expects the proxy to close without a byte; returns the client's
+/// address.
+fn closed_without_reply(proxy: SocketAddr, first: &[u8]) -> SocketAddr {
+    let mut client = connect(proxy);
+    client.write_all(first).unwrap();
+    let mut rest = Vec::new();
+    // A close with unread bytes may come as a reset: either way, nothing arrives.
+    let _ = client.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the proxy answered {rest:?}");
+    client.local_addr().unwrap()
+}
+
+/// One scrape of /metrics: every sample line, as (name with labels, value).
+struct Scrape {
+    text: String,
+    samples: Vec<(String, f64)>,
+}
+
+impl Scrape {
+    fn get(addr: SocketAddr) -> Scrape {
+        let output = output_within(
+            Command::new("curl").args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "10",
+                &format!("http://{addr}/metrics"),
+            ]),
+            Duration::from_secs(15),
+        );
+        assert!(
+            output.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).expect("metrics are UTF-8");
+        let samples = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let (series, value) = line
+                    .rsplit_once(' ')
+                    .unwrap_or_else(|| panic!("not a sample: {line:?}"));
+                let value = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("not a number: {line:?}"));
+                (series.to_owned(), value)
+            })
+            .collect();
+        Scrape { text, samples }
+    }
+
+    /// The sum of the samples of `name` that carry every one of `labels`.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(series, _)| {
+                let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+                series_name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.samples
+            .iter()
+            .any(|(series, _)| series.split_once('{').map_or(series.as_str(), |(n, _)| n) == name)
+    }
+}
+
+/// Scrapes until `done` holds (bounded): counters at close move just after the client
+/// saw the close.
+fn scrape_until(addr: SocketAddr, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + LOG_LIMIT;
+    loop {
+        let scrape = Scrape::get(addr);
+        if done(&scrape) {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached within {LOG_LIMIT:?}; last scrape:\n{}",
+            scrape.text
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn metrics_count_known_spliced_traffic() {
+    let echo = Backend::echo();
+    let dead = refused_addr();
+    let routes = routes("ops-metrics-splice", echo.addr, dead);
+    let proxy = start(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&proxy);
+    let before = Scrape::get(metrics);
+    assert_eq!(before.sum("splice_proxy_redirected_bytes_total", &[]), 0.0);
+
+    let sizes = [0, 1, 100_000, 1 << 20, 3 << 20];
+    let mut sent = 0;
+    for (seed, len) in sizes.into_iter().enumerate() {
+        sent += echo_exchange(proxy.addr(), len, seed as u64).1;
+    }
+    closed_without_reply(proxy.addr(), b"NOPE");
+    closed_without_reply(proxy.addr(), b"DEAD beef");
+    let served = sizes.len() as f64;
+
+    let hello = [("route", "hello")];
+    let scrape = scrape_until(metrics, "every connection closed and counted", |s| {
+        s.sum("splice_proxy_connections_accepted_total", &[]) == served + 2.0
+            && s.sum("splice_proxy_connections_routing", &[]) == 0.0
+            && s.sum("splice_proxy_connections_active", &[]) == 0.0
+            && s.sum("splice_proxy_transferred_bytes_total", &hello) == 2.0 * sent as f64
+    });
+    let backend = echo.addr.to_string();
+    let dead = dead.to_string();
+    let expect = [
+        (
+            "splice_proxy_connections_total",
+            vec![
+                ("route", "hello"),
+                ("backend", backend.as_str()),
+                ("mode", "splice"),
+            ],
+            served,
+        ),
+        (
+            "splice_proxy_connections_total",
+            vec![("mode", "copy")],
+            0.0,
+        ),
+        (
+            "splice_proxy_transferred_bytes_total",
+            vec![("route", "hello"), ("direction", "up")],
+            sent as f64,
+        ),
+        (
+            "splice_proxy_transferred_bytes_total",
+            vec![("route", "hello"), ("direction", "down")],
+            sent as f64,
+        ),
+        (
+            "splice_proxy_connections_refused_total",
+            vec![("reason", "no_route")],
+            1.0,
+        ),
+        (
+            "splice_proxy_connections_refused_total",
+            vec![("reason", "no_backend")],
+            1.0,
+        ),
+        ("splice_proxy_connections_refused_total", vec![], 2.0),
+        (
+            "splice_proxy_first_message_seconds_count",
+            vec![],
+            served + 2.0,
+        ),
+        (
+            "splice_proxy_backend_connect_seconds_count",
+            vec![("backend", backend.as_str())],
+            served,
+        ),
+        (
+            "splice_proxy_backend_connect_failures_total",
+            vec![("backend", dead.as_str())],
+            1.0,
+        ),
+        // The kernel moved every byte after the first message: each payload both ways,
+        // and the backend's echo of the first message.
+        (
+            "splice_proxy_redirected_bytes_total",
+            vec![],
+            (2 * sent - sizes.len() as u64 * FIRST.len() as u64) as f64,
+        ),
+        ("splice_proxy_redirect_failures_total", vec![], 0.0),
+        ("splice_proxy_redirect_dropped_bytes_total", vec![], 0.0),
+    ];
+    for (name, labels, value) in expect {
+        assert_eq!(
+            scrape.sum(name, &labels),
+            value,
+            "{name} {labels:?}; scrape:\n{}",
+            scrape.text
+        );
+    }
+    for name in [
+        "splice_proxy_connections_accepted",
+        "splice_proxy_connections_routing",
+        "splice_proxy_connections",
+        "splice_proxy_connections_active",
+        "splice_proxy_connections_refused",
+        "splice_proxy_transferred_bytes",
+        "splice_proxy_first_message_seconds",
+        "splice_proxy_backend_connect_seconds",
+        "splice_proxy_backend_connect_failures",
+        "splice_proxy_redirected_bytes",
+        "splice_proxy_redirected_messages",
+        "splice_proxy_redirect_failures",
+        "splice_proxy_redirect_dropped_bytes",
+    ] {
+        assert!(
+            scrape.text.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}:\n{}",
+            scrape.text
+        );
+    }
+}
+
+#[test]
+fn metrics_label_copied_connections_and_serve_only_get_metrics() {
+    let echo = Backend::echo();
+    let routes = routes("ops-metrics-copy", echo.addr, refused_addr());
+    let proxy = start(&routes, "copy", &["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&proxy);
+    let (_, sent) = echo_exchange(proxy.addr(), 2 << 20, 7);
+    let scrape = scrape_until(metrics, "the connection closed and counted", |s| {
+        s.sum("splice_proxy_transferred_bytes_total", &[]) == 2.0 * sent as f64
+    });
+    let backend = echo.addr.to_string();
+    let labels = [
+        ("route", "hello"),
+        ("backend", backend.as_str()),
+        ("mode", "copy"),
+    ];
+    assert_eq!(scrape.sum("splice_proxy_connections_total", &labels), 1.0);
+    assert_eq!(scrape.sum("splice_proxy_connections_active", &labels), 0.0);
+    assert!(
+        !scrape.has("splice_proxy_redirected_bytes_total"),
+        "no probe, no probe counters:\n{}",
+        scrape.text
+    );
+
+    let status = |args: &[&str]| {
+        let output = output_within(
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{content_type}",
+                ])
+                .args(args),
+            Duration::from_secs(15),
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(
+        status(&[&format!("http://{metrics}/metrics")]),
+        "200 application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(status(&[&format!("http://{metrics}/")]).starts_with("404 "));
+    assert!(status(&["-X", "POST", &format!("http://{metrics}/metrics")]).starts_with("405 "));
+}
