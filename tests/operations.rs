@@ -1,11 +1,13 @@
 //! What an operator sees of the running binary: the metrics, scraped with curl and
 //! checked against known traffic (the byte counters equal the bytes sent, the probe's
-//! counters rise by what it redirected). Every transfer is checked by hash; every wait
-//! is bounded.
+//! counters rise by what it redirected), and the access log, whose JSON form is one
+//! object per line with every field. Every transfer is checked by hash; every wait is
+//! bounded.
 
 mod support;
 
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -334,4 +336,79 @@ fn metrics_label_copied_connections_and_serve_only_get_metrics() {
     );
     assert!(status(&[&format!("http://{metrics}/")]).starts_with("404 "));
     assert!(status(&["-X", "POST", &format!("http://{metrics}/metrics")]).starts_with("405 "));
+}
+
+/// The JSON access-log line of the connection from `client` (bounded wait).
+fn access_line(proxy: &ProxyProcess, client: SocketAddr) -> serde_json::Value {
+    let needle = format!("\"client\":\"{client}\"");
+    let deadline = Instant::now() + LOG_LIMIT;
+    loop {
+        let lines = proxy.log_lines(&needle);
+        if let Some(line) = lines.iter().find(|line| line.contains("\"end\":")) {
+            return serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line for {client} within {LOG_LIMIT:?}; stderr:\n{}",
+            proxy.stderr()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn json_log_is_one_object_per_line_with_every_access_field() {
+    let echo = Backend::echo();
+    let dead = refused_addr();
+    let routes = routes("ops-json", echo.addr, dead);
+    let mut proxy = start(&routes, "splice", &["--log-format", "json"]);
+    let (client, sent) = echo_exchange(proxy.addr(), 1 << 20, 3);
+    let unrouted = closed_without_reply(proxy.addr(), b"NOPE");
+    let unconnected = closed_without_reply(proxy.addr(), b"DEAD beef");
+
+    let line = access_line(&proxy, client);
+    let backend = echo.addr.to_string();
+    for (field, value) in [
+        ("message", serde_json::json!("connection")),
+        ("level", serde_json::json!("INFO")),
+        ("route", serde_json::json!("hello")),
+        ("backend", serde_json::json!(backend)),
+        ("mode", serde_json::json!("splice")),
+        ("bytes_up", serde_json::json!(sent)),
+        ("bytes_down", serde_json::json!(sent)),
+        ("end", serde_json::json!("closed")),
+    ] {
+        assert_eq!(line[field], value, "{field} in {line}");
+    }
+    assert!(
+        line["duration_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{line}"
+    );
+    assert!(line["timestamp"].is_string(), "{line}");
+
+    let line = access_line(&proxy, unrouted);
+    assert_eq!(line["end"], "no_route", "{line}");
+    assert_eq!(line["bytes_up"], 4, "{line}");
+    assert!(line.get("route").is_none(), "{line}");
+    let line = access_line(&proxy, unconnected);
+    assert_eq!(line["end"], "no_backend", "{line}");
+    assert_eq!(line["route"], "dead", "{line}");
+    assert_eq!(line["level"], "WARN", "{line}");
+
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit(LOG_LIMIT).success());
+    let stderr = proxy.stderr();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 6, "{stderr}");
+    let mut messages = BTreeMap::new();
+    for line in lines {
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a line that is not JSON ({e}): {line:?}"));
+        assert!(object.is_object(), "{line}");
+        *messages
+            .entry(object["message"].as_str().unwrap_or_default().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(messages.get("shutdown complete"), Some(&1), "{messages:?}");
 }
