@@ -7,12 +7,14 @@
 //! - [`balance`]: the order in which a route's backends are tried.
 //! - [`probe`]: the loaded eBPF programs and their maps.
 //! - [`metrics`]: what is counted about connections, and its Prometheus exposition.
+//! - [`privileges`]: becoming an unprivileged user once the probe and listeners are set up.
 //! - [`splice`]: the executor-free engine that owns a connection after its first message.
 //! - [`server`]: the glommio runtime: accept, first message, connect, hand-off.
 
 pub mod balance;
 pub mod config;
 pub mod metrics;
+pub mod privileges;
 pub mod probe;
 pub mod route;
 pub mod server;

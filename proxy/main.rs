@@ -1,5 +1,6 @@
 //! The `splice-proxy` command: parses the command line and routes.toml, loads the probe,
-//! and runs the server until SIGTERM or SIGINT; SIGHUP reloads the routes.
+//! binds the listeners, drops privileges (`--user`), and runs the server until SIGTERM
+//! or SIGINT; SIGHUP reloads the routes.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -19,10 +20,11 @@ use signal_hook::{
 use splice_proxy::{
     config::Config,
     metrics,
+    privileges::{self, Identity},
     probe::{AttachMode, Probe},
     route::RouteTable,
     server::{Limits, Listeners, Server},
-    splice::SpliceEngine,
+    splice::{SPLICED_SEND_BUFFER, SpliceEngine},
 };
 
 /// A TCP reverse proxy that routes each connection on its first message (a byte prefix,
@@ -86,6 +88,16 @@ struct Args {
     /// line with the fields at the top level, for log collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    /// Once the probe is loaded and the listeners are bound, become this user, with no
+    /// supplementary groups and no capabilities (the process must start as root). The
+    /// routes file must be readable by the user for SIGHUP.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+
+    /// With --user: the group to become, instead of the user's primary group.
+    #[arg(long, value_name = "NAME", requires = "user")]
+    group: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -184,6 +196,23 @@ fn run(args: Args) -> anyhow::Result<()> {
             TcpListener::bind(addr).with_context(|| format!("--metrics: listening on {addr}"))
         })
         .transpose()?;
+    // Before the engine and the executors start their threads: each thread keeps the
+    // capabilities it was started with.
+    if let Some(user) = &args.user {
+        let identity = Identity::lookup(user, args.group.as_deref())
+            .with_context(|| format!("--user {user}"))?;
+        privileges::drop_to(&identity).with_context(|| format!("--user {user}"))?;
+        tracing::info!(
+            "running as {}:{} ({}:{}) with no capabilities",
+            identity.user,
+            identity.group,
+            identity.uid,
+            identity.gid
+        );
+        if mode == "splice" {
+            warn_if_send_buffers_capped();
+        }
+    }
 
     let engine = Arc::new(
         SpliceEngine::new(probe.map(Arc::new), or_cpus(args.splice_workers))
@@ -270,6 +299,24 @@ fn shut_down(server: &Server, engine: &SpliceEngine, signals: &mut Signals, grac
     let limit = Instant::now() + Duration::from_secs(1);
     while engine.live() > 0 && Instant::now() < limit {
         thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Without CAP_NET_ADMIN the spliced sockets' send buffers stop at net.core.wmem_max,
+/// and a splice with small buffers is no faster than a copy: say so once, with the fix.
+fn warn_if_send_buffers_capped() {
+    let path = "/proc/sys/net/core/wmem_max";
+    let Some(max) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok())
+    else {
+        return;
+    };
+    if max < SPLICED_SEND_BUFFER {
+        tracing::warn!(
+            "without CAP_NET_ADMIN the spliced sockets' send buffers stop at net.core.wmem_max = {max} bytes, \
+             not {SPLICED_SEND_BUFFER}, which slows splicing: sysctl net.core.wmem_max={SPLICED_SEND_BUFFER} restores them"
+        );
     }
 }
 

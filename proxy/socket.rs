@@ -92,11 +92,19 @@ pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1 as libc::c_int)
 }
 
-/// Send buffer beyond `net.core.wmem_max` (needs CAP_NET_ADMIN). A redirected stream can
-/// only move as fast as the peer's send buffer drains (KERNEL-NOTES pitfall 4).
-pub fn force_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+/// Send buffer beyond `net.core.wmem_max` with CAP_NET_ADMIN, up to it without. A
+/// redirected stream can only move as fast as the peer's send buffer drains
+/// (KERNEL-NOTES pitfall 4).
+pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+    match setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes) {
+        // Without CAP_NET_ADMIN (after --user), the same size capped at
+        // net.core.wmem_max, which the operator can raise.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
+        }
+        result => result,
+    }
 }
 
 /// The pending socket error, cleared by reading it.

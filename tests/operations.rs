@@ -412,3 +412,141 @@ fn json_log_is_one_object_per_line_with_every_access_field() {
     }
     assert_eq!(messages.get("shutdown complete"), Some(&1), "{messages:?}");
 }
+
+/// The numeric id of `name` in /etc/passwd or /etc/group.
+fn id_of(file: &str, name: &str) -> String {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next() == Some(name)).then(|| fields.nth(1).unwrap().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {name} in {file}"))
+}
+
+/// A routes file that user nobody can read, for SIGHUP.
+fn readable_by_all(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+#[test]
+fn user_nobody_keeps_splicing_with_no_capabilities_left() {
+    let echo = Backend::echo();
+    let routes = routes("ops-user", echo.addr, refused_addr());
+    readable_by_all(&routes);
+    let proxy = start(
+        &routes,
+        "splice",
+        &[
+            "--user",
+            "nobody",
+            "--group",
+            "nogroup",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    proxy.wait_for_log("running as nobody:nogroup", LOG_LIMIT);
+    let metrics = metrics_addr(&proxy);
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if wmem_max < splice_proxy::splice::SPLICED_SEND_BUFFER {
+        proxy.wait_for_log("sysctl net.core.wmem_max=16777216 restores them", LOG_LIMIT);
+    }
+
+    // Every thread, the ones started before the switch included.
+    let (uid, gid) = (
+        id_of("/etc/passwd", "nobody"),
+        id_of("/etc/group", "nogroup"),
+    );
+    let pid = proxy.child.id();
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(tasks.len() > 1, "only {} threads", tasks.len());
+    for task in tasks {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}:")))
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(field("Uid"), [uid.as_str(); 4].join("\t"), "{status}");
+        assert_eq!(field("Gid"), [gid.as_str(); 4].join("\t"), "{status}");
+        assert_eq!(field("Groups"), "", "{status}");
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(field(caps), "0000000000000000", "{caps} in {status}");
+        }
+        assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    }
+
+    // The map fds opened as root still splice: the probe counts every byte after the
+    // first message (each payload both ways, and the echo of the first message).
+    let sizes = [1 << 20, 4 << 20];
+    let mut sent = 0;
+    for (seed, len) in sizes.into_iter().enumerate() {
+        sent += echo_exchange(proxy.addr(), len, 20 + seed as u64).1;
+    }
+    let redirected = 2 * sent - sizes.len() as u64 * FIRST.len() as u64;
+    let scrape = scrape_until(metrics, "both connections closed", |s| {
+        s.sum("splice_proxy_transferred_bytes_total", &[]) == 2.0 * sent as f64
+    });
+    assert_eq!(
+        scrape.sum("splice_proxy_connections_total", &[("mode", "splice")]),
+        sizes.len() as f64,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum("splice_proxy_redirected_bytes_total", &[]),
+        redirected as f64,
+        "{}",
+        scrape.text
+    );
+
+    // SIGHUP re-reads the file as nobody.
+    let mut text = std::fs::read_to_string(&routes).unwrap();
+    text.push_str(&format!(
+        "\n[[route]]\nname = \"again\"\nprefix = \"AGAIN\"\nbackends = [\"{}\"]\n",
+        echo.addr
+    ));
+    std::fs::write(&routes, text).unwrap();
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_for_log("reloaded 3 routes", LOG_LIMIT);
+    echo_exchange(proxy.addr(), 1 << 20, 30);
+}
+
+#[test]
+fn an_unknown_user_is_named() {
+    let routes = routes("ops-no-user", refused_addr(), refused_addr());
+    let output = output_within(
+        Command::new(binary()).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--routes",
+            routes.to_str().unwrap(),
+            "--mode",
+            "copy",
+            "--user",
+            "no-such-user-here",
+        ]),
+        LOG_LIMIT,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--user no-such-user-here: no user named \"no-such-user-here\""),
+        "{stderr}"
+    );
+}

@@ -35,8 +35,9 @@ use crate::{
 };
 
 /// Send buffer for spliced sockets: with the default buffers a splice is no faster than
-/// a userspace copy (KERNEL-NOTES pitfall 4).
-const SPLICED_SEND_BUFFER: usize = 16 << 20;
+/// a userspace copy (KERNEL-NOTES pitfall 4). Without CAP_NET_ADMIN the kernel caps it
+/// at `net.core.wmem_max`.
+pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 
 /// How often a worker re-checks half-closes that wait for the kernel to drain. The waits
 /// measured here took 2-600 us, so a millisecond keeps the close prompt.
@@ -433,8 +434,8 @@ fn splice(
         return Ok(pair);
     }
     for endpoint in [&pair.client, &pair.upstream] {
-        // Without CAP_NET_ADMIN the default buffer stays: slower, not wrong.
-        let _ = socket::force_send_buffer(endpoint.fd(), SPLICED_SEND_BUFFER);
+        // A smaller buffer is slower, not wrong.
+        let _ = socket::grow_send_buffer(endpoint.fd(), SPLICED_SEND_BUFFER);
     }
     // Taken before the inserts: from now on only the kernel writes into either socket.
     let client_written = socket::bytes_written(pair.client.fd())?;
