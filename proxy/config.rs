@@ -19,7 +19,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
-use crate::balance::{Balance, ParseBalanceError};
+use crate::balance::{Balance, MAX_WEIGHT, ParseBalanceError, WeightedBackend};
 use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, RegexError};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -54,7 +54,8 @@ pub struct RouteConfig {
     pub matchers: Vec<Matcher>,
     /// Takes the connections no other route matched, and those that sent nothing.
     pub default: bool,
-    pub backends: Vec<SocketAddr>,
+    /// In file order, each with its weight (1 unless given).
+    pub backends: Vec<WeightedBackend>,
     pub balance: Balance,
 }
 
@@ -188,6 +189,8 @@ pub enum Problem {
     NotAnAddress { text: String },
     #[error("{text:?}: port 0 cannot be connected to")]
     PortZero { text: String },
+    #[error("{addr} is listed twice; give it one entry with a weight instead")]
+    DuplicateBackend { addr: SocketAddr },
     #[error(transparent)]
     Balance(ParseBalanceError),
     #[error("no routes: add at least one [[route]] with backends")]
@@ -254,8 +257,55 @@ struct RawRoute {
     http_path_prefix: Option<Spanned<String>>,
     regex: Option<Spanned<String>>,
     default: Option<Spanned<bool>>,
-    backends: Option<Spanned<Vec<Spanned<String>>>>,
+    backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     balance: Option<Spanned<String>>,
+}
+
+/// One entry of `backends`: `"ip:port"` or `{ addr = "ip:port", weight = N }`.
+enum RawBackend {
+    Addr(String),
+    Table { addr: String, weight: Option<i64> },
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawBackend;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a backend: \"ip:port\" or { addr = \"ip:port\", weight = N }",
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Addr(text.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawBackend, A::Error> {
+                use serde::de::Error;
+                const FIELDS: &[&str] = &["addr", "weight"];
+                let (mut addr, mut weight) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "addr" if addr.is_none() => addr = Some(map.next_value::<String>()?),
+                        "weight" if weight.is_none() => weight = Some(map.next_value::<i64>()?),
+                        "addr" | "weight" => return Err(A::Error::duplicate_field("addr")),
+                        _ => return Err(A::Error::unknown_field(&key, FIELDS)),
+                    }
+                }
+                let addr = addr.ok_or_else(|| A::Error::missing_field("addr"))?;
+                Ok(RawBackend::Table { addr, weight })
+            }
+        }
+
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// A duration as written. A string type of its own so that `connect_timeout = 2` is
@@ -651,29 +701,45 @@ impl RouteCheck<'_> {
 
     fn backends(
         &self,
-        raw: Option<Spanned<Vec<Spanned<String>>>>,
+        raw: Option<Spanned<Vec<Spanned<RawBackend>>>>,
         name_span: &Range<usize>,
-    ) -> Result<Vec<SocketAddr>, ConfigError> {
+    ) -> Result<Vec<WeightedBackend>, ConfigError> {
         let Some(raw) = raw else {
             return Err(self.fail(name_span.clone(), "backends", Problem::NoBackends));
         };
         if raw.get_ref().is_empty() {
             return Err(self.fail(raw.span(), "backends", Problem::NoBackends));
         }
-        raw.into_inner()
-            .into_iter()
-            .map(|text| {
-                let span = text.span();
-                let text = text.into_inner();
-                match text.parse::<SocketAddr>() {
-                    Ok(address) if address.port() == 0 => {
-                        Err(self.fail(span, "backends", Problem::PortZero { text }))
-                    }
-                    Ok(address) => Ok(address),
-                    Err(_) => Err(self.fail(span, "backends", Problem::NotAnAddress { text })),
+        let mut backends: Vec<WeightedBackend> = Vec::with_capacity(raw.get_ref().len());
+        for entry in raw.into_inner() {
+            let span = entry.span();
+            let (text, weight) = match entry.into_inner() {
+                RawBackend::Addr(text) => (text, None),
+                RawBackend::Table { addr, weight } => (addr, weight),
+            };
+            let addr = match text.parse::<SocketAddr>() {
+                Ok(address) if address.port() == 0 => {
+                    return Err(self.fail(span, "backends", Problem::PortZero { text }));
                 }
-            })
-            .collect()
+                Ok(address) => address,
+                Err(_) => {
+                    return Err(self.fail(span, "backends", Problem::NotAnAddress { text }));
+                }
+            };
+            let weight = match weight {
+                None => 1,
+                Some(value) => {
+                    let spanned = Spanned::new(span.clone(), value);
+                    let weight = self.integer_in(&spanned, "weight", 1, MAX_WEIGHT as usize)?;
+                    u32::try_from(weight).unwrap_or(MAX_WEIGHT)
+                }
+            };
+            if backends.iter().any(|b| b.addr == addr) {
+                return Err(self.fail(span, "backends", Problem::DuplicateBackend { addr }));
+            }
+            backends.push(WeightedBackend { addr, weight });
+        }
+        Ok(backends)
     }
 }
 
@@ -802,7 +868,7 @@ impl fmt::Display for RouteConfig {
         }
         tests.extend(self.matchers.iter().map(Matcher::to_string));
         f.write_str(&tests.join(", "))?;
-        let backends: Vec<String> = self.backends.iter().map(SocketAddr::to_string).collect();
+        let backends: Vec<String> = self.backends.iter().map(|b| b.to_string()).collect();
         write!(f, " -> {} ({})", backends.join(", "), self.balance)
     }
 }
@@ -855,7 +921,7 @@ mod tests {
                 name: "web".to_owned(),
                 matchers: vec![Matcher::Prefix(b"GET ".to_vec())],
                 default: false,
-                backends: vec![backend(9001)],
+                backends: vec![backend(9001).into()],
                 balance: Balance::RoundRobin,
             }]
         );
@@ -1416,7 +1482,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_unknown_and_planned_balance() {
+    fn refuses_unknown_balance() {
         let route = |balance: &'static str| {
             [
                 "[[route]]",
@@ -1432,17 +1498,98 @@ mod tests {
             r#"route "web": key "balance": "#,
             r#""roundrobin" is not a balance policy"#,
         );
-        for planned in ["least-conn", "source-hash"] {
-            let balance = format!("balance = {planned:?}");
+        for (text, policy) in [
+            ("round-robin", Balance::RoundRobin),
+            ("least-conn", Balance::LeastConn),
+            ("source-hash", Balance::SourceHash),
+        ] {
+            let balance = format!("balance = {text:?}");
             let mut lines = route("").to_vec();
             lines[4] = &balance;
+            assert_eq!(parse(&lines).unwrap().routes[0].balance, policy);
+        }
+    }
+
+    #[test]
+    fn backends_take_weights_in_either_form() {
+        let config = parse(&[
+            "[[route]]",
+            r#"name = "web""#,
+            r#"prefix = "GET ""#,
+            r#"backends = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 3 },"#,
+            r#"    { addr = "[::1]:9003" }, { weight = 1000, addr = "127.0.0.1:9004" }]"#,
+        ])
+        .unwrap();
+        let weights: Vec<(u16, u32)> = (config.routes[0].backends.iter())
+            .map(|b| (b.addr.port(), b.weight))
+            .collect();
+        assert_eq!(weights, [(9001, 1), (9002, 3), (9003, 1), (9004, 1000)]);
+        assert!(
+            config.to_string().contains(
+                "127.0.0.1:9001, 127.0.0.1:9002 weight 3, [::1]:9003, 127.0.0.1:9004 weight 1000 (round-robin)"
+            ),
+            "{config}"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_weights_and_backend_tables() {
+        let route = |backends: &'static str| {
+            [
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001","#,
+                backends,
+            ]
+        };
+        for weight in ["0", "1001", "-1"] {
+            let line = format!(r#"  {{ addr = "127.0.0.1:9002", weight = {weight} }}]"#);
+            let mut lines = route("").to_vec();
+            lines[4] = &line;
             assert_refused(
                 &lines,
                 5,
-                r#"route "web": key "balance": "#,
-                &format!("{planned:?} is not supported yet"),
+                r#"route "web": key "weight": "#,
+                &format!("{weight} is out of range: must be 1..=1000"),
             );
         }
+        assert_refused(
+            &route(r#"  { addr = "127.0.0.1:9002", weight = "3" }]"#),
+            5,
+            r#"route "web": key "backends": "#,
+            "invalid type: string \"3\", expected i64",
+        );
+        assert_refused(
+            &route(r#"  { adr = "127.0.0.1:9002" }]"#),
+            5,
+            r#"route "web": key "backends": "#,
+            "unknown field `adr`, expected `addr` or `weight`",
+        );
+        assert_refused(
+            &route(r#"  { weight = 2 }]"#),
+            5,
+            r#"route "web": key "backends": "#,
+            "missing field `addr`",
+        );
+        assert_refused(
+            &route(r#"  { addr = "localhost:9002" }]"#),
+            5,
+            r#"route "web": key "backends": "#,
+            "is not an address",
+        );
+        assert_refused(
+            &route(r#"  { addr = "127.0.0.1:9001", weight = 2 }]"#),
+            5,
+            r#"route "web": key "backends": "#,
+            "127.0.0.1:9001 is listed twice",
+        );
+        assert_refused(
+            &route("  5]"),
+            5,
+            r#"route "web": key "backends": "#,
+            "expected a backend",
+        );
     }
 
     #[test]
@@ -1677,7 +1824,10 @@ mod tests {
             .iter()
             .flat_map(|route| route.backends.clone())
             .collect();
-        assert_eq!(ports, [backend(5600), backend(5601), backend(5602)]);
+        assert_eq!(
+            ports,
+            [backend(5600).into(), backend(5601).into(), backend(5602).into()]
+        );
     }
 
     #[test]

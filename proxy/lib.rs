@@ -5,12 +5,14 @@
 //! - [`config`]: routes.toml, parsed and validated.
 //! - [`route`]: matchers and the route table that picks a route for a first message.
 //! - [`balance`]: the order in which a route's backends are tried.
+//! - [`backend`]: what is known about each backend address: live connections.
 //! - [`probe`]: the loaded eBPF programs and their maps.
 //! - [`metrics`]: what is counted about connections, and its Prometheus exposition.
 //! - [`privileges`]: becoming an unprivileged user once the probe and listeners are set up.
 //! - [`splice`]: the executor-free engine that owns a connection after its first message.
 //! - [`server`]: the glommio runtime: accept, first message, connect, hand-off.
 
+pub mod backend;
 pub mod balance;
 pub mod config;
 pub mod metrics;

@@ -489,7 +489,7 @@ mod tests {
             name: name.to_owned(),
             matchers,
             default: false,
-            backends: ports.iter().map(|&port| backend(port)).collect(),
+            backends: ports.iter().map(|&port| backend(port).into()).collect(),
             balance: Balance::RoundRobin,
         }
     }
