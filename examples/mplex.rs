@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let backends: BTreeSet<SocketAddr> = config
         .routes
         .iter()
-        .flat_map(|route| route.backends.iter().copied())
+        .flat_map(|route| route.backends.iter().map(|backend| backend.addr))
         .collect();
     for &backend in &backends {
         start_tagged_echo(backend)?;

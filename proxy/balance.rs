@@ -7,7 +7,8 @@
 //!
 //! Whatever the policy, backends that are down (see [`crate::backend`]) come after the
 //! healthy ones, in the policy's order: a connection tries them only when no healthy
-//! backend accepts.
+//! backend accepts. Source-hash keeps its order for the healthy ones, so a client whose
+//! backend is down goes where rendezvous hashing sends it next, and comes back after.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +16,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::backend::{self, BackendState};
+use crate::backend::{self, BackendState, HealthCheck};
 
 /// The largest `weight` routes.toml accepts.
 pub const MAX_WEIGHT: u32 = 1000;
@@ -115,8 +116,12 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(policy: Balance, backends: Vec<WeightedBackend>) -> Balancer {
-        let states = backends.iter().map(|b| backend::state(b.addr)).collect();
+    /// `health` applies to every backend of the route (see [`crate::backend`]).
+    pub fn new(policy: Balance, backends: Vec<WeightedBackend>, health: HealthCheck) -> Balancer {
+        let states = backends
+            .iter()
+            .map(|b| backend::state(b.addr, health))
+            .collect();
         Balancer {
             policy,
             current: Mutex::new(vec![0; backends.len()]),
@@ -137,14 +142,13 @@ impl Balancer {
         if self.backends.is_empty() {
             return Vec::new();
         }
+        let up: Vec<bool> = self.states.iter().map(|state| !state.is_down()).collect();
         let indices = match self.policy {
-            Balance::RoundRobin => self.round_robin(),
+            Balance::RoundRobin => self.round_robin(&up),
             Balance::LeastConn => self.least_conn(),
             Balance::SourceHash => self.source_hash(client.ip()),
         };
-        let (healthy, down): (Vec<usize>, Vec<usize>) = indices
-            .into_iter()
-            .partition(|&i| self.is_healthy(i));
+        let (healthy, down): (Vec<usize>, Vec<usize>) = indices.into_iter().partition(|&i| up[i]);
         healthy
             .into_iter()
             .chain(down)
@@ -152,27 +156,29 @@ impl Balancer {
             .collect()
     }
 
-    fn is_healthy(&self, _index: usize) -> bool {
-        true
-    }
-
-    /// nginx's smooth weighted round-robin: every backend's current weight grows by its
-    /// weight, the largest is chosen and pays back the total. The others follow in file
-    /// order after it.
-    fn round_robin(&self) -> Vec<usize> {
+    /// nginx's smooth weighted round-robin over the backends that are up (all of them if
+    /// none is): every one's current weight grows by its weight, the largest is chosen
+    /// and pays back the total. The others follow in file order after it. A backend
+    /// that is down takes no turns, so its share goes to the others by their weights.
+    fn round_robin(&self, up: &[bool]) -> Vec<usize> {
         let n = self.backends.len();
+        let any_up = up.iter().any(|&up| up);
         let first = {
             let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
             let mut total = 0i64;
-            let mut best = 0;
+            let mut best: Option<usize> = None;
             for (i, backend) in self.backends.iter().enumerate() {
+                if any_up && !up[i] {
+                    continue;
+                }
                 let weight = i64::from(backend.weight);
                 current[i] += weight;
                 total += weight;
-                if current[i] > current[best] {
-                    best = i;
+                if best.is_none_or(|best| current[i] > current[best]) {
+                    best = Some(i);
                 }
             }
+            let best = best.unwrap_or(0);
             current[best] -= total;
             best
         };
@@ -288,6 +294,10 @@ mod tests {
         ports.iter().map(|&port| addr(port).into()).collect()
     }
 
+    fn balancer(policy: Balance, backends: Vec<WeightedBackend>) -> Balancer {
+        Balancer::new(policy, backends, HealthCheck::OFF)
+    }
+
     fn client(n: u32) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)), 40000)
     }
@@ -315,7 +325,7 @@ mod tests {
     #[test]
     fn round_robin_rotates_the_start() {
         let (a, b, c) = (addr(9001), addr(9002), addr(9003));
-        let balancer = Balancer::new(Balance::RoundRobin, plain(&[9001, 9002, 9003]));
+        let balancer = balancer(Balance::RoundRobin, plain(&[9001, 9002, 9003]));
         assert_eq!(balancer.order(CLIENT), [a, b, c]);
         assert_eq!(balancer.order(CLIENT), [b, c, a]);
         assert_eq!(balancer.order(CLIENT), [c, a, b]);
@@ -326,7 +336,7 @@ mod tests {
     #[test]
     fn smooth_weighted_round_robin_interleaves() {
         // nginx's example: weights 5, 1, 1 give a a b a c a a, then again.
-        let balancer = Balancer::new(
+        let balancer = balancer(
             Balance::RoundRobin,
             vec![weighted(9011, 5), weighted(9012, 1), weighted(9013, 1)],
         );
@@ -344,10 +354,10 @@ mod tests {
     fn single_and_no_backend() {
         let a = addr(9001);
         for policy in [Balance::RoundRobin, Balance::LeastConn, Balance::SourceHash] {
-            let single = Balancer::new(policy, plain(&[9001]));
+            let single = balancer(policy, plain(&[9001]));
             assert_eq!(single.order(CLIENT), [a]);
             assert_eq!(single.order(CLIENT), [a]);
-            let none = Balancer::new(policy, Vec::new());
+            let none = balancer(policy, Vec::new());
             assert!(none.order(CLIENT).is_empty());
         }
     }
@@ -357,7 +367,7 @@ mod tests {
         const THREADS: usize = 8;
         const CALLS_PER_THREAD: usize = 3 * 500;
         let backends = plain(&[9021, 9022, 9023]);
-        let balancer = Arc::new(Balancer::new(Balance::RoundRobin, backends.clone()));
+        let balancer = Arc::new(balancer(Balance::RoundRobin, backends.clone()));
 
         let workers: Vec<_> = (0..THREADS)
             .map(|_| {
@@ -392,7 +402,7 @@ mod tests {
 
     #[test]
     fn least_conn_prefers_the_least_loaded_per_weight() {
-        let balancer = Balancer::new(
+        let balancer = balancer(
             Balance::LeastConn,
             vec![weighted(9031, 1), weighted(9032, 1), weighted(9033, 2)],
         );
@@ -400,13 +410,22 @@ mod tests {
         // All idle: ties rotate.
         let firsts: Vec<_> = (0..3).map(|_| balancer.order(CLIENT)[0]).collect();
         assert_eq!(firsts, [a, b, c]);
-        let held_a = [backend::state(a).lease(), backend::state(a).lease()];
-        let held_c = [backend::state(c).lease(), backend::state(c).lease()];
+        let held_a = [
+            backend::state(a, HealthCheck::OFF).lease(),
+            backend::state(a, HealthCheck::OFF).lease(),
+        ];
+        let held_c = [
+            backend::state(c, HealthCheck::OFF).lease(),
+            backend::state(c, HealthCheck::OFF).lease(),
+        ];
         // a: 2/1, b: 0/1, c: 2/2 = 1.
         for _ in 0..4 {
             assert_eq!(balancer.order(CLIENT), [b, c, a]);
         }
-        let held_b = [backend::state(b).lease(), backend::state(b).lease()];
+        let held_b = [
+            backend::state(b, HealthCheck::OFF).lease(),
+            backend::state(b, HealthCheck::OFF).lease(),
+        ];
         // a: 2, b: 2, c: 1.
         assert_eq!(balancer.order(CLIENT)[0], c);
         drop(held_a);
@@ -422,7 +441,7 @@ mod tests {
     #[test]
     fn source_hash_pins_clients_and_follows_weights() {
         let backends = vec![weighted(9041, 1), weighted(9042, 1), weighted(9043, 2)];
-        let balancer = Balancer::new(Balance::SourceHash, backends);
+        let balancer = balancer(Balance::SourceHash, backends);
         let once = firsts(&balancer, 4000);
         assert_eq!(once, firsts(&balancer, 4000), "a client keeps its backend");
         // The port is not hashed: the same IP from another port goes the same way.
@@ -446,8 +465,8 @@ mod tests {
             let before: Vec<u16> = (0..n).map(|k| 9050 + k).collect();
             let mut after = before.clone();
             after.push(9050 + n);
-            let old = firsts(&Balancer::new(Balance::SourceHash, plain(&before)), CLIENTS);
-            let new = firsts(&Balancer::new(Balance::SourceHash, plain(&after)), CLIENTS);
+            let old = firsts(&balancer(Balance::SourceHash, plain(&before)), CLIENTS);
+            let new = firsts(&balancer(Balance::SourceHash, plain(&after)), CLIENTS);
             let moved = old.iter().zip(&new).filter(|(o, n)| o != n).count();
             // Every client that moved went to the new backend.
             assert!(
@@ -467,11 +486,57 @@ mod tests {
 
     #[test]
     fn source_hash_fails_over_in_a_stable_order() {
-        let balancer = Balancer::new(Balance::SourceHash, plain(&[9061, 9062, 9063]));
+        let balancer = balancer(Balance::SourceHash, plain(&[9061, 9062, 9063]));
         for n in 0..50 {
             let order = balancer.order(client(n));
             assert_eq!(order.len(), 3);
             assert_eq!(order, balancer.order(client(n)));
+        }
+    }
+
+    /// Takes `addr` down: checked an hour apart (so no check runs during the test),
+    /// down after one failed connect.
+    fn take_down(addr: SocketAddr) -> Arc<BackendState> {
+        let check = HealthCheck {
+            interval: std::time::Duration::from_secs(3600),
+            fails: 1,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        let state = backend::state(addr, check);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        state.connect_failed("a test", &refused);
+        assert!(state.is_down());
+        state
+    }
+
+    #[test]
+    fn down_backends_come_last_and_round_robin_shares_their_turns() {
+        let backends = vec![weighted(9071, 1), weighted(9072, 1), weighted(9073, 2)];
+        let (a, b, c) = (addr(9071), addr(9072), addr(9073));
+        let round_robin = balancer(Balance::RoundRobin, backends.clone());
+        let least_conn = balancer(Balance::LeastConn, backends.clone());
+        let source_hash = balancer(Balance::SourceHash, backends);
+        let hashed_before: Vec<Vec<SocketAddr>> =
+            (0..200).map(|n| source_hash.order(client(n))).collect();
+        let down = take_down(c);
+        let firsts: Vec<SocketAddr> = (0..10).map(|_| round_robin.order(CLIENT)[0]).collect();
+        assert_eq!(firsts, [a, b, a, b, a, b, a, b, a, b]);
+        for _ in 0..4 {
+            let order = round_robin.order(CLIENT);
+            assert_eq!(order[2], c, "{order:?}");
+            assert_eq!(least_conn.order(CLIENT)[2], c);
+        }
+        for (n, before) in (0..200).zip(&hashed_before) {
+            let healthy: Vec<SocketAddr> = before.iter().copied().filter(|&x| x != c).collect();
+            let order = source_hash.order(client(n));
+            assert_eq!(order[..2], healthy[..], "client {n}");
+            assert_eq!(order[2], c);
+        }
+        down.connected("a test");
+        let firsts: Vec<SocketAddr> = (0..8).map(|_| round_robin.order(CLIENT)[0]).collect();
+        assert_eq!(firsts.iter().filter(|&&x| x == c).count(), 4, "{firsts:?}");
+        for (n, before) in (0..200).zip(&hashed_before) {
+            assert_eq!(&source_hash.order(client(n)), before, "client {n} is back");
         }
     }
 }

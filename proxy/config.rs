@@ -19,12 +19,18 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
+use crate::backend::HealthCheck;
 use crate::balance::{Balance, MAX_WEIGHT, ParseBalanceError, WeightedBackend};
 use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, RegexError};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_FIRST_MESSAGE_MAX: usize = 16 * 1024;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// HAProxy's `fall` default: one refused connect is often a restart, three are an outage.
+const DEFAULT_HEALTH_FAILS: u32 = 3;
+const HEALTH_FAILS_LIMIT: usize = 100;
+/// Shorter intervals hammer the backend with connects.
+const HEALTH_INTERVAL_MIN: Duration = Duration::from_millis(100);
 
 /// Every connection holds a buffer this large until it is routed.
 const FIRST_MESSAGE_MAX_LIMIT: usize = 1024 * 1024;
@@ -42,6 +48,9 @@ pub struct Config {
     pub first_message_max: usize,
     /// How long one backend may take to accept before the next one is tried.
     pub connect_timeout: Duration,
+    /// The top-level `health_interval` and `health_fails`: what routes that do not set
+    /// their own get. Off unless `health_interval` is given.
+    pub health: HealthCheck,
     /// In file order, which is the order they are tried in.
     pub routes: Vec<RouteConfig>,
 }
@@ -57,6 +66,8 @@ pub struct RouteConfig {
     /// In file order, each with its weight (1 unless given).
     pub backends: Vec<WeightedBackend>,
     pub balance: Balance,
+    /// How its backends' health is checked: its own keys, else the top-level ones.
+    pub health: HealthCheck,
 }
 
 /// Why routes.toml could not be used.
@@ -191,6 +202,26 @@ pub enum Problem {
     PortZero { text: String },
     #[error("{addr} is listed twice; give it one entry with a weight instead")]
     DuplicateBackend { addr: SocketAddr },
+    #[error("{text:?} is out of range: must be \"0s\" (no health checks) or from 100ms to 1h")]
+    HealthIntervalOutOfRange { text: String },
+    #[error(
+        "health_fails counts failed health checks, and there are none: set health_interval \
+         too (e.g. \"2s\")"
+    )]
+    FailsWithoutInterval,
+    #[error(
+        "{addr} is also a backend of route {route:?} (line {line}), with {there}; here it \
+         has {here}. An address has one health state: give both routes the same \
+         health_interval and health_fails"
+    )]
+    HealthConflict {
+        addr: SocketAddr,
+        route: String,
+        line: usize,
+        /// As `--check` prints a [`HealthCheck`].
+        there: String,
+        here: String,
+    },
     #[error(transparent)]
     Balance(ParseBalanceError),
     #[error("no routes: add at least one [[route]] with backends")]
@@ -238,6 +269,8 @@ struct RawConfig {
     first_message_timeout: Option<Spanned<DurationText>>,
     first_message_max: Option<Spanned<i64>>,
     connect_timeout: Option<Spanned<DurationText>>,
+    health_interval: Option<Spanned<DurationText>>,
+    health_fails: Option<Spanned<i64>>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -259,6 +292,8 @@ struct RawRoute {
     default: Option<Spanned<bool>>,
     backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     balance: Option<Spanned<String>>,
+    health_interval: Option<Spanned<DurationText>>,
+    health_fails: Option<Spanned<i64>>,
 }
 
 /// One entry of `backends`: `"ip:port"` or `{ addr = "ip:port", weight = N }`.
@@ -275,9 +310,7 @@ impl<'de> Deserialize<'de> for RawBackend {
             type Value = RawBackend;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "a backend: \"ip:port\" or { addr = \"ip:port\", weight = N }",
-                )
+                f.write_str("a backend: \"ip:port\" or { addr = \"ip:port\", weight = N }")
             }
 
             fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawBackend, E> {
@@ -295,7 +328,8 @@ impl<'de> Deserialize<'de> for RawBackend {
                     match key.as_str() {
                         "addr" if addr.is_none() => addr = Some(map.next_value::<String>()?),
                         "weight" if weight.is_none() => weight = Some(map.next_value::<i64>()?),
-                        "addr" | "weight" => return Err(A::Error::duplicate_field("addr")),
+                        "addr" => return Err(A::Error::duplicate_field("addr")),
+                        "weight" => return Err(A::Error::duplicate_field("weight")),
                         _ => return Err(A::Error::unknown_field(&key, FIELDS)),
                     }
                 }
@@ -383,6 +417,25 @@ impl Source<'_> {
             None => DEFAULT_FIRST_MESSAGE_MAX,
         };
 
+        let interval = (raw.health_interval)
+            .map(|value| self.health_interval(value, Place::key("health_interval")))
+            .transpose()?;
+        let fails = match &raw.health_fails {
+            Some(value) => {
+                if interval.is_none_or(|interval| interval.is_zero()) {
+                    let place = Place::key("health_fails");
+                    return Err(self.invalid(value.span(), place, Problem::FailsWithoutInterval));
+                }
+                self.health_fails(value, Place::key("health_fails"))?
+            }
+            None => DEFAULT_HEALTH_FAILS,
+        };
+        let health = HealthDefaults {
+            interval: interval.unwrap_or(Duration::ZERO),
+            fails,
+            timeout: connect_timeout,
+        };
+
         if raw.route.is_empty() {
             return Err(self.invalid(0..0, Place::key("route"), Problem::NoRoutes));
         }
@@ -390,8 +443,10 @@ impl Source<'_> {
         let mut name_lines: HashMap<String, usize> = HashMap::new();
         // The default route so far: its name and the line of its `default = true`.
         let mut default_route: Option<(String, usize)> = None;
+        // Each address's health check, with the route and line that first set it.
+        let mut checks: HashMap<SocketAddr, (HealthCheck, String, usize)> = HashMap::new();
         for (index, raw_route) in raw.route.into_iter().enumerate() {
-            let (route, spans) = self.route(index + 1, raw_route, first_message_max)?;
+            let (route, spans) = self.route(index + 1, raw_route, first_message_max, health)?;
             let place = |key: &str| Place::route_key(RouteLabel::Named(route.name.clone()), key);
 
             if let Some(&first_line) = name_lines.get(&route.name) {
@@ -410,14 +465,56 @@ impl Source<'_> {
                 }
                 default_route = Some((route.name.clone(), line_at(self.text, default_span.start)));
             }
+            for (backend, span) in route.backends.iter().zip(&spans.backends) {
+                let line = line_at(self.text, span.start);
+                let first = (route.health, route.name.clone(), line);
+                let (there, first_route, first_line) = checks.entry(backend.addr).or_insert(first);
+                if *there != route.health {
+                    let problem = Problem::HealthConflict {
+                        addr: backend.addr,
+                        route: first_route.clone(),
+                        line: *first_line,
+                        there: there.to_string(),
+                        here: route.health.to_string(),
+                    };
+                    return Err(self.invalid(span.clone(), place("backends"), problem));
+                }
+            }
             routes.push(route);
         }
         Ok(Config {
             first_message_timeout,
             first_message_max,
             connect_timeout,
+            health: health.check(),
             routes,
         })
+    }
+
+    /// `health_interval`: "0s" turns checks off; otherwise 100ms to 1h.
+    fn health_interval(
+        &self,
+        value: Spanned<DurationText>,
+        place: Place,
+    ) -> Result<Duration, ConfigError> {
+        let span = value.span();
+        let DurationText(text) = value.into_inner();
+        match humantime::parse_duration(&text) {
+            Ok(duration)
+                if duration.is_zero()
+                    || (HEALTH_INTERVAL_MIN..=TIMEOUT_LIMIT).contains(&duration) =>
+            {
+                Ok(duration)
+            }
+            Ok(_) => Err(self.invalid(span, place, Problem::HealthIntervalOutOfRange { text })),
+            Err(reason) => Err(self.invalid(span, place, Problem::NotADuration { text, reason })),
+        }
+    }
+
+    fn health_fails(&self, value: &Spanned<i64>, place: Place) -> Result<u32, ConfigError> {
+        let fails = integer_in(value, 1, HEALTH_FAILS_LIMIT)
+            .map_err(|problem| self.invalid(value.span(), place, problem))?;
+        Ok(u32::try_from(fails).unwrap_or(u32::MAX))
     }
 
     fn timeout(
@@ -449,6 +546,7 @@ impl Source<'_> {
         number: usize,
         raw: RawRoute,
         first_message_max: usize,
+        top_health: HealthDefaults,
     ) -> Result<(RouteConfig, RouteSpans), ConfigError> {
         let name_span = raw.name.span();
         let name = raw.name.get_ref().clone();
@@ -475,7 +573,8 @@ impl Source<'_> {
             _ => {}
         }
 
-        let backends = check.backends(raw.backends, &name_span)?;
+        let (backends, backend_spans) = check.backends(raw.backends, &name_span)?;
+        let health = check.health(raw.health_interval, raw.health_fails.as_ref(), top_health)?;
         let balance = match raw.balance {
             Some(balance) => balance
                 .get_ref()
@@ -487,6 +586,7 @@ impl Source<'_> {
         let spans = RouteSpans {
             name: name_span,
             default: default.map(Spanned::span),
+            backends: backend_spans,
         };
         let route = RouteConfig {
             name,
@@ -494,8 +594,32 @@ impl Source<'_> {
             default: spans.default.is_some(),
             backends,
             balance,
+            health,
         };
         Ok((route, spans))
+    }
+}
+
+/// The top-level health keys (or their defaults), which routes inherit key by key.
+#[derive(Clone, Copy)]
+struct HealthDefaults {
+    /// Zero when checks are off.
+    interval: Duration,
+    fails: u32,
+    timeout: Duration,
+}
+
+impl HealthDefaults {
+    /// Off is one value, whatever the other keys say, so that routes compare equal.
+    fn check(self) -> HealthCheck {
+        if self.interval.is_zero() {
+            return HealthCheck::OFF;
+        }
+        HealthCheck {
+            interval: self.interval,
+            fails: self.fails,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -504,6 +628,8 @@ struct RouteSpans {
     name: Range<usize>,
     /// Where `default = true` is, for a default route.
     default: Option<Range<usize>>,
+    /// Each entry of `backends`, in order.
+    backends: Vec<Range<usize>>,
 }
 
 /// The checks on one named `[[route]]`.
@@ -699,11 +825,40 @@ impl RouteCheck<'_> {
         Ok(())
     }
 
+    /// The route's own `health_interval` and `health_fails`, over the top-level ones.
+    fn health(
+        &self,
+        interval: Option<Spanned<DurationText>>,
+        fails: Option<&Spanned<i64>>,
+        top: HealthDefaults,
+    ) -> Result<HealthCheck, ConfigError> {
+        let place = |key: &str| Place::route_key(RouteLabel::Named(self.name.to_owned()), key);
+        let interval = match interval {
+            Some(value) => self
+                .source
+                .health_interval(value, place("health_interval"))?,
+            None => top.interval,
+        };
+        let fails = match fails {
+            Some(value) if interval.is_zero() => {
+                return Err(self.fail(value.span(), "health_fails", Problem::FailsWithoutInterval));
+            }
+            Some(value) => self.source.health_fails(value, place("health_fails"))?,
+            None => top.fails,
+        };
+        let health = HealthDefaults {
+            interval,
+            fails,
+            timeout: top.timeout,
+        };
+        Ok(health.check())
+    }
+
     fn backends(
         &self,
         raw: Option<Spanned<Vec<Spanned<RawBackend>>>>,
         name_span: &Range<usize>,
-    ) -> Result<Vec<WeightedBackend>, ConfigError> {
+    ) -> Result<(Vec<WeightedBackend>, Vec<Range<usize>>), ConfigError> {
         let Some(raw) = raw else {
             return Err(self.fail(name_span.clone(), "backends", Problem::NoBackends));
         };
@@ -711,6 +866,7 @@ impl RouteCheck<'_> {
             return Err(self.fail(raw.span(), "backends", Problem::NoBackends));
         }
         let mut backends: Vec<WeightedBackend> = Vec::with_capacity(raw.get_ref().len());
+        let mut spans = Vec::with_capacity(raw.get_ref().len());
         for entry in raw.into_inner() {
             let span = entry.span();
             let (text, weight) = match entry.into_inner() {
@@ -738,8 +894,9 @@ impl RouteCheck<'_> {
                 return Err(self.fail(span, "backends", Problem::DuplicateBackend { addr }));
             }
             backends.push(WeightedBackend { addr, weight });
+            spans.push(span);
         }
-        Ok(backends)
+        Ok((backends, spans))
     }
 }
 
@@ -846,10 +1003,11 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "first_message_timeout {}, first_message_max {} bytes, connect_timeout {}",
+            "first_message_timeout {}, first_message_max {} bytes, connect_timeout {}, {}",
             humantime::format_duration(self.first_message_timeout),
             self.first_message_max,
             humantime::format_duration(self.connect_timeout),
+            self.health,
         )?;
         for route in &self.routes {
             writeln!(f, "{route}")?;
@@ -858,7 +1016,8 @@ impl fmt::Display for Config {
     }
 }
 
-/// `route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin)`
+/// `route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001, 127.0.0.1:5002
+/// weight 3 (round-robin; health_interval 2s, health_fails 3)`
 impl fmt::Display for RouteConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "route {:?}: ", self.name)?;
@@ -869,7 +1028,13 @@ impl fmt::Display for RouteConfig {
         tests.extend(self.matchers.iter().map(Matcher::to_string));
         f.write_str(&tests.join(", "))?;
         let backends: Vec<String> = self.backends.iter().map(|b| b.to_string()).collect();
-        write!(f, " -> {} ({})", backends.join(", "), self.balance)
+        write!(
+            f,
+            " -> {} ({}; {})",
+            backends.join(", "),
+            self.balance,
+            self.health
+        )
     }
 }
 
@@ -923,6 +1088,7 @@ mod tests {
                 default: false,
                 backends: vec![backend(9001).into()],
                 balance: Balance::RoundRobin,
+                health: HealthCheck::OFF,
             }]
         );
     }
@@ -966,7 +1132,10 @@ mod tests {
         );
         assert_eq!(
             config.routes[0].backends,
-            [backend(5001), "[::1]:5002".parse().unwrap()]
+            [
+                backend(5001).into(),
+                "[::1]:5002".parse::<SocketAddr>().unwrap().into()
+            ]
         );
         assert!(!config.routes[0].default);
         assert!(config.routes[1].default);
@@ -1526,9 +1695,136 @@ mod tests {
         assert_eq!(weights, [(9001, 1), (9002, 3), (9003, 1), (9004, 1000)]);
         assert!(
             config.to_string().contains(
-                "127.0.0.1:9001, 127.0.0.1:9002 weight 3, [::1]:9003, 127.0.0.1:9004 weight 1000 (round-robin)"
+                "127.0.0.1:9001, 127.0.0.1:9002 weight 3, [::1]:9003, 127.0.0.1:9004 weight 1000 (round-robin; health off)"
             ),
             "{config}"
+        );
+    }
+
+    #[test]
+    fn health_keys_at_the_top_and_per_route() {
+        let config = parse(&[
+            r#"health_interval = "2s""#,
+            "health_fails = 2",
+            r#"connect_timeout = "500ms""#,
+            "[[route]]",
+            r#"name = "inherits""#,
+            r#"prefix = "a""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+            "[[route]]",
+            r#"name = "own""#,
+            r#"prefix = "b""#,
+            r#"health_interval = "250ms""#,
+            r#"backends = ["127.0.0.1:9002"]"#,
+            "[[route]]",
+            r#"name = "off""#,
+            r#"prefix = "c""#,
+            r#"health_interval = "0s""#,
+            r#"backends = ["127.0.0.1:9003"]"#,
+        ])
+        .unwrap();
+        let check = |ms, fails| HealthCheck {
+            interval: Duration::from_millis(ms),
+            fails,
+            timeout: Duration::from_millis(500),
+        };
+        assert_eq!(config.health, check(2000, 2));
+        assert_eq!(config.routes[0].health, check(2000, 2));
+        assert_eq!(config.routes[1].health, check(250, 2));
+        assert_eq!(config.routes[2].health, HealthCheck::OFF);
+        let shown = config.to_string();
+        assert!(
+            shown.contains("connect_timeout 500ms, health_interval 2s, health_fails 2\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("127.0.0.1:9002 (round-robin; health_interval 250ms, health_fails 2)"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("127.0.0.1:9003 (round-robin; health off)"),
+            "{shown}"
+        );
+
+        // Without a top-level interval, a route's own turns checks on, 3 fails by default.
+        let config = parse(&[
+            "[[route]]",
+            r#"name = "own""#,
+            r#"prefix = "b""#,
+            r#"health_interval = "1s""#,
+            r#"backends = ["127.0.0.1:9002"]"#,
+        ])
+        .unwrap();
+        assert_eq!(config.health, HealthCheck::OFF);
+        assert_eq!(config.routes[0].health.fails, 3);
+        assert_eq!(config.routes[0].health.interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn refuses_bad_health_keys() {
+        let route = [
+            "[[route]]",
+            r#"name = "web""#,
+            r#"prefix = "GET ""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ];
+        for (text, says) in [
+            (
+                "50ms",
+                r#""50ms" is out of range: must be "0s" (no health checks) or from 100ms"#,
+            ),
+            ("2h", r#""2h" is out of range"#),
+            ("often", r#""often" is not a duration"#),
+        ] {
+            let top = format!("health_interval = {text:?}");
+            let mut lines = vec![top.as_str()];
+            lines.extend(route);
+            assert_refused(&lines, 1, r#"key "health_interval": "#, says);
+            let mut lines = route.to_vec();
+            lines.insert(3, &top);
+            assert_refused(&lines, 4, r#"route "web": key "health_interval": "#, says);
+        }
+        for fails in ["0", "101"] {
+            let top = format!("health_fails = {fails}");
+            let mut lines = vec![r#"health_interval = "1s""#, top.as_str()];
+            lines.extend(route);
+            let says = format!("{fails} is out of range: must be 1..=100");
+            assert_refused(&lines, 2, r#"key "health_fails": "#, &says);
+        }
+        let mut lines = vec!["health_fails = 2"];
+        lines.extend(route);
+        assert_refused(
+            &lines,
+            1,
+            r#"key "health_fails": "#,
+            "health_fails counts failed health checks, and there are none",
+        );
+        let mut lines = route.to_vec();
+        lines.insert(3, "health_fails = 2");
+        assert_refused(
+            &lines,
+            4,
+            r#"route "web": key "health_fails": "#,
+            "set health_interval too",
+        );
+        assert_refused(
+            &[
+                r#"health_interval = "1s""#,
+                "[[route]]",
+                r#"name = "a""#,
+                r#"prefix = "a""#,
+                r#"backends = ["127.0.0.1:9001", "127.0.0.1:9002"]"#,
+                "[[route]]",
+                r#"name = "b""#,
+                r#"prefix = "b""#,
+                "health_fails = 5",
+                r#"backends = ["127.0.0.1:9003","#,
+                r#"  "127.0.0.1:9002"]"#,
+            ],
+            11,
+            r#"route "b": key "backends": "#,
+            "127.0.0.1:9002 is also a backend of route \"a\" (line 5), with health_interval \
+             1s, health_fails 3; here it has health_interval 1s, health_fails 5",
         );
     }
 
@@ -1629,7 +1925,7 @@ mod tests {
         assert_eq!(
             config.to_string().lines().nth(1),
             Some(
-                r#"route "tls-a": sni "a.example.com", alpn ["h2", "http/1.1"] -> 127.0.0.1:9001 (round-robin)"#
+                r#"route "tls-a": sni "a.example.com", alpn ["h2", "http/1.1"] -> 127.0.0.1:9001 (round-robin; health off)"#
             )
         );
     }
@@ -1826,7 +2122,11 @@ mod tests {
             .collect();
         assert_eq!(
             ports,
-            [backend(5600).into(), backend(5601).into(), backend(5602).into()]
+            [
+                backend(5600).into(),
+                backend(5601).into(),
+                backend(5602).into()
+            ]
         );
     }
 
@@ -1854,10 +2154,10 @@ mod tests {
         assert_eq!(
             config.to_string(),
             [
-                "first_message_timeout 3s, first_message_max 512 bytes, connect_timeout 2s",
-                r#"route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin)"#,
-                r#"route "tls": prefix "\x16\x03\"" -> 127.0.0.1:9001, 127.0.0.1:9002 (round-robin)"#,
-                r#"route "fallback": default -> 127.0.0.1:9009 (round-robin)"#,
+                "first_message_timeout 3s, first_message_max 512 bytes, connect_timeout 2s, health off",
+                r#"route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin; health off)"#,
+                r#"route "tls": prefix "\x16\x03\"" -> 127.0.0.1:9001, 127.0.0.1:9002 (round-robin; health off)"#,
+                r#"route "fallback": default -> 127.0.0.1:9009 (round-robin; health off)"#,
                 "",
             ]
             .join("\n")

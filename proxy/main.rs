@@ -49,7 +49,8 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     routes: PathBuf,
 
-    /// Validate the routes file, print the routes, and exit 0 if it is valid, 1 if not.
+    /// Validate the routes file, print the routes (matchers, backends and weights,
+    /// balance policy, health checks), and exit 0 if it is valid, 1 if not.
     #[arg(long)]
     check: bool,
 

@@ -33,6 +33,7 @@ use glommio::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
+    backend::{self, Lease},
     config::Config,
     metrics::{Metrics, Refusal},
     route::{Decision, FirstMessage, Forward, Router},
@@ -352,7 +353,7 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
         }
     };
     unserved.route = Some(Arc::clone(&forward.route));
-    let Some((upstream, backend)) =
+    let Some((upstream, backend, lease)) =
         connect(&forward, limits.connect_timeout, client_addr, metrics).await
     else {
         return unserved.close(
@@ -383,6 +384,7 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
                 backend,
                 accepted,
             },
+            lease,
         }),
         Err(e) => unserved.close(
             Refusal::Setup,
@@ -479,23 +481,32 @@ async fn read_first_message(
     }
 }
 
-/// Tries the route's backends in order; returns the first that accepts.
+/// Tries the route's backends in order; returns the first that accepts, with a lease
+/// on it if a route lists it. Each connect counts for or against the backend's health.
 async fn connect(
     forward: &Forward,
     connect_timeout: Duration,
     client: SocketAddr,
     metrics: &Metrics,
-) -> Option<(TcpStream, SocketAddr)> {
+) -> Option<(TcpStream, SocketAddr, Option<Lease>)> {
     for &backend in &forward.backends {
+        let state = backend::existing(backend);
         let started = Instant::now();
         match TcpStream::connect_timeout(backend, connect_timeout).await {
             Ok(stream) => {
                 metrics.backend_connected(backend, started.elapsed());
-                return Some((stream, backend));
+                let lease = state.map(|state| {
+                    state.connected("a connection");
+                    state.lease()
+                });
+                return Some((stream, backend, lease));
             }
             Err(e) => {
                 metrics.backend_connect_failed(backend);
-                tracing::warn!(%client, route = %forward.route, %backend, "backend did not accept a connection: {e}")
+                tracing::warn!(%client, route = %forward.route, %backend, "backend did not accept a connection: {e}");
+                if let Some(state) = state {
+                    state.connect_failed("a connection", &e);
+                }
             }
         }
     }

@@ -55,7 +55,8 @@ fn check_prints_every_route_of_the_sample_files() {
     let (code, stdout, stderr) = run(&["--routes", routes.to_str().unwrap(), "--check"]);
     assert_eq!(code, 0, "stderr: {stderr}");
     for line in [
-        r#"route "ping": prefix "PING" -> 127.0.0.1:9001, 127.0.0.1:9002"#,
+        "connect_timeout 2s, health_interval 2s, health_fails 3\n",
+        r#"route "ping": prefix "PING" -> 127.0.0.1:9001, 127.0.0.1:9002 weight 2 (round-robin; health_interval 2s, health_fails 3)"#,
         r#"route "v2": at 4 = "v2" -> 127.0.0.1:9002"#,
         r#"route "fallback": default -> 127.0.0.1:9009"#,
     ] {
@@ -95,6 +96,34 @@ fn check_names_the_file_line_and_key_of_an_error() {
             6,
             "backends",
             "\"localhost:9002\" is not an address",
+        ),
+        (
+            "weight",
+            "[[route]]\nname = \"web\"\nprefix = \"GET \"\nbackends = [\n  { addr = \"127.0.0.1:9001\", weight = 0 },\n]\n",
+            5,
+            "weight",
+            "0 is out of range: must be 1..=1000",
+        ),
+        (
+            "balance",
+            "[[route]]\nname = \"web\"\nprefix = \"GET \"\nbalance = \"leastconn\"\nbackends = [\"127.0.0.1:9001\"]\n",
+            4,
+            "balance",
+            "\"leastconn\" is not a balance policy",
+        ),
+        (
+            "health-interval",
+            "[[route]]\nname = \"web\"\nprefix = \"GET \"\nhealth_interval = \"10ms\"\nbackends = [\"127.0.0.1:9001\"]\n",
+            4,
+            "health_interval",
+            "\"10ms\" is out of range",
+        ),
+        (
+            "health-fails",
+            "health_fails = 2\n[[route]]\nname = \"web\"\nprefix = \"GET \"\nbackends = [\"127.0.0.1:9001\"]\n",
+            1,
+            "health_fails",
+            "set health_interval too",
         ),
     ];
     for (name, text, line, key, problem) in cases {

@@ -384,7 +384,7 @@ impl RouteTable {
             let table_route = TableRoute {
                 name: Arc::from(route.name.as_str()),
                 matchers: route.matchers.clone(),
-                balancer: Balancer::new(route.balance, route.backends.clone()),
+                balancer: Balancer::new(route.balance, route.backends.clone(), route.health),
             };
             if !route.default {
                 routes.push(table_route);
@@ -462,6 +462,7 @@ impl Router for RouteTable {
 mod tests {
     use super::tls::tests::client_hello;
     use super::*;
+    use crate::backend::HealthCheck;
     use crate::balance::Balance;
     use crate::config::RouteConfig;
     use std::time::Duration;
@@ -491,6 +492,7 @@ mod tests {
             default: false,
             backends: ports.iter().map(|&port| backend(port).into()).collect(),
             balance: Balance::RoundRobin,
+            health: HealthCheck::OFF,
         }
     }
 
@@ -506,6 +508,7 @@ mod tests {
             first_message_timeout: Duration::from_secs(3),
             first_message_max: 16384,
             connect_timeout: Duration::from_secs(2),
+            health: HealthCheck::OFF,
             routes,
         })
     }

@@ -29,6 +29,7 @@ use pair::{Endpoint, Next, Pair, Side};
 use poll::{Epoll, Wakeup};
 
 use crate::{
+    backend::Lease,
     metrics::{Metrics, Refusal},
     probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
     socket,
@@ -50,6 +51,11 @@ pub struct Connection {
     /// Bytes the caller read from the client and wrote, all of them, to the upstream.
     pub forwarded: u64,
     pub info: ConnectionInfo,
+    /// Counts the connection against its backend (least-conn) until the engine closes
+    /// it. None for an address no route lists (a custom [`Router`] may name any).
+    ///
+    /// [`Router`]: crate::route::Router
+    pub lease: Option<Lease>,
 }
 
 /// What the access log says about a connection.
@@ -299,11 +305,12 @@ impl Worker {
             upstream,
             forwarded,
             info,
+            lease,
         } = connection;
         socket::set_nonblocking(client.as_fd())?;
         socket::set_nonblocking(upstream.as_fd())?;
         let mut pair = match &mut self.maps {
-            Some(maps) => splice(maps, client, upstream, forwarded, info)?,
+            Some(maps) => splice(maps, client, upstream, forwarded, info, lease)?,
             None => Pair::new(
                 Endpoint {
                     fd: client,
@@ -315,6 +322,7 @@ impl Worker {
                 },
                 forwarded,
                 info,
+                lease,
             ),
         };
         let slot = match self.free.pop() {
@@ -368,11 +376,14 @@ impl Worker {
     /// Tears a pair down: out of the maps, both sockets closed (with an RST if it ended
     /// in an error, so that both ends learn it did not end cleanly), one log line.
     fn finish(&mut self, slot: usize, error: Option<io::Error>) {
-        let Some(pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
+        let Some(mut pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
             return;
         };
         self.free.push(slot);
         self.draining.retain(|&s| s != slot);
+        // Before the sockets close and the connection stops counting as live: whoever
+        // sees it end must find it no longer counted against its backend.
+        drop(pair.lease.take());
         self.live.fetch_sub(1, Ordering::Relaxed);
 
         let (sent_up, sent_down) = pair.bytes_sent();
@@ -419,6 +430,7 @@ fn splice(
     upstream: OwnedFd,
     forwarded: u64,
     info: ConnectionInfo,
+    lease: Option<Lease>,
 ) -> io::Result<Pair> {
     let client = Endpoint {
         cookie: socket::cookie(client.as_fd())?,
@@ -428,7 +440,7 @@ fn splice(
         cookie: socket::cookie(upstream.as_fd())?,
         fd: upstream,
     };
-    let mut pair = Pair::new(client, upstream, forwarded, info);
+    let mut pair = Pair::new(client, upstream, forwarded, info, lease);
     if !pair.settle_client_queue()? {
         tracing::debug!(client = %pair.info.client, "client still streaming or closing at the hand-off; copying in userspace");
         return Ok(pair);

@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::{ConnectionInfo, Mode, poll};
-use crate::socket;
+use crate::{backend::Lease, socket};
 
 /// A userspace copy moves at most this much per read: large enough for a fast stream,
 /// small enough that thousands of copied connections stay cheap.
@@ -79,6 +79,8 @@ pub(super) struct Pair {
     to_upstream: Direction,
     to_client: Direction,
     pub info: ConnectionInfo,
+    /// Counts the connection against its backend until the pair is torn down.
+    pub lease: Option<Lease>,
     /// The pair's cookies are in the probe's maps and must be removed at teardown.
     pub in_maps: bool,
 }
@@ -95,6 +97,7 @@ impl Pair {
         upstream: Endpoint,
         first_message_len: u64,
         info: ConnectionInfo,
+        lease: Option<Lease>,
     ) -> Pair {
         Pair {
             client,
@@ -102,6 +105,7 @@ impl Pair {
             to_upstream: Direction::copied(first_message_len),
             to_client: Direction::copied(0),
             info,
+            lease,
             in_maps: false,
         }
     }
