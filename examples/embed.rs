@@ -59,6 +59,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Decision::Forward(Forward {
             route: route.into(),
             backends: vec![backend],
+            send_proxy: None,
         })
     };
 

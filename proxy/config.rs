@@ -21,6 +21,7 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::backend::HealthCheck;
 use crate::balance::{Balance, MAX_WEIGHT, ParseBalanceError, WeightedBackend};
+use crate::proxy_protocol::{ParseProxyProtocolError, ProxyProtocol};
 use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, RegexError};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -68,6 +69,8 @@ pub struct RouteConfig {
     pub balance: Balance,
     /// How its backends' health is checked: its own keys, else the top-level ones.
     pub health: HealthCheck,
+    /// The PROXY protocol header written to the backend before the first message.
+    pub send_proxy: Option<ProxyProtocol>,
 }
 
 /// Why routes.toml could not be used.
@@ -224,6 +227,8 @@ pub enum Problem {
     },
     #[error(transparent)]
     Balance(ParseBalanceError),
+    #[error(transparent)]
+    SendProxy(ParseProxyProtocolError),
     #[error("no routes: add at least one [[route]] with backends")]
     NoRoutes,
 }
@@ -294,6 +299,7 @@ struct RawRoute {
     balance: Option<Spanned<String>>,
     health_interval: Option<Spanned<DurationText>>,
     health_fails: Option<Spanned<i64>>,
+    send_proxy: Option<Spanned<String>>,
 }
 
 /// One entry of `backends`: `"ip:port"` or `{ addr = "ip:port", weight = N }`.
@@ -582,6 +588,14 @@ impl Source<'_> {
                 .map_err(|error| check.fail(balance.span(), "balance", Problem::Balance(error)))?,
             None => Balance::default(),
         };
+        let send_proxy = raw
+            .send_proxy
+            .map(|version| {
+                (version.get_ref().parse()).map_err(|error| {
+                    check.fail(version.span(), "send_proxy", Problem::SendProxy(error))
+                })
+            })
+            .transpose()?;
 
         let spans = RouteSpans {
             name: name_span,
@@ -595,6 +609,7 @@ impl Source<'_> {
             backends,
             balance,
             health,
+            send_proxy,
         };
         Ok((route, spans))
     }
@@ -1030,11 +1045,15 @@ impl fmt::Display for RouteConfig {
         let backends: Vec<String> = self.backends.iter().map(|b| b.to_string()).collect();
         write!(
             f,
-            " -> {} ({}; {})",
+            " -> {} ({}; {}",
             backends.join(", "),
             self.balance,
             self.health
-        )
+        )?;
+        match self.send_proxy {
+            Some(version) => write!(f, "; send_proxy {version})"),
+            None => f.write_str(")"),
+        }
     }
 }
 
@@ -1089,6 +1108,7 @@ mod tests {
                 backends: vec![backend(9001).into()],
                 balance: Balance::RoundRobin,
                 health: HealthCheck::OFF,
+                send_proxy: None,
             }]
         );
     }
@@ -1758,6 +1778,46 @@ mod tests {
         assert_eq!(config.health, HealthCheck::OFF);
         assert_eq!(config.routes[0].health.fails, 3);
         assert_eq!(config.routes[0].health.interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn send_proxy_takes_v1_or_v2() {
+        let route = |value: &str| {
+            let line = format!("send_proxy = {value}");
+            parse(&[
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                &line,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ])
+        };
+        assert_eq!(
+            route("\"v1\"").unwrap().routes[0].send_proxy,
+            Some(ProxyProtocol::V1)
+        );
+        let config = route("\"v2\"").unwrap();
+        assert_eq!(config.routes[0].send_proxy, Some(ProxyProtocol::V2));
+        assert!(
+            config
+                .to_string()
+                .contains("(round-robin; health off; send_proxy v2)\n"),
+            "{config}"
+        );
+        for (value, says) in [
+            (
+                "\"V2\"",
+                r#""V2" is not a PROXY protocol version (expected "v1" or "v2")"#,
+            ),
+            ("2", "invalid type: integer `2`, expected a string"),
+        ] {
+            let message = route(value).unwrap_err().to_string();
+            assert!(
+                message.starts_with(r#"routes.toml:4: route "web": key "send_proxy": "#),
+                "{message}"
+            );
+            assert!(message.contains(says), "{message}");
+        }
     }
 
     #[test]

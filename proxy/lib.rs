@@ -6,6 +6,7 @@
 //! - [`route`]: matchers and the route table that picks a route for a first message.
 //! - [`balance`]: the order in which a route's backends are tried.
 //! - [`backend`]: what is known about each backend address: live connections.
+//! - [`proxy_protocol`]: the PROXY protocol header `send_proxy` writes to backends.
 //! - [`probe`]: the loaded eBPF programs and their maps.
 //! - [`metrics`]: what is counted about connections, and its Prometheus exposition.
 //! - [`privileges`]: becoming an unprivileged user once the probe and listeners are set up.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod metrics;
 pub mod privileges;
 pub mod probe;
+pub mod proxy_protocol;
 pub mod route;
 pub mod server;
 mod socket;

@@ -363,7 +363,32 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
     };
     unserved.backend = Some(backend);
     let mut upstream = upstream;
-    if let Err(e) = upstream.write_all(&first).await {
+    let header = match forward.send_proxy {
+        Some(version) => match client
+            .local_addr()
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|local| version.header(client_addr, local))
+        {
+            Ok(header) => header,
+            Err(e) => {
+                return unserved.close(
+                    Refusal::Setup,
+                    format_args!("the PROXY {version} header could not be made: {e}"),
+                );
+            }
+        },
+        None => Vec::new(),
+    };
+    // Wholly written before the hand-off, so that spliced bytes cannot overtake it; the
+    // header in the same write, so that a backend reading it reads it whole.
+    let written = if header.is_empty() {
+        upstream.write_all(&first).await
+    } else {
+        let mut bytes = header;
+        bytes.extend_from_slice(&first);
+        upstream.write_all(&bytes).await
+    };
+    if let Err(e) = written {
         return unserved.close(
             Refusal::BackendWrite,
             format_args!("writing the first message to the backend failed: {e}"),
@@ -377,6 +402,7 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
         Ok((client_fd, upstream_fd)) => engine.adopt(Connection {
             client: client_fd,
             upstream: upstream_fd,
+            // The client's bytes only: the header is the proxy's.
             forwarded: first.len() as u64,
             info: ConnectionInfo {
                 client: client_addr,

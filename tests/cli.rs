@@ -58,6 +58,7 @@ fn check_prints_every_route_of_the_sample_files() {
         "connect_timeout 2s, health_interval 2s, health_fails 3\n",
         r#"route "ping": prefix "PING" -> 127.0.0.1:9001, 127.0.0.1:9002 weight 2 (round-robin; health_interval 2s, health_fails 3)"#,
         r#"route "v2": at 4 = "v2" -> 127.0.0.1:9002"#,
+        r#"route "api": http_path_prefix "/api/" -> 127.0.0.1:9001 (round-robin; health_interval 2s, health_fails 3; send_proxy v1)"#,
         r#"route "fallback": default -> 127.0.0.1:9009"#,
     ] {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
@@ -117,6 +118,13 @@ fn check_names_the_file_line_and_key_of_an_error() {
             4,
             "health_interval",
             "\"10ms\" is out of range",
+        ),
+        (
+            "send-proxy",
+            "[[route]]\nname = \"web\"\nprefix = \"GET \"\nbackends = [\"127.0.0.1:9001\"]\nsend_proxy = \"v3\"\n",
+            5,
+            "send_proxy",
+            "\"v3\" is not a PROXY protocol version (expected \"v1\" or \"v2\")",
         ),
         (
             "health-fails",

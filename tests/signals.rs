@@ -295,6 +295,7 @@ fn stop_accepting_refuses_connects_and_lets_the_executors_end() {
         Decision::Forward(Forward {
             route: "all".into(),
             backends: vec![to],
+            send_proxy: None,
         })
     };
     let limits = Limits {

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use crate::balance::Balancer;
 use crate::config::Config;
+use crate::proxy_protocol::ProxyProtocol;
 
 pub use self::host::{HostPattern, HostPatternError};
 pub use self::regex::{MessageRegex, RegexError};
@@ -320,6 +321,8 @@ pub struct Forward {
     pub route: Arc<str>,
     /// Every backend of the route, in the order to try them.
     pub backends: Vec<SocketAddr>,
+    /// The PROXY protocol header to write to the backend before the first message.
+    pub send_proxy: Option<ProxyProtocol>,
 }
 
 /// Decides where a connection goes from its first message.
@@ -332,7 +335,11 @@ pub struct Forward {
 ///
 /// let backend = "127.0.0.1:6379".parse().unwrap();
 /// let router = move |first: &FirstMessage<'_>| match first.bytes.first() {
-///     Some(b'*') => Decision::Forward(Forward { route: "redis".into(), backends: vec![backend] }),
+///     Some(b'*') => Decision::Forward(Forward {
+///         route: "redis".into(),
+///         backends: vec![backend],
+///         send_proxy: None,
+///     }),
 ///     Some(_) => Decision::Reject,
 ///     None if first.complete => Decision::Reject,
 ///     None => Decision::NeedMore,
@@ -372,6 +379,7 @@ struct TableRoute {
     name: Arc<str>,
     matchers: Vec<Matcher>,
     balancer: Balancer,
+    send_proxy: Option<ProxyProtocol>,
 }
 
 impl RouteTable {
@@ -385,6 +393,7 @@ impl RouteTable {
                 name: Arc::from(route.name.as_str()),
                 matchers: route.matchers.clone(),
                 balancer: Balancer::new(route.balance, route.backends.clone(), route.health),
+                send_proxy: route.send_proxy,
             };
             if !route.default {
                 routes.push(table_route);
@@ -423,6 +432,7 @@ impl TableRoute {
         Forward {
             route: Arc::clone(&self.name),
             backends: self.balancer.order(client),
+            send_proxy: self.send_proxy,
         }
     }
 }
@@ -493,6 +503,7 @@ mod tests {
             backends: ports.iter().map(|&port| backend(port).into()).collect(),
             balance: Balance::RoundRobin,
             health: HealthCheck::OFF,
+            send_proxy: None,
         }
     }
 
@@ -716,6 +727,7 @@ mod tests {
                 Decision::Forward(Forward {
                     route: "long".into(),
                     backends: vec![backend(9001)],
+                    send_proxy: None,
                 })
             } else {
                 Decision::NeedMore
