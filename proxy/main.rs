@@ -186,6 +186,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     };
+    raise_fd_limit();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let or_cpus = |n: usize| if n == 0 { cpus } else { n };
     let mode = if probe.is_some() { "splice" } else { "copy" };
@@ -300,6 +301,23 @@ fn shut_down(server: &Server, engine: &SpliceEngine, signals: &mut Signals, grac
     let limit = Instant::now() + Duration::from_secs(1);
     while engine.live() > 0 && Instant::now() < limit {
         thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Every connection holds two descriptors (client and upstream): the usual soft limit of
+/// 1024 would refuse connections from the 500th on, while the hard limit (often 500k
+/// under systemd) is the operator's real choice. So the soft limit goes up to it.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| {
+        if soft < hard {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        }
+        Ok(hard)
+    });
+    match raised {
+        Ok(limit) => tracing::debug!("descriptor limit: {limit}"),
+        Err(e) => tracing::warn!("raising the descriptor limit to its hard limit failed: {e}"),
     }
 }
 

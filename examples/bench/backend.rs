@@ -6,6 +6,11 @@
 //! to its end and goes back to `accept`. No thread is spawned per connection, so the
 //! connection-rate workload measures the proxies, not thread creation. The pool is larger
 //! than the most connections any workload keeps open at once.
+//!
+//! The hold workload keeps far more connections open than threads can serve, so the
+//! same process also runs one epoll thread that echoes every byte on [`HOLD_PORTS`]
+//! further listeners (`hold.rs`): several ports, so that a proxy's connections to them
+//! do not run out of ephemeral ports (those are counted per destination).
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -29,9 +34,15 @@ const THREADS: usize = 128;
 /// close cannot hold a thread forever.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Listeners of the hold echo server. The proxies connect from 127.0.0.1, and the
+/// kernel has about 28k ephemeral ports per destination: 8 ports hold 200k connections.
+pub const HOLD_PORTS: usize = 8;
+
 /// The backend process as the bench sees it.
 pub struct Backend {
     pub addr: SocketAddr,
+    /// The hold echo server's listeners.
+    pub hold: Vec<SocketAddr>,
     pub process: Child,
 }
 
@@ -52,25 +63,46 @@ impl Backend {
         BufReader::new(stdout)
             .read_line(&mut line)
             .context("reading the backend's port")?;
-        let port: u16 = line
-            .trim()
-            .parse()
-            .with_context(|| format!("the backend printed {line:?} instead of its port"))?;
+        let ports = line
+            .split_whitespace()
+            .map(|port| port.parse::<u16>())
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .filter(|ports| ports.len() == 1 + HOLD_PORTS)
+            .with_context(|| format!("the backend printed {line:?} instead of its ports"))?;
         process.check_alive()?;
+        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
         Ok(Backend {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: local(ports[0]),
+            hold: ports[1..].iter().map(|&port| local(port)).collect(),
             process,
         })
     }
 }
 
-/// The `--backend` entry point: listens on 127.0.0.1, prints the port, serves until it
-/// is killed.
+/// The `--backend` entry point: listens on 127.0.0.1, prints the ports (the pool's, then
+/// the hold server's), serves until it is killed.
 pub fn run() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the backend listener")?;
-    let port = listener.local_addr()?.port();
-    println!("{port}");
+    let hold = (0..HOLD_PORTS)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()
+        .context("binding the hold listeners")?;
+    let mut ports = vec![listener.local_addr()?.port()];
+    for listener in &hold {
+        ports.push(listener.local_addr()?.port());
+    }
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    println!("{}", ports.join(" "));
     io::stdout().flush()?;
+    std::thread::Builder::new()
+        .name("backend-hold".to_owned())
+        .spawn(move || {
+            if let Err(e) = hold::serve(hold) {
+                eprintln!("bench backend: the hold server stopped: {e:#}");
+            }
+        })
+        .context("starting the hold server")?;
     let listener = Arc::new(listener);
     let pattern = Arc::new(Pattern::new());
     let mut threads = Vec::with_capacity(THREADS);
@@ -164,4 +196,93 @@ fn send(stream: &mut TcpStream, pattern: &Pattern, header: &Header) -> anyhow::R
     wire::send_stream(stream, pattern, deadline, header.byte_limit).context("sending")?;
     stream.shutdown(Shutdown::Write).context("closing")?;
     Ok(())
+}
+
+/// The hold workload's echo server: one thread, one epoll set, every connection
+/// non-blocking. It echoes whatever arrives (the header, then the check bytes) and
+/// closes on the client's close. The bench sends a few dozen bytes at a time, so a
+/// write never finds a full send buffer; if one ever did, the connection is closed
+/// and the client sees its bytes missing.
+mod hold {
+    use std::{
+        collections::HashMap,
+        io::{self, Read, Write},
+        net::{TcpListener, TcpStream},
+        os::fd::{AsRawFd, RawFd},
+    };
+
+    use anyhow::Context;
+
+    pub fn serve(listeners: Vec<TcpListener>) -> anyhow::Result<()> {
+        // SAFETY: epoll_create1 has no memory effects; the result is checked.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error()).context("epoll_create1");
+        }
+        let mut listening = HashMap::new();
+        for listener in listeners {
+            listener.set_nonblocking(true)?;
+            add(epoll, listener.as_raw_fd())?;
+            listening.insert(listener.as_raw_fd(), listener);
+        }
+        let mut connections: HashMap<RawFd, TcpStream> = HashMap::new();
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: `events` is a valid buffer of `events.len()` entries.
+            let ready =
+                unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, -1) };
+            let Ok(ready) = usize::try_from(ready) else {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("epoll_wait");
+            };
+            for event in &events[..ready] {
+                let fd = event.u64 as RawFd;
+                if let Some(listener) = listening.get(&fd) {
+                    while let Ok((stream, _)) = listener.accept() {
+                        stream.set_nonblocking(true)?;
+                        let _ = stream.set_nodelay(true);
+                        add(epoll, stream.as_raw_fd())?;
+                        connections.insert(stream.as_raw_fd(), stream);
+                    }
+                    continue;
+                }
+                let Some(stream) = connections.get_mut(&fd) else {
+                    continue;
+                };
+                let open = loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => break false,
+                        Ok(n) => {
+                            if stream.write(&buf[..n]).ok() != Some(n) {
+                                break false;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break false,
+                    }
+                };
+                if !open {
+                    // Closing the socket takes it out of the epoll set.
+                    connections.remove(&fd);
+                }
+            }
+        }
+    }
+
+    fn add(epoll: RawFd, fd: RawFd) -> anyhow::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: fd as u64,
+        };
+        // SAFETY: both descriptors are open; `event` is a valid epoll_event.
+        if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event) } != 0 {
+            return Err(io::Error::last_os_error()).context("epoll_ctl");
+        }
+        Ok(())
+    }
 }

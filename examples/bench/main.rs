@@ -16,7 +16,10 @@
 //!   latency percentiles;
 //! - CPU: per GB (bulk), per 10k requests and per 10k connections, for the proxy's
 //!   processes (/proc/<pid>/stat) and for the whole machine (/proc/stat, less other
-//!   processes' user time; see `measure.rs`).
+//!   processes' user time; see `measure.rs`);
+//! - hold: 100,000 connections open at once (`--hold`), each checked to carry bytes,
+//!   with the proxy's memory, descriptors and BPF map memory per connection
+//!   (`hold.rs`), once per target.
 //!
 //! Each workload runs `--repeats` times per target, interleaved across the targets so
 //! that a burst of outside load hits them alike; a table per workload shows medians,
@@ -45,6 +48,7 @@
 //! executable with `--backend`), so that their CPU time never mixes with the clients'.
 
 mod backend;
+mod hold;
 mod measure;
 mod process;
 mod report;
@@ -66,7 +70,7 @@ use crate::{
     measure::{Processes, Snapshot, Usage},
     process::TempDir,
     report::{Cell, Sample},
-    targets::{Kind, Target},
+    targets::{HoldPlan, Kind, Target},
     wire::{Damaged, Pattern},
     workloads::Workload,
 };
@@ -96,10 +100,15 @@ struct Args {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     targets: Vec<String>,
 
-    /// Only these workloads, comma-separated: bulk, ping-pong, connection-rate
+    /// Only these workloads, comma-separated: bulk, ping-pong, connection-rate, hold
     /// [default: all].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     workloads: Vec<String>,
+
+    /// Connections the hold workload keeps open at once [default: 100000, or 200 with
+    /// --quick].
+    #[arg(long, value_name = "N")]
+    hold: Option<usize>,
 
     /// Run as the bench's backend process (the bench starts it itself).
     #[arg(long, hide = true)]
@@ -109,6 +118,9 @@ struct Args {
 /// Bounds on the knobs, so that a typo cannot start an hour-long run.
 const MAX_SECONDS: f64 = 30.0;
 const MAX_REPEATS: usize = 10;
+const MAX_HOLD: usize = 200_000;
+/// The hold workload's name in `--workloads`: it runs once per target, after the others.
+const HOLD: &str = "hold";
 /// Pause between runs, so that one run's closing connections are done before the next.
 const SETTLE: Duration = Duration::from_millis(100);
 
@@ -117,6 +129,8 @@ struct Settings {
     duration: Duration,
     repeats: usize,
     quick: bool,
+    /// Connections to hold, if the hold workload runs.
+    hold: Option<usize>,
 }
 
 impl Settings {
@@ -130,13 +144,19 @@ impl Settings {
             bail!("--repeats must be between 1 and {MAX_REPEATS}");
         }
         for family in &args.workloads {
-            if !Workload::FAMILIES.contains(&family.as_str()) {
+            if !Workload::FAMILIES.contains(&family.as_str()) && family != HOLD {
                 bail!(
-                    "unknown workload {family:?}; the workloads are {}",
+                    "unknown workload {family:?}; the workloads are {}, {HOLD}",
                     Workload::FAMILIES.join(", ")
                 );
             }
         }
+        let hold = args.hold.unwrap_or(if args.quick { 200 } else { 100_000 });
+        if !(1..=MAX_HOLD).contains(&hold) {
+            bail!("--hold must be between 1 and {MAX_HOLD}");
+        }
+        let hold =
+            (args.workloads.is_empty() || args.workloads.iter().any(|f| f == HOLD)).then_some(hold);
         let workloads = Workload::ALL
             .into_iter()
             .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|f| f == w.family()))
@@ -146,6 +166,7 @@ impl Settings {
             duration: Duration::from_secs_f64(seconds),
             repeats,
             quick: args.quick,
+            hold,
         })
     }
 }
@@ -172,6 +193,21 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let settings = Settings::from_args(args)?;
     let kinds = selected_kinds(&args.targets)?;
     stop::install().context("installing the signal handlers")?;
+    let mut settings = settings;
+    if let Some(wanted) = settings.hold {
+        // A proxy holds two descriptors per connection, and the children inherit the
+        // limit; without CAP_SYS_RESOURCE it stops at the hard limit.
+        let limit = raise_fd_limit(2 * wanted as u64 + FD_MARGIN)?;
+        let possible = (limit.saturating_sub(FD_MARGIN) / 2) as usize;
+        if possible < wanted {
+            eprintln!(
+                "warning: the descriptor limit is {limit} and cannot be raised (raising the hard limit \
+                 needs CAP_SYS_RESOURCE): a proxy holds 2 per connection, so the hold workload \
+                 holds {possible} connections, not {wanted}"
+            );
+            settings.hold = Some(possible.max(1));
+        }
+    }
 
     let mut programs = Vec::new();
     for kind in kinds {
@@ -187,11 +223,15 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     // Declared first, dropped last: the children are gone before their directory.
     let mut dir = TempDir::new()?;
     let backend = Backend::start()?;
+    let hold_plan = HoldPlan {
+        backends: &backend.hold,
+        connections: settings.hold.unwrap_or(0),
+    };
     let mut targets = Vec::new();
     for (kind, program) in &programs {
         targets.push(match program {
-            None => Target::direct(backend.addr),
-            Some(program) => Target::start(*kind, program, backend.addr, dir.path())?,
+            None => Target::direct(backend.addr, &hold_plan),
+            Some(program) => Target::start(*kind, program, backend.addr, &hold_plan, dir.path())?,
         });
     }
 
@@ -200,16 +240,31 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let started = Instant::now();
     let results = run_all(&settings, &mut targets, backend.process.id())?;
 
+    let held = match settings.hold {
+        Some(connections) => Some((connections, run_hold(connections, &mut targets)?)),
+        None => None,
+    };
+
     for (workload, cells) in &results {
         println!("\n{}", workload.title());
         print!("{}", report::workload_table(*workload, cells));
+    }
+    if let Some((connections, rows)) = &held {
+        println!(
+            "\nhold {connections} connections (64 B echoed at open, 16 B more once all are open)"
+        );
+        print!("{}", hold::table(*connections, rows));
     }
     print_summary(&settings, &results, &targets, started.elapsed());
 
     let passed = results
         .iter()
         .flat_map(|(_, cells)| cells)
-        .all(|cell| cell.failures.is_empty());
+        .all(|cell| cell.failures.is_empty())
+        && held
+            .iter()
+            .flat_map(|(_, rows)| rows)
+            .all(|(_, held)| held.is_ok());
     if !passed {
         dir.keep();
         println!(
@@ -286,6 +341,58 @@ fn run_all(
         results.push((workload, cells));
     }
     Ok(results)
+}
+
+/// The hold workload, once per target.
+fn run_hold(
+    connections: usize,
+    targets: &mut [Target],
+) -> anyhow::Result<Vec<(Kind, Result<hold::Held, String>)>> {
+    let mut rows = Vec::new();
+    let total = targets.len();
+    for (index, target) in targets.iter_mut().enumerate() {
+        if stop::requested() {
+            bail!("interrupted");
+        }
+        let progress = format!(
+            "[{}/{}] hold {connections} connections | {}",
+            index + 1,
+            total,
+            target.kind.name()
+        );
+        let outcome = hold::run(target, connections).map_err(|e| format!("{e:#}"));
+        match &outcome {
+            Ok(held) => eprintln!("{progress} | opened in {:.1} s", held.open_seconds),
+            Err(e) => eprintln!("{progress} | FAILED: {e}"),
+        }
+        rows.push((target.kind, outcome));
+        std::thread::sleep(SETTLE);
+    }
+    Ok(rows)
+}
+
+/// Descriptors a proxy keeps beside two per held connection: HAProxy's and nginx's
+/// connection tables are sized for the hold plus this.
+const FD_MARGIN: u64 = 4096;
+
+/// Raises this process's descriptor limit (soft and hard) towards `wanted`, within the
+/// kernel's fs.nr_open, and returns the limit reached: the hard limit itself where it
+/// cannot be raised (no CAP_SYS_RESOURCE). The proxies and backends inherit it.
+fn raise_fd_limit(wanted: u64) -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(hard);
+    let limit = wanted.min(nr_open).max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, limit, limit).is_ok() {
+        return Ok(limit);
+    }
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising RLIMIT_NOFILE")?;
+    }
+    Ok(hard)
 }
 
 fn run_once(

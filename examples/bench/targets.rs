@@ -203,11 +203,21 @@ fn nginx_stream_module(nginx: &Path) -> Result<Option<PathBuf>, String> {
     }
 }
 
+/// What the hold workload needs of every target: where the hold echo server listens
+/// and how many connections each proxy must take.
+pub struct HoldPlan<'a> {
+    pub backends: &'a [SocketAddr],
+    pub connections: usize,
+}
+
 /// A target ready for clients.
 pub struct Target {
     pub kind: Kind,
     /// Where clients connect.
     pub addr: SocketAddr,
+    /// Where the hold workload's clients connect (spread over them): the hold echo
+    /// server's ports for direct; for a proxy, one address that leads to them.
+    pub hold: Vec<SocketAddr>,
     /// The proxy process (None for direct).
     process: Option<Child>,
     /// The proxy's processes (nginx: master and workers), for CPU accounting.
@@ -217,10 +227,11 @@ pub struct Target {
 
 impl Target {
     /// The backend itself, with no proxy.
-    pub fn direct(backend: SocketAddr) -> Target {
+    pub fn direct(backend: SocketAddr, hold: &HoldPlan) -> Target {
         Target {
             kind: Kind::Direct,
             addr: backend,
+            hold: hold.backends.to_vec(),
             process: None,
             pids: Vec::new(),
             log: None,
@@ -233,15 +244,25 @@ impl Target {
         kind: Kind,
         program: &Program,
         backend: SocketAddr,
+        hold: &HoldPlan,
         dir: &Path,
     ) -> anyhow::Result<Target> {
         let listen = free_port().context("finding a free port")?;
+        // splice-proxy tells hold connections apart by their first message; HAProxy and
+        // nginx get a second listener.
+        let hold_listen = if kind.is_splice_proxy() {
+            listen
+        } else {
+            free_port().context("finding a free port")?
+        };
         let log = dir.join(format!("{}.log", kind.name()));
         let log_file =
             fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let place = Placement {
             listen,
             backend,
+            hold_listen,
+            hold,
             dir,
             log: &log,
         };
@@ -271,6 +292,7 @@ impl Target {
         Ok(Target {
             kind,
             addr: listen,
+            hold: vec![hold_listen],
             process: Some(process),
             pids,
             log: Some(log),
@@ -310,6 +332,9 @@ impl Target {
 struct Placement<'a> {
     listen: SocketAddr,
     backend: SocketAddr,
+    /// Where hold connections arrive (for splice-proxy, `listen` itself).
+    hold_listen: SocketAddr,
+    hold: &'a HoldPlan<'a>,
     /// The bench's temporary directory, for configs.
     dir: &'a Path,
     /// The proxy's stderr (and nginx's error log).
@@ -323,14 +348,30 @@ fn free_port() -> std::io::Result<SocketAddr> {
 fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow::Result<Command> {
     let routes = place.dir.join(format!("{}-routes.toml", kind.name()));
     let magic = std::str::from_utf8(wire::MAGIC).expect("the magic is ASCII");
+    let hold_magic = std::str::from_utf8(wire::HOLD_MAGIC).expect("the magic is ASCII");
+    let hold_backends: Vec<String> = place
+        .hold
+        .backends
+        .iter()
+        .map(|addr| format!("\"{addr}\""))
+        .collect();
     let config = format!(
-        "# The bench's first messages start with {magic}; nothing else is served.\n\
+        "# The bench's first messages start with {magic} or {hold_magic}; nothing else is served.\n\
          [[route]]\n\
          name = \"bench\"\n\
          prefix = \"{magic}\"\n\
-         backends = [\"{backend}\"]\n",
-        backend = place.backend
+         backends = [\"{backend}\"]\n\
+         [[route]]\n\
+         name = \"hold\"\n\
+         prefix = \"{hold_magic}\"\n\
+         backends = [{hold_backends}]\n",
+        backend = place.backend,
+        hold_backends = hold_backends.join(", "),
     );
+    // Each held connection puts two sockets into each map.
+    let map_capacity = (2 * place.hold.connections + 1024)
+        .next_power_of_two()
+        .max(proxy_probe::DEFAULT_MAP_CAPACITY as usize);
     fs::write(&routes, config).with_context(|| format!("writing {}", routes.display()))?;
     let mode: &[&str] = match kind {
         Kind::SpliceVerdict => &["--mode", "splice", "--attach", "verdict"],
@@ -346,6 +387,7 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
         .args(mode)
         .args(["--executors", &PROXY_THREADS.to_string()])
         .args(["--splice-workers", &PROXY_THREADS.to_string()])
+        .args(["--map-capacity", &map_capacity.to_string()])
         // One log line per connection, as users run it; plain text to count the modes.
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
@@ -354,10 +396,18 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
 
 fn haproxy_command(binary: &Path, place: &Placement) -> anyhow::Result<Command> {
     let config_path = place.dir.join("haproxy.cfg");
+    let hold_servers: String = place
+        .hold
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| format!("    server hold{i} {addr}\n"))
+        .collect();
     let config = format!(
         "global\n\
          \x20   nbthread {PROXY_THREADS}\n\
-         \x20   maxconn 4096\n\
+         \x20   maxconn {maxconn}\n\
+         \x20   maxpipes 1024\n\
          defaults\n\
          \x20   mode tcp\n\
          \x20   option splice-auto\n\
@@ -368,9 +418,23 @@ fn haproxy_command(binary: &Path, place: &Placement) -> anyhow::Result<Command> 
          \x20   bind {listen}\n\
          \x20   default_backend backends\n\
          backend backends\n\
-         \x20   server backend {backend}\n",
+         \x20   server backend {backend}\n\
+         frontend hold\n\
+         \x20   bind {hold_listen}\n\
+         \x20   maxconn {hold}\n\
+         \x20   timeout client 10m\n\
+         \x20   default_backend hold\n\
+         backend hold\n\
+         \x20   timeout server 10m\n\
+         {hold_servers}",
+        // Two descriptors per connection and two per pipe must fit in the descriptor
+        // limit (HAProxy refuses to start otherwise): its default of maxconn / 4 pipes
+        // would not, and the bulk workloads splice at most 4 connections at once.
+        maxconn = 64 + place.hold.connections,
+        hold = place.hold.connections + 64,
         listen = place.listen,
-        backend = place.backend
+        backend = place.backend,
+        hold_listen = place.hold_listen,
     );
     fs::write(&config_path, config)
         .with_context(|| format!("writing {}", config_path.display()))?;
@@ -392,24 +456,41 @@ fn nginx_command(
         .unwrap_or_default();
     // proxy_half_close: nginx closes both sides on the client's half-close unless told
     // not to, which would cut off every reply sent after it (the upload verdicts here).
+    let hold_servers: String = place
+        .hold
+        .backends
+        .iter()
+        .map(|addr| format!("        server {addr};\n"))
+        .collect();
+    // A held connection takes two of a worker's connections, and reuseport may give
+    // one worker most of them.
+    let connections = 4096 + 2 * place.hold.connections;
     let config = format!(
         "{load_module}\
          daemon off;\n\
          worker_processes {PROXY_THREADS};\n\
+         worker_rlimit_nofile {connections};\n\
          pid {pid};\n\
          error_log {log} warn;\n\
-         events {{ worker_connections 4096; }}\n\
+         events {{ worker_connections {connections}; }}\n\
          stream {{\n\
          \x20   server {{\n\
          \x20       listen {listen} reuseport;\n\
          \x20       proxy_pass {backend};\n\
          \x20       proxy_half_close on;\n\
          \x20   }}\n\
+         \x20   upstream hold {{\n\
+         {hold_servers}         \x20   }}\n\
+         \x20   server {{\n\
+         \x20       listen {hold_listen} reuseport;\n\
+         \x20       proxy_pass hold;\n\
+         \x20   }}\n\
          }}\n",
         pid = place.dir.join("nginx.pid").display(),
         log = place.log.display(),
         listen = place.listen,
         backend = place.backend,
+        hold_listen = place.hold_listen,
     );
     fs::write(&config_path, config)
         .with_context(|| format!("writing {}", config_path.display()))?;

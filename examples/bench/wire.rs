@@ -23,6 +23,9 @@ use std::{
 pub const HEADER_LEN: usize = 64;
 /// The first bytes of every connection: what splice-proxy's route matches.
 pub const MAGIC: &[u8; 8] = b"SPLBENCH";
+/// The first bytes of a hold connection (`hold.rs`), which splice-proxy routes to the
+/// hold echo server.
+pub const HOLD_MAGIC: &[u8; 8] = b"SPLHOLD!";
 
 /// What the backend does after echoing the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
