@@ -13,29 +13,31 @@ use std::{fs, io};
 use caps::{CapSet, errors::CapsError};
 use nix::unistd::{Gid, Group, Uid, User};
 
+/// Why the switch failed. The causes are part of each message (not error sources), so
+/// that a chain printed whole says each once.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
     #[error("no user named {0:?}")]
     NoUser(String),
     #[error("no group named {0:?}")]
     NoGroup(String),
-    #[error("looking up {what} {name:?}: {source}")]
+    #[error("looking up {what} {name:?}: {cause}")]
     Lookup {
         what: &'static str,
         name: String,
-        source: nix::Error,
+        cause: nix::Error,
     },
     #[error("privileges must be dropped before any thread starts, and {0} threads are running")]
     Threads(usize),
-    #[error("{step} failed: {source}")]
+    #[error("{step} failed: {cause}")]
     Step {
         step: &'static str,
-        source: nix::Error,
+        cause: nix::Error,
     },
-    #[error("{step} failed: {source}")]
+    #[error("{step} failed: {cause}")]
     Capabilities {
         step: &'static str,
-        source: CapsError,
+        cause: CapsError,
     },
     #[error("reading /proc/self/status: {0}")]
     Status(io::Error),
@@ -56,19 +58,19 @@ impl Identity {
     /// `user`, with `group` or else the user's primary group.
     pub fn lookup(user: &str, group: Option<&str>) -> Result<Identity, PrivilegeError> {
         let found = User::from_name(user)
-            .map_err(|source| PrivilegeError::Lookup {
+            .map_err(|cause| PrivilegeError::Lookup {
                 what: "user",
                 name: user.to_owned(),
-                source,
+                cause,
             })?
             .ok_or_else(|| PrivilegeError::NoUser(user.to_owned()))?;
         let (group, gid) = match group {
             Some(name) => {
                 let group = Group::from_name(name)
-                    .map_err(|source| PrivilegeError::Lookup {
+                    .map_err(|cause| PrivilegeError::Lookup {
                         what: "group",
                         name: name.to_owned(),
-                        source,
+                        cause,
                     })?
                     .ok_or_else(|| PrivilegeError::NoGroup(name.to_owned()))?;
                 (group.name, group.gid)
@@ -98,8 +100,8 @@ pub fn drop_to(identity: &Identity) -> Result<(), PrivilegeError> {
     if threads != "1" {
         return Err(PrivilegeError::Threads(threads.parse().unwrap_or(0)));
     }
-    let step = |step| move |source| PrivilegeError::Step { step, source };
-    let caps_step = |step| move |source| PrivilegeError::Capabilities { step, source };
+    let step = |step| move |cause| PrivilegeError::Step { step, cause };
+    let caps_step = |step| move |cause| PrivilegeError::Capabilities { step, cause };
     // The bounding set needs CAP_SETPCAP to shrink, so it goes while we are root.
     caps::clear(None, CapSet::Bounding).map_err(caps_step("clearing the bounding set"))?;
     caps::clear(None, CapSet::Inheritable).map_err(caps_step("clearing the inheritable set"))?;

@@ -72,6 +72,18 @@ fn check_prints_every_route_of_the_sample_files() {
             format!(r#"route "tag-{tag}": at 20 = "{tag}", length 290..=294 -> 127.0.0.1:5{tag}"#);
         assert!(stdout.contains(&line), "no {line:?} in:\n{stdout}");
     }
+
+    let production = examples_dir().join("production-routes.toml");
+    let (code, stdout, stderr) = run(&["--routes", production.to_str().unwrap(), "--check"]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    for line in [
+        r#"route "api-tls": sni "api.example.com" -> 192.0.2.10:443, 192.0.2.11:443"#,
+        r#"route "www-tls-h2": sni "*.example.com", alpn ["h2"] -> 192.0.2.20:443"#,
+        r#"route "api-http": http_host "api.example.com" -> 192.0.2.10:80"#,
+        r#"route "fallback": default -> 192.0.2.50:8080"#,
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
 }
 
 #[test]

@@ -550,3 +550,96 @@ fn an_unknown_user_is_named() {
         "{stderr}"
     );
 }
+
+/// examples/splice-proxy.service, with its ExecStart binary replaced by the one under test.
+fn systemd_unit() -> String {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/splice-proxy.service"),
+    )
+    .unwrap();
+    unit.replace("/usr/local/bin/splice-proxy", binary())
+}
+
+/// The value of `key=` in the unit (the last one wins, as in systemd).
+fn unit_setting(unit: &str, key: &str) -> String {
+    unit.lines()
+        .filter_map(|line| line.strip_prefix(&format!("{key}=")))
+        .next_back()
+        .unwrap_or_else(|| panic!("no {key}= in the unit"))
+        .to_owned()
+}
+
+/// systemd is not PID 1 here, so the unit cannot run: systemd-analyze checks it, and the
+/// binary runs the way the unit starts it (as root with the unit's bounding set, no new
+/// privileges, then --user) and must splice.
+#[test]
+fn the_systemd_unit_is_valid_and_its_capabilities_suffice() {
+    let unit = systemd_unit();
+    let dir = std::env::temp_dir().join(format!("splice-proxy-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("splice-proxy.service");
+    std::fs::write(&path, &unit).unwrap();
+    let verify = output_within(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        Duration::from_secs(30),
+    );
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let shutdown_grace = humantime::parse_duration(
+        unit.split("--shutdown-grace ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("ExecStart sets --shutdown-grace"),
+    )
+    .unwrap();
+    let stop_timeout = humantime::parse_duration(&unit_setting(&unit, "TimeoutStopSec")).unwrap();
+    assert!(
+        stop_timeout > shutdown_grace + Duration::from_secs(1),
+        "TimeoutStopSec {stop_timeout:?} must leave the drain of {shutdown_grace:?} time to end"
+    );
+    assert_eq!(unit_setting(&unit, "KillSignal"), "SIGTERM");
+    assert_eq!(unit_setting(&unit, "ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(unit_setting(&unit, "NoNewPrivileges"), "yes");
+
+    // setpriv names capabilities without CAP_, in lower case.
+    let bounding: Vec<String> = unit_setting(&unit, "CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let echo = Backend::echo();
+    let routes = routes("ops-unit", echo.addr, refused_addr());
+    readable_by_all(&routes);
+    let proxy = ProxyProcess::spawn(
+        Command::new("setpriv")
+            .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
+            .args(["--inh-caps=-all", "--no-new-privs"])
+            .arg(binary())
+            .args(["--listen", "127.0.0.1:0", "--routes"])
+            .arg(&routes)
+            .args([
+                "--mode",
+                "splice",
+                "--metrics",
+                "127.0.0.1:0",
+                "--user",
+                "nobody",
+            ]),
+    );
+    proxy.addr();
+    proxy.wait_for_log("running as nobody", LOG_LIMIT);
+    let metrics = metrics_addr(&proxy);
+    let (_, sent) = echo_exchange(proxy.addr(), 2 << 20, 40);
+    let scrape = scrape_until(metrics, "the connection closed", |s| {
+        s.sum("splice_proxy_transferred_bytes_total", &[]) == 2.0 * sent as f64
+    });
+    assert_eq!(
+        scrape.sum("splice_proxy_redirected_bytes_total", &[]),
+        (2 * sent - FIRST.len() as u64) as f64,
+        "{}",
+        scrape.text
+    );
+}
