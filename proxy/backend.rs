@@ -135,7 +135,18 @@ pub fn existing(addr: SocketAddr) -> Option<Arc<BackendState>> {
     states.get(&addr).and_then(Weak::upgrade)
 }
 
+/// Every backend a live route or connection names, for the metrics.
+pub fn tracked() -> Vec<Arc<BackendState>> {
+    let states = registry().lock().unwrap_or_else(|e| e.into_inner());
+    states.values().filter_map(Weak::upgrade).collect()
+}
+
 impl BackendState {
+    /// Whether health is tracked: otherwise it is never down.
+    pub fn is_checked(&self) -> bool {
+        self.check().is_on()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

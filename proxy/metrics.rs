@@ -1,6 +1,6 @@
 //! The proxy's metrics: what the server and the engine count about each connection, the
-//! probe's counters read at scrape time, and their Prometheus exposition
-//! ([`Metrics::encode`], served over HTTP by [`serve`]). One [`Metrics`] per engine; the
+//! probe's counters and each backend's health and connections read at scrape time, and
+//! their Prometheus exposition ([`Metrics::encode`], served over HTTP by [`serve`]). One [`Metrics`] per engine; the
 //! server records through the engine's.
 //!
 //! Bytes per route are counted when a connection closes, from the kernel's TCP_INFO of
@@ -22,12 +22,13 @@ use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text},
     metrics::{
-        counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+        counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+        histogram::Histogram,
     },
     registry::{Registry, Unit},
 };
 
-use crate::{probe::Probe, splice::Mode};
+use crate::{backend, probe::Probe, splice::Mode};
 
 /// Upper bounds, in seconds, of the latency histograms' buckets: from a loopback
 /// round trip to the longest sensible timeout.
@@ -176,6 +177,7 @@ impl Metrics {
             "Connects to a backend that failed or timed out, by backend",
             self.connect_failures.clone(),
         );
+        registry.register_collector(Box::new(BackendHealth));
         if let Some(probe) = probe {
             registry.register_collector(Box::new(ProbeCounters(probe)));
         }
@@ -315,6 +317,61 @@ impl Collector for ProbeCounters {
                 None,
                 counter.metric_type(),
             )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// What is exported of one backend's shared state.
+struct BackendSample {
+    labels: BackendLabels,
+    up: bool,
+    checked: bool,
+    connections: usize,
+}
+
+/// One of [`BackendSample`]'s values as a gauge.
+type BackendGauge = fn(&BackendSample) -> i64;
+
+/// Every backend the routes name, read from its shared state when scraped.
+#[derive(Debug)]
+struct BackendHealth;
+
+impl Collector for BackendHealth {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut backends: Vec<BackendSample> = backend::tracked()
+            .into_iter()
+            .map(|state| BackendSample {
+                labels: backend_labels(state.addr()),
+                up: !state.is_down(),
+                checked: state.is_checked(),
+                connections: state.active(),
+            })
+            .collect();
+        backends.sort_by(|a, b| a.labels.backend.cmp(&b.labels.backend));
+        let gauges: [(&str, &str, BackendGauge); 3] = [
+            (
+                "backend_up",
+                "1 if the backend takes new connections, 0 if its health is tracked and its last health_fails connects failed.",
+                |b| i64::from(b.up),
+            ),
+            (
+                "backend_health_checked",
+                "1 if the backend's health is tracked (health_interval), 0 if it is always taken as up.",
+                |b| i64::from(b.checked),
+            ),
+            (
+                "backend_connections",
+                "Connections to the backend the engine holds now (what least-conn compares).",
+                |b| i64::try_from(b.connections).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let kind = ConstGauge::new(0i64).metric_type();
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for backend in &backends {
+                ConstGauge::new(value(backend)).encode(family.encode_family(&backend.labels)?)?;
+            }
         }
         Ok(())
     }

@@ -77,10 +77,11 @@ fn check_prints_every_route_of_the_sample_files() {
     let (code, stdout, stderr) = run(&["--routes", production.to_str().unwrap(), "--check"]);
     assert_eq!(code, 0, "stderr: {stderr}");
     for line in [
-        r#"route "api-tls": sni "api.example.com" -> 192.0.2.10:443, 192.0.2.11:443"#,
+        r#"route "api-tls": sni "api.example.com" -> 192.0.2.10:443, 192.0.2.11:443 weight 2 (least-conn; health_interval 2s, health_fails 3)"#,
+        r#"route "redis": regex '^\*[0-9]+\r\n' -> 192.0.2.40:6379, 192.0.2.41:6379 (source-hash"#,
         r#"route "www-tls-h2": sni "*.example.com", alpn ["h2"] -> 192.0.2.20:443"#,
         r#"route "api-http": http_host "api.example.com" -> 192.0.2.10:80"#,
-        r#"route "fallback": default -> 192.0.2.50:8080"#,
+        r#"route "fallback": default -> 192.0.2.50:8080 (round-robin; health_interval 2s, health_fails 3; send_proxy v2)"#,
     ] {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
     }

@@ -643,3 +643,58 @@ fn the_systemd_unit_is_valid_and_its_capabilities_suffice() {
         scrape.text
     );
 }
+
+#[test]
+fn metrics_show_each_backends_health_and_connections() {
+    let echo = Backend::echo();
+    let dead = refused_addr();
+    let routes = routes_file(
+        "ops-health",
+        &format!(
+            "health_interval = \"100ms\"\nhealth_fails = 2\n\n\
+             [[route]]\nname = \"hello\"\nprefix = \"HELLO\"\nbackends = [\"{}\", \"{dead}\"]\n\n\
+             [[route]]\nname = \"unchecked\"\nprefix = \"PLAIN\"\nhealth_interval = \"0s\"\n\
+             backends = [\"{}\"]\n",
+            echo.addr,
+            refused_addr()
+        ),
+    );
+    let proxy = start(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&proxy);
+    let (echo, dead) = (echo.addr.to_string(), dead.to_string());
+    let scrape = scrape_until(metrics, "the dead backend down", |s| {
+        s.sum("splice_proxy_backend_up", &[("backend", &dead)]) == 0.0
+            && s.has("splice_proxy_backend_up")
+    });
+    assert_eq!(
+        scrape.sum("splice_proxy_backend_up", &[("backend", &echo)]),
+        1.0
+    );
+    assert_eq!(
+        scrape.sum("splice_proxy_backend_health_checked", &[("backend", &echo)]),
+        1.0
+    );
+    assert_eq!(
+        scrape.sum("splice_proxy_backend_health_checked", &[]),
+        2.0,
+        "{}",
+        scrape.text
+    );
+    assert!(
+        scrape.text.contains("# HELP splice_proxy_backend_up "),
+        "{}",
+        scrape.text
+    );
+
+    // A held connection shows in the backend's count, and leaves it when it closes.
+    let mut held = connect(proxy.addr());
+    held.write_all(FIRST).unwrap();
+    assert_eq!(read_exactly(&mut held, FIRST.len()).unwrap(), FIRST);
+    scrape_until(metrics, "one connection to the live backend", |s| {
+        s.sum("splice_proxy_backend_connections", &[("backend", &echo)]) == 1.0
+    });
+    drop(held);
+    scrape_until(metrics, "no connection to the live backend", |s| {
+        s.sum("splice_proxy_backend_connections", &[("backend", &echo)]) == 0.0
+    });
+}
