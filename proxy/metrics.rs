@@ -1,7 +1,7 @@
 //! The proxy's metrics: what the server and the engine count about each connection, the
 //! probe's counters and each backend's health and connections read at scrape time, and
-//! their Prometheus exposition ([`Metrics::encode`], served over HTTP by [`serve`]). One [`Metrics`] per engine; the
-//! server records through the engine's.
+//! their Prometheus exposition ([`Metrics::encode`], served over HTTP by [`serve`]). One
+//! [`Metrics`] per engine; the server records through the engine's.
 //!
 //! Bytes per route are counted when a connection closes, from the kernel's TCP_INFO of
 //! the proxy's two sockets (`bytes_received`, less the FIN), in both modes: that is
