@@ -75,6 +75,8 @@ fn main() -> anyhow::Result<ExitCode> {
         first_message_timeout: Duration::from_secs(1),
         first_message_max: 4096,
         connect_timeout: Duration::from_secs(1),
+        max_connections: None,
+        route_max_connections: Default::default(),
     };
     let listeners = Listeners::bind(args.listen, 1)?;
     let server = Server::start(listeners, Arc::new(router), limits, Arc::clone(&engine))?;

@@ -39,6 +39,13 @@ const FIRST_MESSAGE_MAX_LIMIT: usize = 1024 * 1024;
 /// Longer timeouts let silent clients hold connections for hours: a typo, not a wish.
 const TIMEOUT_LIMIT: Duration = Duration::from_hours(1);
 
+/// An idle connection may legitimately sit for a day (a database pool, a push channel);
+/// beyond a week the limit is a typo.
+const IDLE_TIMEOUT_LIMIT: Duration = Duration::from_hours(7 * 24);
+
+/// More connections than any one process can hold open (each is two sockets): a typo.
+const MAX_CONNECTIONS_LIMIT: usize = 100_000_000;
+
 /// What the proxy does, from routes.toml.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -52,6 +59,12 @@ pub struct Config {
     /// The top-level `health_interval` and `health_fails`: what routes that do not set
     /// their own get. Off unless `health_interval` is given.
     pub health: HealthCheck,
+    /// Connections the proxy holds at once (accepted and not yet closed); beyond it new
+    /// clients are refused. `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// A connection handed to the splice engine that moves no byte either way for this
+    /// long is reset. `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// In file order, which is the order they are tried in.
     pub routes: Vec<RouteConfig>,
 }
@@ -71,6 +84,9 @@ pub struct RouteConfig {
     pub health: HealthCheck,
     /// The PROXY protocol header written to the backend before the first message.
     pub send_proxy: Option<ProxyProtocol>,
+    /// Connections this route holds at once; beyond it, clients routed here are refused.
+    /// `None`: no limit but the proxy's.
+    pub max_connections: Option<usize>,
 }
 
 /// Why routes.toml could not be used.
@@ -136,8 +152,8 @@ pub enum Problem {
         text: String,
         reason: humantime::DurationError,
     },
-    #[error("{text:?} is out of range: must be more than 0 and at most 1h")]
-    DurationOutOfRange { text: String },
+    #[error("{text:?} is out of range: must be more than 0 and at most {max}")]
+    DurationOutOfRange { text: String, max: &'static str },
     #[error("{value} is out of range: must be {min}..={max}")]
     OutOfRange { value: i64, min: usize, max: usize },
     #[error(
@@ -276,6 +292,8 @@ struct RawConfig {
     connect_timeout: Option<Spanned<DurationText>>,
     health_interval: Option<Spanned<DurationText>>,
     health_fails: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<DurationText>>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -300,6 +318,7 @@ struct RawRoute {
     health_interval: Option<Spanned<DurationText>>,
     health_fails: Option<Spanned<i64>>,
     send_proxy: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 /// One entry of `backends`: `"ip:port"` or `{ addr = "ip:port", weight = N }`.
@@ -416,6 +435,23 @@ impl Source<'_> {
             "connect_timeout",
             DEFAULT_CONNECT_TIMEOUT,
         )?;
+        let idle_timeout = match raw.idle_timeout {
+            // "0s" says "never" as plainly as leaving the key out.
+            Some(value)
+                if humantime::parse_duration(&value.get_ref().0).is_ok_and(|d| d.is_zero()) =>
+            {
+                None
+            }
+            value => value
+                .map(|value| {
+                    self.duration_within(value, "idle_timeout", IDLE_TIMEOUT_LIMIT, "168h")
+                })
+                .transpose()?,
+        };
+        let max_connections = raw
+            .max_connections
+            .map(|value| self.max_connections(&value, Place::key("max_connections")))
+            .transpose()?;
         let first_message_max = match &raw.first_message_max {
             Some(value) => integer_in(value, 1, FIRST_MESSAGE_MAX_LIMIT).map_err(|problem| {
                 self.invalid(value.span(), Place::key("first_message_max"), problem)
@@ -493,6 +529,8 @@ impl Source<'_> {
             first_message_max,
             connect_timeout,
             health: health.check(),
+            max_connections,
+            idle_timeout,
             routes,
         })
     }
@@ -523,6 +561,11 @@ impl Source<'_> {
         Ok(u32::try_from(fails).unwrap_or(u32::MAX))
     }
 
+    fn max_connections(&self, value: &Spanned<i64>, place: Place) -> Result<usize, ConfigError> {
+        integer_in(value, 1, MAX_CONNECTIONS_LIMIT)
+            .map_err(|problem| self.invalid(value.span(), place, problem))
+    }
+
     fn timeout(
         &self,
         value: Option<Spanned<DurationText>>,
@@ -532,11 +575,29 @@ impl Source<'_> {
         let Some(value) = value else {
             return Ok(default);
         };
+        self.duration_within(value, key, TIMEOUT_LIMIT, "1h")
+    }
+
+    /// A duration more than 0 and at most `limit` (`limit_text` in errors).
+    fn duration_within(
+        &self,
+        value: Spanned<DurationText>,
+        key: &str,
+        limit: Duration,
+        limit_text: &'static str,
+    ) -> Result<Duration, ConfigError> {
         let span = value.span();
         let DurationText(text) = value.into_inner();
         match humantime::parse_duration(&text) {
-            Ok(duration) if !duration.is_zero() && duration <= TIMEOUT_LIMIT => Ok(duration),
-            Ok(_) => Err(self.invalid(span, Place::key(key), Problem::DurationOutOfRange { text })),
+            Ok(duration) if !duration.is_zero() && duration <= limit => Ok(duration),
+            Ok(_) => Err(self.invalid(
+                span,
+                Place::key(key),
+                Problem::DurationOutOfRange {
+                    text,
+                    max: limit_text,
+                },
+            )),
             Err(reason) => Err(self.invalid(
                 span,
                 Place::key(key),
@@ -596,6 +657,13 @@ impl Source<'_> {
                 })
             })
             .transpose()?;
+        let max_connections = raw
+            .max_connections
+            .map(|value| {
+                let place = Place::route_key(RouteLabel::Named(name.clone()), "max_connections");
+                self.max_connections(&value, place)
+            })
+            .transpose()?;
 
         let spans = RouteSpans {
             name: name_span,
@@ -610,6 +678,7 @@ impl Source<'_> {
             balance,
             health,
             send_proxy,
+            max_connections,
         };
         Ok((route, spans))
     }
@@ -1024,6 +1093,12 @@ impl fmt::Display for Config {
             humantime::format_duration(self.connect_timeout),
             self.health,
         )?;
+        if let Some(max) = self.max_connections {
+            writeln!(f, "max_connections {max}")?;
+        }
+        if let Some(idle) = self.idle_timeout {
+            writeln!(f, "idle_timeout {}", humantime::format_duration(idle))?;
+        }
         for route in &self.routes {
             writeln!(f, "{route}")?;
         }
@@ -1053,7 +1128,11 @@ impl fmt::Display for RouteConfig {
         match self.send_proxy {
             Some(version) => write!(f, "; send_proxy {version})"),
             None => f.write_str(")"),
+        }?;
+        if let Some(max) = self.max_connections {
+            write!(f, ", max_connections {max}")?;
         }
+        Ok(())
     }
 }
 
@@ -1099,6 +1178,8 @@ mod tests {
         assert_eq!(config.first_message_timeout, Duration::from_secs(3));
         assert_eq!(config.first_message_max, 16384);
         assert_eq!(config.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.max_connections, None);
+        assert_eq!(config.idle_timeout, None);
         assert_eq!(
             config.routes,
             [RouteConfig {
@@ -1109,6 +1190,7 @@ mod tests {
                 balance: Balance::RoundRobin,
                 health: HealthCheck::OFF,
                 send_proxy: None,
+                max_connections: None,
             }]
         );
     }
@@ -1119,6 +1201,8 @@ mod tests {
             r#"first_message_timeout = "250ms""#,
             "first_message_max = 512",
             r#"connect_timeout = "1m""#,
+            "max_connections = 10000",
+            r#"idle_timeout = "5m""#,
             "",
             "[[route]]",
             r#"name = "tag-600""#,
@@ -1129,6 +1213,7 @@ mod tests {
             "max_length = 294",
             r#"backends = ["127.0.0.1:5001", "[::1]:5002"]"#,
             r#"balance = "round-robin""#,
+            "max_connections = 100",
             "",
             "[[route]]",
             r#"name = "fallback""#,
@@ -1139,6 +1224,10 @@ mod tests {
         assert_eq!(config.first_message_timeout, Duration::from_millis(250));
         assert_eq!(config.first_message_max, 512);
         assert_eq!(config.connect_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_connections, Some(10000));
+        assert_eq!(config.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(config.routes[0].max_connections, Some(100));
+        assert_eq!(config.routes[1].max_connections, None);
         assert_eq!(
             config.routes[0].matchers,
             [
@@ -1396,6 +1485,58 @@ mod tests {
                 2,
                 r#"key "first_message_timeout": "#,
                 says,
+            );
+        }
+    }
+
+    #[test]
+    fn idle_timeout_zero_is_off_and_long_ones_are_refused() {
+        let idle = |text: &str| {
+            parse(&[
+                &format!("idle_timeout = {text:?}"),
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ])
+            .map(|config| config.idle_timeout)
+        };
+        assert_eq!(idle("0s").unwrap(), None);
+        assert_eq!(idle("24h").unwrap(), Some(Duration::from_hours(24)));
+        assert_refused(
+            &[r#"idle_timeout = "169h""#],
+            1,
+            r#"key "idle_timeout": "#,
+            r#""169h" is out of range: must be more than 0 and at most 168h"#,
+        );
+        assert_refused(
+            &[r#"idle_timeout = "soon""#],
+            1,
+            r#"key "idle_timeout": "#,
+            "is not a duration",
+        );
+    }
+
+    #[test]
+    fn refuses_max_connections_out_of_range() {
+        for value in ["0", "-1", "100000001"] {
+            assert_refused(
+                &[&format!("max_connections = {value}")],
+                1,
+                r#"key "max_connections": "#,
+                &format!("{value} is out of range: must be 1..=100000000"),
+            );
+            assert_refused(
+                &[
+                    "[[route]]",
+                    r#"name = "web""#,
+                    r#"prefix = "GET ""#,
+                    &format!("max_connections = {value}"),
+                    r#"backends = ["127.0.0.1:9001"]"#,
+                ],
+                4,
+                r#"route "web": key "max_connections": "#,
+                "is out of range",
             );
         }
     }
@@ -2194,12 +2335,15 @@ mod tests {
     fn describes_itself_for_check() {
         let config = parse(&[
             "first_message_max = 512",
+            "max_connections = 1000",
+            r#"idle_timeout = "10m""#,
             "[[route]]",
             r#"name = "tag-600""#,
             "at = 20",
             r#"bytes = "600""#,
             "min_length = 290",
             "max_length = 294",
+            "max_connections = 10",
             r#"backends = ["127.0.0.1:5001"]"#,
             "[[route]]",
             r#"name = "tls""#,
@@ -2215,7 +2359,9 @@ mod tests {
             config.to_string(),
             [
                 "first_message_timeout 3s, first_message_max 512 bytes, connect_timeout 2s, health off",
-                r#"route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin; health off)"#,
+                "max_connections 1000",
+                "idle_timeout 10m",
+                r#"route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin; health off), max_connections 10"#,
                 r#"route "tls": prefix "\x16\x03\"" -> 127.0.0.1:9001, 127.0.0.1:9002 (round-robin; health off)"#,
                 r#"route "fallback": default -> 127.0.0.1:9009 (round-robin; health off)"#,
                 "",

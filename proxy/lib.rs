@@ -3,6 +3,7 @@
 //!
 //! The pieces, each owning its own state:
 //! - [`config`]: routes.toml, parsed and validated.
+//! - [`admission`]: connections held against `max_connections`, and refusals.
 //! - [`route`]: matchers and the route table that picks a route for a first message.
 //! - [`balance`]: the order in which a route's backends are tried.
 //! - [`backend`]: what is known about each backend address: live connections.
@@ -13,6 +14,7 @@
 //! - [`splice`]: the executor-free engine that owns a connection after its first message.
 //! - [`server`]: the glommio runtime: accept, first message, connect, hand-off.
 
+pub mod admission;
 pub mod backend;
 pub mod balance;
 pub mod config;

@@ -51,6 +51,10 @@ pub enum Refusal {
     BackendWrite,
     /// Handing the sockets to the engine failed (duplicating or registering them).
     Setup,
+    /// The proxy held its `max_connections`: reset at accept.
+    MaxConnections,
+    /// The route the first message chose held its `max_connections`.
+    RouteMaxConnections,
 }
 
 impl Refusal {
@@ -61,6 +65,8 @@ impl Refusal {
             Refusal::NoBackend => "no_backend",
             Refusal::BackendWrite => "backend_write_failed",
             Refusal::Setup => "setup_failed",
+            Refusal::MaxConnections => "max_connections",
+            Refusal::RouteMaxConnections => "route_max_connections",
         }
     }
 }

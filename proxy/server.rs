@@ -6,9 +6,14 @@
 //! The routing (router and limits) sits in a [`RoutingSlot`] that can be replaced while
 //! the server runs: each connection reads it once, at accept, and keeps what it read.
 //! [`Server::stop_accepting`] closes the listeners for a graceful shutdown.
+//!
+//! Every connection holds a [`Ticket`] of the server's [`Admission`] from accept until
+//! it closes: a client beyond `max_connections` (the proxy's at accept, its route's
+//! once routed) is reset at once and counted.
 
 use std::{
     cell::Cell,
+    collections::HashMap,
     fmt::Display,
     io,
     net::SocketAddr,
@@ -33,15 +38,18 @@ use glommio::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
+    admission::{Admission, Refused, Ticket},
     backend::{self, Lease},
     config::Config,
     metrics::{Metrics, Refusal},
     route::{Decision, FirstMessage, Forward, Router},
+    socket,
     splice::{Connection, ConnectionInfo, SpliceEngine},
 };
 
-/// How long a connection may take before it is handed to the engine.
-#[derive(Debug, Clone, Copy)]
+/// How long a connection may take before it is handed to the engine, and how many the
+/// proxy and each route hold.
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Wait at most this long for the client's first bytes to decide a route; then the
     /// route is decided on what arrived (the default route for server-speaks-first
@@ -51,6 +59,17 @@ pub struct Limits {
     pub first_message_max: usize,
     /// Per backend; on failure the route's next backend is tried.
     pub connect_timeout: Duration,
+    /// Connections the proxy holds at once; `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// Connections each route holds at once, by route name; a route not listed has no
+    /// limit of its own.
+    pub route_max_connections: HashMap<Arc<str>, usize>,
+}
+
+impl Limits {
+    fn route_max_connections(&self, route: &str) -> Option<usize> {
+        self.route_max_connections.get(route).copied()
+    }
 }
 
 impl From<&Config> for Limits {
@@ -59,6 +78,12 @@ impl From<&Config> for Limits {
             first_message_timeout: config.first_message_timeout,
             first_message_max: config.first_message_max,
             connect_timeout: config.connect_timeout,
+            max_connections: config.max_connections,
+            route_max_connections: config
+                .routes
+                .iter()
+                .filter_map(|route| Some((route.name.as_str().into(), route.max_connections?)))
+                .collect(),
         }
     }
 }
@@ -139,6 +164,7 @@ pub struct Server {
     stopping: Arc<AtomicBool>,
     /// Connections accepted and not yet handed to the engine (or closed).
     in_flight: Arc<AtomicUsize>,
+    admission: Arc<Admission>,
 }
 
 impl Server {
@@ -160,11 +186,13 @@ impl Server {
         let routing = Arc::new(RoutingSlot::new(router, limits));
         let stopping = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let admission = Arc::new(Admission::new());
         let shared = Shared {
             routing: Arc::clone(&routing),
             engine,
             stopping: Arc::clone(&stopping),
             in_flight: Arc::clone(&in_flight),
+            admission: Arc::clone(&admission),
         };
         // Each executor takes one listener; a Mutex hands them out exactly once.
         let sockets = Arc::new(std::sync::Mutex::new(listeners.sockets));
@@ -188,6 +216,7 @@ impl Server {
             listening,
             stopping,
             in_flight,
+            admission,
         })
     }
 
@@ -228,6 +257,12 @@ impl Server {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Connections held, by the proxy and by each route, and clients refused by
+    /// `max_connections`: for metrics.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
+    }
+
     /// Blocks until every executor has stopped: after [`Server::stop_accepting`], once
     /// their connections are handed off; otherwise only if their listener fails.
     pub fn join(self) {
@@ -246,6 +281,7 @@ struct Shared {
     engine: Arc<SpliceEngine>,
     stopping: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
+    admission: Arc<Admission>,
 }
 
 /// Counts a connection in flight, on its executor, server-wide and in the metrics, until
@@ -284,12 +320,12 @@ async fn accept_loop(listener: TcpListener, shared: Shared) {
         if shared.stopping.load(Ordering::SeqCst) {
             // A connection accepted just before the listener shut down is served.
             if let Ok(stream) = accepted {
-                spawn_serve(stream, &shared, &local);
+                admit(stream, &shared, &local);
             }
             break;
         }
         match accepted {
-            Ok(stream) => spawn_serve(stream, &shared, &local),
+            Ok(stream) => admit(stream, &shared, &local),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, keep serving.
                 tracing::warn!("accept failed: {e}");
@@ -303,22 +339,65 @@ async fn accept_loop(listener: TcpListener, shared: Shared) {
     }
 }
 
-fn spawn_serve(stream: TcpStream, shared: &Shared, local: &Rc<Cell<usize>>) {
+/// Serves a connection just accepted, or refuses it at once when the proxy holds
+/// `max_connections`: closed here, it is neither left waiting in the backlog nor costs
+/// a task.
+fn admit(stream: TcpStream, shared: &Shared, local: &Rc<Cell<usize>>) {
+    let routing = shared.routing.current();
+    match shared.admission.admit(routing.limits.max_connections) {
+        Ok(ticket) => spawn_serve(stream, ticket, routing, shared, local),
+        Err(refused) => refuse(stream, &refused, shared),
+    }
+}
+
+/// Closes a client refused at accept with a reset, logged within the log budget (a
+/// flood must not become a flood of lines) and counted.
+fn refuse(stream: TcpStream, refused: &Refused, shared: &Shared) {
+    shared
+        .admission
+        .log_refusal(stream.peer_addr().ok(), refused);
+    shared.engine.metrics().refused(Refusal::MaxConnections);
+    reset_on_close(&stream);
+}
+
+/// Makes dropping `stream` send a reset: a refused client learns at once that it was not
+/// served (a FIN could pass for a server that speaks first and hung up), and a flood of
+/// refusals leaves no TIME_WAIT sockets behind.
+fn reset_on_close(stream: &TcpStream) {
+    // SAFETY: the stream is alive for the whole call, so its fd is open.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    // A failure leaves an orderly close, which still refuses the client.
+    let _ = socket::reset_on_close(fd);
+}
+
+fn spawn_serve(
+    stream: TcpStream,
+    ticket: Ticket,
+    routing: Arc<Routing>,
+    shared: &Shared,
+    local: &Rc<Cell<usize>>,
+) {
     // Counted before the task runs, and until after the engine adopted the connection,
     // so that in-flight plus live never misses it.
     let in_flight = InFlight::new(local, &shared.in_flight, shared.engine.metrics());
-    let routing = shared.routing.current();
     let engine = Arc::clone(&shared.engine);
+    let admission = Arc::clone(&shared.admission);
     spawn_local(async move {
-        serve(stream, &routing, &engine).await;
+        serve(stream, ticket, &routing, &engine, &admission).await;
         drop(in_flight);
     })
     .detach();
 }
 
 /// One connection from accept to hand-off.
-async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) {
-    let (router, limits) = (routing.router.as_ref(), routing.limits);
+async fn serve(
+    mut client: TcpStream,
+    mut ticket: Ticket,
+    routing: &Routing,
+    engine: &SpliceEngine,
+    admission: &Admission,
+) {
+    let (router, limits) = (routing.router.as_ref(), &routing.limits);
     let metrics = engine.metrics();
     let accepted = Instant::now();
     let Ok(client_addr) = client.peer_addr() else {
@@ -334,8 +413,8 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
         backend: None,
         bytes_up: 0,
     };
-    let (first, decision) = match read_first_message(&mut client, client_addr, router, limits).await
-    {
+    let read = read_first_message(&mut client, client_addr, router, limits, accepted).await;
+    let (first, decision) = match read {
         Ok(read) => read,
         Err(e) => {
             return unserved.close(
@@ -353,6 +432,11 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
         }
     };
     unserved.route = Some(Arc::clone(&forward.route));
+    let route_max = limits.route_max_connections(&forward.route);
+    if let Err(refused) = admission.enter_route(&mut ticket, &forward.route, route_max) {
+        reset_on_close(&client);
+        return unserved.close(Refusal::RouteMaxConnections, refused);
+    }
     let Some((upstream, backend, lease)) =
         connect(&forward, limits.connect_timeout, client_addr, metrics).await
     else {
@@ -404,6 +488,7 @@ async fn serve(mut client: TcpStream, routing: &Routing, engine: &SpliceEngine) 
             upstream: upstream_fd,
             // The client's bytes only: the header is the proxy's.
             forwarded: first.len() as u64,
+            ticket,
             info: ConnectionInfo {
                 client: client_addr,
                 route: forward.route,
@@ -446,7 +531,11 @@ impl Unserved<'_> {
                 client = %self.client, route, backend, bytes_up = self.bytes_up,
                 bytes_down = 0u64, duration_ms, end, "connection: {why}"
             ),
-            Refusal::NoBackend | Refusal::BackendWrite | Refusal::Setup => tracing::warn!(
+            Refusal::NoBackend
+            | Refusal::BackendWrite
+            | Refusal::Setup
+            | Refusal::MaxConnections
+            | Refusal::RouteMaxConnections => tracing::warn!(
                 client = %self.client, route, backend, bytes_up = self.bytes_up,
                 bytes_down = 0u64, duration_ms, end, "connection: {why}"
             ),
@@ -463,14 +552,16 @@ fn owned_fd(stream: &TcpStream) -> io::Result<OwnedFd> {
 }
 
 /// Reads until the router decides, `first_message_max` bytes arrived, the client
-/// half-closed, or `first_message_timeout` passed.
+/// half-closed, or `first_message_timeout` passed since `accepted`: a client that
+/// trickles bytes does not push the deadline back.
 async fn read_first_message(
     client: &mut TcpStream,
     client_addr: SocketAddr,
     router: &dyn Router,
-    limits: Limits,
+    limits: &Limits,
+    accepted: Instant,
 ) -> io::Result<(Vec<u8>, Decision)> {
-    let deadline = Instant::now() + limits.first_message_timeout;
+    let deadline = accepted + limits.first_message_timeout;
     let mut bytes = vec![0u8; limits.first_message_max];
     let mut len = 0;
     loop {

@@ -123,13 +123,18 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Closes with an RST instead of a FIN, the way a proxy passes on a reset it received.
 pub fn close_with_reset(fd: OwnedFd) {
+    // A failure leaves an orderly close, which still ends the connection.
+    let _ = reset_on_close(fd.as_fd());
+    drop(fd);
+}
+
+/// Makes the socket's close send an RST instead of a FIN (SO_LINGER with a zero time).
+pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // A failure leaves an orderly close, which still ends the connection.
-    let _ = setsockopt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_LINGER, linger);
-    drop(fd);
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
 }
 
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {

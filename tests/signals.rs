@@ -302,6 +302,8 @@ fn stop_accepting_refuses_connects_and_lets_the_executors_end() {
         first_message_timeout: Duration::from_secs(5),
         first_message_max: 1024,
         connect_timeout: Duration::from_secs(1),
+        max_connections: None,
+        route_max_connections: Default::default(),
     };
     let server =
         Server::start(listeners, Arc::new(router), limits, Arc::clone(&engine)).expect("start");

@@ -504,6 +504,7 @@ mod tests {
             balance: Balance::RoundRobin,
             health: HealthCheck::OFF,
             send_proxy: None,
+            max_connections: None,
         }
     }
 
@@ -520,6 +521,8 @@ mod tests {
             first_message_max: 16384,
             connect_timeout: Duration::from_secs(2),
             health: HealthCheck::OFF,
+            max_connections: None,
+            idle_timeout: None,
             routes,
         })
     }

@@ -29,6 +29,7 @@ use pair::{Endpoint, Next, Pair, Side};
 use poll::{Epoll, Wakeup};
 
 use crate::{
+    admission::Ticket,
     backend::Lease,
     metrics::{Metrics, Refusal},
     probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
@@ -50,6 +51,9 @@ pub struct Connection {
     pub upstream: OwnedFd,
     /// Bytes the caller read from the client and wrote, all of them, to the upstream.
     pub forwarded: u64,
+    /// The connection's places in the [`Admission`](crate::admission::Admission)
+    /// counts, given back when the engine closes it (`Ticket::default()` holds none).
+    pub ticket: Ticket,
     pub info: ConnectionInfo,
     /// Counts the connection against its backend (least-conn) until the engine closes
     /// it. None for an address no route lists (a custom [`Router`] may name any).
@@ -304,13 +308,14 @@ impl Worker {
             client,
             upstream,
             forwarded,
+            ticket,
             info,
             lease,
         } = connection;
         socket::set_nonblocking(client.as_fd())?;
         socket::set_nonblocking(upstream.as_fd())?;
         let mut pair = match &mut self.maps {
-            Some(maps) => splice(maps, client, upstream, forwarded, info, lease)?,
+            Some(maps) => splice(maps, client, upstream, forwarded, ticket, info, lease)?,
             None => Pair::new(
                 Endpoint {
                     fd: client,
@@ -321,6 +326,7 @@ impl Worker {
                     cookie: 0,
                 },
                 forwarded,
+                ticket,
                 info,
                 lease,
             ),
@@ -429,6 +435,7 @@ fn splice(
     client: OwnedFd,
     upstream: OwnedFd,
     forwarded: u64,
+    ticket: Ticket,
     info: ConnectionInfo,
     lease: Option<Lease>,
 ) -> io::Result<Pair> {
@@ -440,7 +447,7 @@ fn splice(
         cookie: socket::cookie(upstream.as_fd())?,
         fd: upstream,
     };
-    let mut pair = Pair::new(client, upstream, forwarded, info, lease);
+    let mut pair = Pair::new(client, upstream, forwarded, ticket, info, lease);
     if !pair.settle_client_queue()? {
         tracing::debug!(client = %pair.info.client, "client still streaming or closing at the hand-off; copying in userspace");
         return Ok(pair);

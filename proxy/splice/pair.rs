@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::{ConnectionInfo, Mode, poll};
-use crate::{backend::Lease, socket};
+use crate::{admission::Ticket, backend::Lease, socket};
 
 /// A userspace copy moves at most this much per read: large enough for a fast stream,
 /// small enough that thousands of copied connections stay cheap.
@@ -83,6 +83,8 @@ pub(super) struct Pair {
     pub lease: Option<Lease>,
     /// The pair's cookies are in the probe's maps and must be removed at teardown.
     pub in_maps: bool,
+    /// Held for as long as the pair lives: dropping the pair gives its places back.
+    _ticket: Ticket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +98,7 @@ impl Pair {
         client: Endpoint,
         upstream: Endpoint,
         first_message_len: u64,
+        ticket: Ticket,
         info: ConnectionInfo,
         lease: Option<Lease>,
     ) -> Pair {
@@ -107,6 +110,7 @@ impl Pair {
             info,
             lease,
             in_maps: false,
+            _ticket: ticket,
         }
     }
 

@@ -15,6 +15,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use splice_proxy::{
+    admission::Admission,
     config::Config,
     probe::{AttachMode, Probe},
     route::RouteTable,
@@ -42,6 +43,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub engine: Arc<SpliceEngine>,
     pub probe: Option<Arc<Probe>>,
+    /// The server's connection counts and refusals.
+    pub admission: Arc<Admission>,
 }
 
 impl Proxy {
@@ -68,12 +71,14 @@ impl Proxy {
         )
         .expect("executors start");
         let addr = server.local_addr();
+        let admission = Arc::clone(server.admission());
         // The executors run on their own threads; nothing joins them.
         std::mem::forget(server);
         Proxy {
             addr,
             engine,
             probe,
+            admission,
         }
     }
 
