@@ -76,6 +76,7 @@ fn main() -> anyhow::Result<ExitCode> {
         first_message_max: 4096,
         connect_timeout: Duration::from_secs(1),
         max_connections: None,
+        idle_timeout: None,
         route_max_connections: Default::default(),
     };
     let listeners = Listeners::bind(args.listen, 1)?;

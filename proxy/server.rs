@@ -61,6 +61,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Connections the proxy holds at once; `None`: no limit.
     pub max_connections: Option<usize>,
+    /// A connection handed to the engine is reset once no byte has moved either way for
+    /// this long; `None`: never.
+    pub idle_timeout: Option<Duration>,
     /// Connections each route holds at once, by route name; a route not listed has no
     /// limit of its own.
     pub route_max_connections: HashMap<Arc<str>, usize>,
@@ -79,6 +82,7 @@ impl From<&Config> for Limits {
             first_message_max: config.first_message_max,
             connect_timeout: config.connect_timeout,
             max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout,
             route_max_connections: config
                 .routes
                 .iter()
@@ -428,7 +432,14 @@ async fn serve(
     let forward = match decision {
         Decision::Forward(forward) => forward,
         Decision::Reject | Decision::NeedMore => {
-            return unserved.close(Refusal::NoRoute, "no route matches its first message");
+            // A slowloris client ends here: what it trickled in by the deadline decided
+            // nothing.
+            let why = if accepted.elapsed() >= limits.first_message_timeout {
+                "no route matched what it sent within first_message_timeout"
+            } else {
+                "no route matches its first message"
+            };
+            return unserved.close(Refusal::NoRoute, why);
         }
     };
     unserved.route = Some(Arc::clone(&forward.route));
@@ -488,6 +499,7 @@ async fn serve(
             upstream: upstream_fd,
             // The client's bytes only: the header is the proxy's.
             forwarded: first.len() as u64,
+            idle_timeout: limits.idle_timeout,
             ticket,
             info: ConnectionInfo {
                 client: client_addr,

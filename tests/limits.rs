@@ -1,7 +1,11 @@
-//! Limits, through the proxy with the real probe (and in copy mode): `max_connections`
-//! for the proxy and per route refuses clients beyond it at once, with a reset, counts
-//! them, and counts connections until they close, whether they are reading their first
-//! message or spliced; a reload changes the limits for new connections.
+//! Limits and timeouts, through the proxy with the real probe (and in copy mode).
+//! `max_connections` for the proxy and per route refuses clients beyond it at once, with
+//! a reset, counts them, and counts connections until they close, whether they are
+//! reading their first message or spliced; a reload changes the limits for new
+//! connections. `first_message_timeout` closes silent and trickling (slowloris) clients
+//! unless a default route takes them; `connect_timeout` gives up on a backend that
+//! answers no SYN; `idle_timeout` resets a pair that moves nothing and keeps one that
+//! trickles.
 
 mod support;
 
@@ -213,4 +217,320 @@ fn refusals_are_logged_and_a_reload_changes_the_limit() {
     assert!(line.contains("max_connections (2)"), "{line}");
     echo_checked(first, 5);
     echo_checked(second, 6);
+}
+
+// ---------------------------------------------------------------------------------------
+// Timeouts: first message, connect, idle.
+
+/// The start of an HTTP request head that a client then trickles a header value into,
+/// a byte at a time: an HTTP route can never decide on it.
+const ENDLESS_HEAD: &[u8] = b"GET / HTTP/1.1\r\nX-Slow: ";
+
+/// Routes HTTP requests for "a.example" to `backend`, with a short first-message
+/// timeout; `default` adds a default route to it as well.
+fn http_routes(backend: SocketAddr, default: bool) -> String {
+    let mut routes = format!(
+        "first_message_timeout = \"500ms\"\n\n\
+         [[route]]\nname = \"web\"\nhttp_host = \"a.example\"\n{}\n",
+        backends_toml(&[backend])
+    );
+    if default {
+        routes += &format!(
+            "\n[[route]]\nname = \"fallback\"\ndefault = true\n{}\n",
+            backends_toml(&[backend])
+        );
+    }
+    routes
+}
+
+/// Writes `head`, then one byte every 50ms until a write fails or `limit` passes, from
+/// its own thread; returns the bytes it wrote when it stops.
+fn trickle(
+    stream: &TcpStream,
+    head: &'static [u8],
+    limit: Duration,
+) -> thread::JoinHandle<Vec<u8>> {
+    let mut writer = stream.try_clone().unwrap();
+    writer.set_nodelay(true).unwrap();
+    thread::spawn(move || {
+        let mut written = Vec::new();
+        if writer.write_all(head).is_err() {
+            return written;
+        }
+        written.extend_from_slice(head);
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            thread::sleep(Duration::from_millis(50));
+            if writer.write_all(b"a").is_err() {
+                break;
+            }
+            written.push(b'a');
+        }
+        written
+    })
+}
+
+/// Reads until the proxy ends the connection: EOF or a reset, within `limit`.
+fn assert_closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the proxy did not close the connection within {limit:?}: {e}"),
+        }
+    }
+    started.elapsed()
+}
+
+/// A client that sends nothing, without a default route, is closed at the
+/// first-message timeout.
+fn silent_client_closed(mode: Moving) {
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&http_routes(echo.addr, false), mode);
+    let mut client = proxy.connect();
+    assert_closed_within(&mut client, PROMPT);
+    wait_held(&proxy, 0);
+    assert_eq!(echo.accepted(), 0);
+}
+
+/// A slowloris client trickles a request head that never ends: the deadline runs from
+/// accept, so its bytes do not push it back, and it is closed at the timeout.
+fn trickling_client_closed(mode: Moving) {
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&http_routes(echo.addr, false), mode);
+    let mut client = proxy.connect();
+    let writer = trickle(&client, ENDLESS_HEAD, Duration::from_secs(10));
+    assert_closed_within(&mut client, PROMPT);
+    drop(client);
+    let written = writer.join().unwrap();
+    assert!(written.len() < ENDLESS_HEAD.len() + 100, "kept trickling");
+    wait_held(&proxy, 0);
+    assert_eq!(echo.accepted(), 0);
+}
+
+/// With a default route the same slowloris client is served there once the timeout
+/// passes, and every byte it trickled, before and after, arrives.
+fn trickling_client_takes_the_default(mode: Moving) {
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&http_routes(echo.addr, true), mode);
+    let client = proxy.connect();
+    let writer = trickle(&client, ENDLESS_HEAD, Duration::from_millis(1500));
+    let mut reader = client.try_clone().unwrap();
+    let echoed = thread::spawn(move || read_to_end_hashed(&mut reader));
+    let written = writer.join().unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let echoed = echoed.join().unwrap().unwrap();
+    assert_eq!(echoed, (written.len() as u64, sha256(&written)));
+    assert_eq!(echo.accepted(), 1);
+    drop(client);
+    proxy.wait_idle(WAIT);
+}
+
+#[test]
+fn silent_client_closed_splice() {
+    silent_client_closed(SPLICE);
+}
+
+#[test]
+fn trickling_client_closed_splice() {
+    trickling_client_closed(SPLICE);
+}
+
+#[test]
+fn trickling_client_closed_copy() {
+    trickling_client_closed(COPY);
+}
+
+#[test]
+fn trickling_client_takes_the_default_splice() {
+    trickling_client_takes_the_default(SPLICE);
+}
+
+#[test]
+fn trickling_client_takes_the_default_copy() {
+    trickling_client_takes_the_default(COPY);
+}
+
+/// An address that completes no handshake: a listener with a backlog of 0 that never
+/// accepts, whose queue a connection already fills, so the kernel drops further SYNs
+/// (and the connecting side retransmits them, as with an unreachable host).
+struct Blackhole {
+    addr: SocketAddr,
+    _listener: socket2::Socket,
+    _filler: TcpStream,
+}
+
+impl Blackhole {
+    fn new() -> Blackhole {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let filler = TcpStream::connect_timeout(&addr, WAIT).expect("the queue's one place");
+        let probe = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(
+            probe.is_err(),
+            "a second connect completed: the backlog is not full"
+        );
+        Blackhole {
+            addr,
+            _listener: listener,
+            _filler: filler,
+        }
+    }
+}
+
+/// A backend that never answers is given up after connect_timeout for the route's next
+/// one, whichever the round-robin starts at.
+fn silent_backend_then_next(mode: Moving) {
+    let blackhole = Blackhole::new();
+    let echo = Backend::echo();
+    let routes = format!(
+        "connect_timeout = \"300ms\"\n{}",
+        prefix_routes("a", &[blackhole.addr, echo.addr])
+    );
+    let proxy = Proxy::start(&routes, mode);
+    for seed in 0..2 {
+        echo_checked(held(proxy.addr, b"a"), 10 + seed);
+    }
+    assert_eq!(echo.accepted(), 2);
+    proxy.wait_idle(WAIT);
+}
+
+/// A route whose only backend never answers: the client is closed after about the
+/// connect timeout, not left waiting for the kernel's SYN retries (over a minute).
+fn silent_backend_only(mode: Moving) {
+    let blackhole = Blackhole::new();
+    let routes = format!(
+        "connect_timeout = \"300ms\"\n{}",
+        prefix_routes("a", &[blackhole.addr])
+    );
+    let proxy = Proxy::start(&routes, mode);
+    let mut client = proxy.connect();
+    client.write_all(b"a").unwrap();
+    assert_closed_within(&mut client, PROMPT);
+    wait_held(&proxy, 0);
+}
+
+#[test]
+fn silent_backend_then_next_splice() {
+    silent_backend_then_next(SPLICE);
+}
+
+#[test]
+fn silent_backend_then_next_copy() {
+    silent_backend_then_next(COPY);
+}
+
+#[test]
+fn silent_backend_only_splice() {
+    silent_backend_only(SPLICE);
+}
+
+const IDLE: Duration = Duration::from_secs(1);
+
+fn idle_routes(backend: SocketAddr) -> String {
+    format!(
+        "idle_timeout = \"{}ms\"\n{}",
+        IDLE.as_millis(),
+        prefix_routes("a", &[backend])
+    )
+}
+
+/// A pair that moves nothing is reset once the idle timeout passes, by the kernel's
+/// clock of its last data (the proxy never sees spliced bytes), and freed.
+fn idle_pair_reset(mode: Moving) {
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&idle_routes(echo.addr), mode);
+    let mut client = held(proxy.addr, b"a");
+    proxy.wait_handed_off(1, WAIT);
+    let waited = assert_closed_within(&mut client, IDLE + PROMPT);
+    assert!(
+        waited >= IDLE / 2,
+        "reset after {waited:?}, before the idle timeout"
+    );
+    proxy.wait_idle(WAIT);
+    wait_held(&proxy, 0);
+}
+
+/// A client that trickles a byte upstream every 250ms, for three idle timeouts, keeps
+/// its pair: bytes moving one way are activity. Every byte arrives.
+fn trickling_pair_kept(mode: Moving) {
+    let (sink, received) = Backend::sink();
+    let proxy = Proxy::start(&idle_routes(sink.addr), mode);
+    let mut client = connect(proxy.addr);
+    client.set_nodelay(true).unwrap();
+    client.write_all(b"a").unwrap();
+    proxy.wait_handed_off(1, WAIT);
+    let mut sent = b"a".to_vec();
+    let started = Instant::now();
+    while started.elapsed() < 3 * IDLE {
+        thread::sleep(IDLE / 4);
+        client
+            .write_all(b"b")
+            .expect("the proxy closed a pair that was moving bytes");
+        sent.push(b'b');
+    }
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = received.recv_timeout(WAIT).expect("the sink's report");
+    assert_eq!(got, (sent.len() as u64, sha256(&sent)));
+    assert_closed_within(&mut client, PROMPT);
+    proxy.wait_idle(WAIT);
+}
+
+#[test]
+fn idle_pair_reset_splice() {
+    idle_pair_reset(SPLICE);
+}
+
+#[test]
+fn idle_pair_reset_copy() {
+    idle_pair_reset(COPY);
+}
+
+#[test]
+fn trickling_pair_kept_splice() {
+    trickling_pair_kept(SPLICE);
+}
+
+#[test]
+fn trickling_pair_kept_copy() {
+    trickling_pair_kept(COPY);
+}
+
+/// The binary logs an idle pair's end as `end="idle"`, and the backend sees the reset.
+#[test]
+fn idle_pair_is_logged_as_idle() {
+    let (backend, outcomes) = Backend::sink_outcome();
+    let routes = routes_file("idle", &idle_routes(backend.addr));
+    let proxy = ProxyProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--mode",
+        "splice",
+    ]);
+    let mut client = connect(proxy.addr());
+    client.write_all(b"a").unwrap();
+    let client_addr = client.local_addr().unwrap();
+    assert_closed_within(&mut client, IDLE + PROMPT);
+    let (result, _) = outcomes
+        .recv_timeout(WAIT)
+        .expect("the backend's read ended");
+    assert_eq!(
+        result.map(|(len, _)| len).map_err(|e| e.kind()),
+        Err(io::ErrorKind::ConnectionReset),
+        "the backend of an idle pair is reset"
+    );
+    let line = proxy.wait_for_log(&format!("client={client_addr}"), WAIT);
+    assert!(line.contains("end=\"idle\""), "{line}");
+    assert!(line.contains("mode=\"splice\""), "{line}");
 }

@@ -303,6 +303,7 @@ fn stop_accepting_refuses_connects_and_lets_the_executors_end() {
         first_message_max: 1024,
         connect_timeout: Duration::from_secs(1),
         max_connections: None,
+        idle_timeout: None,
         route_max_connections: Default::default(),
     };
     let server =

@@ -8,11 +8,18 @@
 //! on; when both directions are closed it removes the pair from the maps and closes both
 //! sockets. Sockets the kernel refuses to splice are copied here instead, with the same
 //! close semantics.
+//!
+//! A pair with an idle timeout is reset once no byte has moved either way for that long.
+//! The worker never sees spliced bytes, so it asks the kernel (`TCP_INFO`'s time since
+//! each socket last sent and received data) when a pair's timeout could first expire,
+//! and not before: two getsockopt calls per pair per timeout while it is busy.
 
 mod pair;
 mod poll;
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     io,
     net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
@@ -51,6 +58,8 @@ pub struct Connection {
     pub upstream: OwnedFd,
     /// Bytes the caller read from the client and wrote, all of them, to the upstream.
     pub forwarded: u64,
+    /// Reset the connection once no byte has moved either way for this long.
+    pub idle_timeout: Option<Duration>,
     /// The connection's places in the [`Admission`](crate::admission::Admission)
     /// counts, given back when the engine closes it (`Ticket::default()` holds none).
     pub ticket: Ticket,
@@ -125,6 +134,7 @@ impl SpliceEngine {
                 pairs: Vec::new(),
                 free: Vec::new(),
                 draining: Vec::new(),
+                idle_checks: BinaryHeap::new(),
                 live: Arc::clone(&live),
                 closing: Arc::clone(&closing),
                 metrics: Arc::clone(&metrics),
@@ -196,6 +206,18 @@ impl SpliceEngine {
 
 const WAKEUP_TOKEN: u64 = u64::MAX;
 
+/// How a pair ended, for its log line and its close.
+enum Ending {
+    /// Both ends closed their side.
+    Closed,
+    /// A side reset or failed, or the proxy is shutting down.
+    Reset(io::Error),
+    /// No byte moved for this long, at least the idle timeout. Reset like an error: the
+    /// connection did not end, the proxy gave up on it, and a FIN would let either end
+    /// take it for a clean end of stream.
+    Idle(Duration),
+}
+
 /// Epoll tokens name a pair's slot and side: `slot << 1 | side`.
 fn token(slot: usize, side: Side) -> u64 {
     (slot as u64) << 1 | u64::from(side == Side::Upstream)
@@ -210,6 +232,10 @@ struct Worker {
     free: Vec<usize>,
     /// Slots with a half-close waiting for the kernel to drain.
     draining: Vec<usize>,
+    /// When to look at a slot's idleness, earliest first. An entry whose time is not
+    /// its pair's [`Pair::idle_check`] any more (the pair closed, or was rescheduled) is
+    /// stale and skipped.
+    idle_checks: BinaryHeap<Reverse<(Instant, usize)>>,
     live: Arc<AtomicUsize>,
     /// Set by [`SpliceEngine::shutdown`].
     closing: Arc<AtomicBool>,
@@ -220,7 +246,15 @@ impl Worker {
     fn run(mut self) {
         let mut events = Vec::with_capacity(256);
         loop {
-            let timeout = (!self.draining.is_empty()).then_some(DRAIN_POLL);
+            let next_idle_check = self
+                .idle_checks
+                .peek()
+                .map(|Reverse((due, _))| due.saturating_duration_since(Instant::now()));
+            let timeout = if self.draining.is_empty() {
+                next_idle_check
+            } else {
+                Some(next_idle_check.map_or(DRAIN_POLL, |next| next.min(DRAIN_POLL)))
+            };
             if let Err(e) = self.epoll.wait(&mut events, timeout) {
                 tracing::error!("epoll_wait failed in a splice worker: {e}");
                 thread::sleep(DRAIN_POLL);
@@ -251,6 +285,7 @@ impl Worker {
                     self.settle(slot, next);
                 }
             }
+            self.check_idle();
             // Only now, when no event of this batch can still name a freed slot: a new
             // pair in a reused slot must not receive its predecessor's events.
             if woken {
@@ -269,7 +304,7 @@ impl Worker {
         for slot in 0..self.pairs.len() {
             if self.pairs[slot].is_some() {
                 let error = io::Error::other("the proxy is shutting down");
-                self.finish(slot, Some(error));
+                self.finish(slot, Ending::Reset(error));
             }
         }
     }
@@ -308,6 +343,7 @@ impl Worker {
             client,
             upstream,
             forwarded,
+            idle_timeout,
             ticket,
             info,
             lease,
@@ -362,8 +398,44 @@ impl Worker {
             }
             return Err(e);
         }
+        if let Some(timeout) = idle_timeout {
+            let due = Instant::now() + timeout;
+            pair.idle_check = Some((timeout, due));
+            self.idle_checks.push(Reverse((due, slot)));
+        }
         self.pairs[slot] = Some(pair);
         Ok(slot)
+    }
+
+    /// Resets the pairs whose idle timeout has passed, by the kernel's clock of their
+    /// last data, and schedules the next look at the others for when theirs could.
+    fn check_idle(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((due, slot))) = self.idle_checks.peek() {
+            if due > now {
+                return;
+            }
+            self.idle_checks.pop();
+            let Some(Some(pair)) = self.pairs.get_mut(slot) else {
+                continue;
+            };
+            let Some((timeout, scheduled)) = pair.idle_check else {
+                continue;
+            };
+            if scheduled != due {
+                continue;
+            }
+            // A socket whose counters cannot be read is looked at again a timeout later;
+            // its errors reach the pair through epoll.
+            let idle = pair.idle_for().unwrap_or_default();
+            if idle >= timeout {
+                self.finish(slot, Ending::Idle(idle));
+            } else {
+                let next = now + (timeout - idle);
+                pair.idle_check = Some((timeout, next));
+                self.idle_checks.push(Reverse((next, slot)));
+            }
+        }
     }
 
     fn settle(&mut self, slot: usize, next: Next) {
@@ -374,22 +446,23 @@ impl Worker {
                     self.draining.push(slot);
                 }
             }
-            Next::Done => self.finish(slot, None),
-            Next::Reset(e) => self.finish(slot, Some(e)),
+            Next::Done => self.finish(slot, Ending::Closed),
+            Next::Reset(e) => self.finish(slot, Ending::Reset(e)),
         }
     }
 
-    /// Tears a pair down: out of the maps, both sockets closed (with an RST if it ended
-    /// in an error, so that both ends learn it did not end cleanly), one log line.
-    fn finish(&mut self, slot: usize, error: Option<io::Error>) {
+    /// Tears a pair down: out of the maps, both sockets closed (with an RST unless both
+    /// ends closed, so that both learn it did not end cleanly), one log line.
+    fn finish(&mut self, slot: usize, ending: Ending) {
         let Some(mut pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
             return;
         };
         self.free.push(slot);
         self.draining.retain(|&s| s != slot);
         // Before the sockets close and the connection stops counting as live: whoever
-        // sees it end must find it no longer counted against its backend.
+        // sees it end must find it no longer counted against its backend or its limits.
         drop(pair.lease.take());
+        drop(std::mem::take(&mut pair.ticket));
         self.live.fetch_sub(1, Ordering::Relaxed);
 
         let (sent_up, sent_down) = pair.bytes_sent();
@@ -404,19 +477,24 @@ impl Worker {
             .proxy_closed(&info.route, info.backend, mode, sent_up, sent_down);
         let duration_ms = millis(info.accepted.elapsed());
         let mode = mode.as_str();
-        match &error {
-            None => tracing::info!(
+        match &ending {
+            Ending::Closed => tracing::info!(
                 client = %info.client, route = %info.route, backend = %info.backend, mode,
                 bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "closed",
                 "connection"
             ),
-            Some(e) => tracing::info!(
+            Ending::Reset(e) => tracing::info!(
                 client = %info.client, route = %info.route, backend = %info.backend, mode,
                 bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "reset",
                 "connection: {e}"
             ),
+            Ending::Idle(idle) => tracing::info!(
+                client = %info.client, route = %info.route, backend = %info.backend, mode,
+                bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "idle",
+                "connection: no byte moved for {idle:?}"
+            ),
         }
-        if error.is_some() {
+        if !matches!(ending, Ending::Closed) {
             socket::close_with_reset(pair.client.fd);
             socket::close_with_reset(pair.upstream.fd);
         }

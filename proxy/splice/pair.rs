@@ -83,8 +83,10 @@ pub(super) struct Pair {
     pub lease: Option<Lease>,
     /// The pair's cookies are in the probe's maps and must be removed at teardown.
     pub in_maps: bool,
-    /// Held for as long as the pair lives: dropping the pair gives its places back.
-    _ticket: Ticket,
+    /// The connection's places in the admission counts, given back at teardown.
+    pub ticket: Ticket,
+    /// The idle timeout and when the worker next looks at the pair's idleness.
+    pub idle_check: Option<(Duration, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +112,8 @@ impl Pair {
             info,
             lease,
             in_maps: false,
-            _ticket: ticket,
+            ticket,
+            idle_check: None,
         }
     }
 
@@ -237,6 +240,20 @@ impl Pair {
                 }
             }
         }
+    }
+
+    /// How long since either socket last sent or received data, by the kernel's clock:
+    /// it sees the spliced bytes that this process never does. ACKs, window probes and
+    /// keepalives are not data, so a pair whose reader stopped reading is idle.
+    pub fn idle_for(&self) -> io::Result<Duration> {
+        let mut idle_ms = u32::MAX;
+        for fd in [self.client.fd(), self.upstream.fd()] {
+            let info = socket::tcp_info(fd)?;
+            idle_ms = idle_ms
+                .min(info.last_data_recv_ms)
+                .min(info.last_data_sent_ms);
+        }
+        Ok(Duration::from_millis(idle_ms.into()))
     }
 
     /// Bytes each side sent, by the kernel's count, for the access log.
