@@ -175,8 +175,8 @@ fn route_limit_copy() {
     route_limit(COPY);
 }
 
-/// The binary logs each refusal with the client and the limit, and a SIGHUP changes the
-/// limit for new connections while the one it holds goes on.
+/// The binary logs each refusal with the client and the limit, counts it in its metrics,
+/// and a SIGHUP changes the limit for new connections while the one it holds goes on.
 #[test]
 fn refusals_are_logged_and_a_reload_changes_the_limit() {
     let echo = Backend::echo();
@@ -198,6 +198,8 @@ fn refusals_are_logged_and_a_reload_changes_the_limit() {
         "2",
         "--splice-workers",
         "2",
+        "--metrics",
+        "127.0.0.1:0",
     ]);
     let addr = proxy.addr();
     let first = held(addr, b"a1");
@@ -217,6 +219,24 @@ fn refusals_are_logged_and_a_reload_changes_the_limit() {
     assert!(line.contains("max_connections (2)"), "{line}");
     echo_checked(first, 5);
     echo_checked(second, 6);
+
+    let metrics = proxy.wait_for_log("metrics at http://", WAIT);
+    let metrics = metrics
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics address");
+    let scrape = output_within(
+        std::process::Command::new("curl").args(["-sS", &format!("http://{metrics}/metrics")]),
+        WAIT,
+    );
+    let text = String::from_utf8_lossy(&scrape.stdout);
+    assert!(
+        text.lines()
+            .any(|line| line
+                == "splice_proxy_connections_refused_total{reason=\"max_connections\"} 2"),
+        "two refusals by max_connections in the metrics:\n{text}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
