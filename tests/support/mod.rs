@@ -51,11 +51,17 @@ impl Proxy {
     /// Starts a proxy on 127.0.0.1:0 with `routes` (the text of a routes.toml). A
     /// splicing proxy that cannot load the probe fails the test with the reason.
     pub fn start(routes: &str, moving: Moving) -> Proxy {
+        Proxy::start_sized(routes, moving, 1 << 14)
+    }
+
+    /// As [`Proxy::start`], with maps that hold `map_capacity` sockets (two per spliced
+    /// connection).
+    pub fn start_sized(routes: &str, moving: Moving, map_capacity: u32) -> Proxy {
         let config =
             Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
         let probe = match moving {
             Moving::Splice(attach) => Some(Arc::new(
-                Probe::load(attach, 1 << 14)
+                Probe::load(attach, map_capacity)
                     .expect("the probe must load: tests run as root on a kernel with sockmap"),
             )),
             Moving::Copy => None,

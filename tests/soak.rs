@@ -1,0 +1,664 @@
+//! The soak test: the proxy under sustained load, with the real probe, bounded in time
+//! (about 70 s on two cores, each phase bounded). Ignored by default; CI runs it explicitly:
+//!
+//!     cargo test --release --test soak -- --ignored --test-threads=1
+//!
+//! One proxy, in splice mode, goes through:
+//! 1. 10,000 connections held at once (fewer if RLIMIT_NOFILE cannot rise to 4 fds
+//!    each), all spliced (two sockets each in each map), each
+//!    exchanging bytes checked end to end;
+//! 2. while they are held, 100,000 connections churned by 32 clients, each a hash-checked
+//!    echo, with garbage (no route), empty, and immediately-reset connections mixed in;
+//! 3. the held ones exchange again, then close.
+//!
+//! Afterwards the process has no more fds than before, the maps are empty, no connection
+//! is counted, and its RSS is back near where it started. Then a reader pauses for 10 s
+//! with 64 MiB pending behind it, through a splicing and a copying proxy: every byte
+//! arrives once it resumes, and neither the process nor the kernel's TCP memory grows by
+//! anything near the stream.
+
+mod support;
+
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+
+/// Connections held at once, if the descriptor limit allows (see [`held_target`]).
+const HELD_WANTED: usize = 10_000;
+/// Descriptors each held connection costs this process, which runs the client, the
+/// proxy (two) and the backend.
+const FDS_PER_HELD: usize = 4;
+/// Descriptors kept free for everything else: the churn's connections, the proxy's
+/// rings, maps and listeners, the backends' threads.
+const FD_RESERVE: usize = 1_000;
+const CHURNED: usize = 100_000;
+const CHURN_CLIENTS: usize = 32;
+/// Echo backend threads: more than the clients, so that none waits for a worker.
+const ECHO_WORKERS: usize = 64;
+/// Bound on each phase: the soak must end, and say where it stuck.
+const PHASE_LIMIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(30);
+
+/// RSS may end this far above where it started: allocator caches and the engine's slot
+/// tables sized for 10,000 pairs. A leak of a few hundred bytes per connection over the
+/// 100,000 churned would exceed it.
+const RSS_SLACK: u64 = 32 * MIB as u64;
+/// Fds the process may hold beyond its count before the load: backend threads finishing.
+const FD_SLACK: usize = 4;
+
+/// Room for every connection of the load, at 4 fds each (client, proxy's two, backend).
+const NOFILE: u64 = 65_536;
+
+#[test]
+#[ignore = "a soak of about a minute: run with --ignored (CI does)"]
+fn soak() {
+    let held_count = held_target(raise_nofile(NOFILE));
+    check_net_limits(held_count);
+    let echo = EchoPool::start(ECHO_WORKERS);
+    let holder = Holder::start(held_count);
+    let routes = format!(
+        "[[route]]\nname = \"echo\"\nprefix = \"a\"\n{}\n\n\
+         [[route]]\nname = \"held\"\nprefix = \"h\"\n{}\n",
+        backends_toml(&[echo.addr]),
+        backends_toml(&[holder.addr])
+    );
+    // Room for the held pairs and the churn's, two sockets each.
+    let proxy = Proxy::start_sized(&routes, SPLICE, 1 << 16);
+
+    let warm_up = churn(proxy.addr, 2_000, 1);
+    warm_up.assert_all_served("warm-up");
+    proxy.wait_idle(WAIT);
+    let fds_before = settled_fds();
+    let rss_before = rss();
+    eprintln!(
+        "soak: baseline {} fds, RSS {} MiB",
+        fds_before.len(),
+        rss_before / MIB as u64
+    );
+
+    let started = Instant::now();
+    let mut held = hold(proxy.addr, held_count);
+    proxy.wait_handed_off(held_count, WAIT);
+    assert_eq!(proxy.admission.held(), held_count);
+    exchange_with_held(&mut held, &holder, 1);
+    eprintln!(
+        "soak: {held_count} held and spliced after {:?}, RSS {} MiB",
+        started.elapsed(),
+        rss() / MIB as u64
+    );
+
+    let started = Instant::now();
+    let report = churn(proxy.addr, CHURNED, 2);
+    eprintln!(
+        "soak: {CHURNED} churned in {:?} ({} echoed, {} garbage, {} empty, {} reset), RSS {} MiB",
+        started.elapsed(),
+        report.served,
+        report.garbage,
+        report.empty,
+        report.reset,
+        rss() / MIB as u64
+    );
+    report.assert_all_served("churn");
+    proxy.wait_handed_off(held_count, WAIT);
+    exchange_with_held(&mut held, &holder, 2);
+
+    drop(held);
+    holder.close_all();
+    proxy.wait_idle(WAIT);
+    wait_held(&proxy, 0);
+    wait_fds_back(&fds_before, WAIT);
+    let rss_after = settled_rss(rss_before);
+    eprintln!(
+        "soak: afterwards {} fds, RSS {} MiB (started at {} MiB)",
+        open_fd_targets().len(),
+        rss_after / MIB as u64,
+        rss_before / MIB as u64
+    );
+    assert!(
+        rss_after <= rss_before + RSS_SLACK,
+        "RSS grew from {rss_before} to {rss_after} bytes over the soak"
+    );
+
+    paused_reader(SPLICE);
+    paused_reader(COPY);
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits of the machine.
+
+/// Raises RLIMIT_NOFILE to `limit`; without CAP_SYS_RESOURCE (a container may withhold
+/// it even from root) the hard limit cannot rise, so the soft one rises to it. Returns the
+/// limit in force.
+fn raise_nofile(limit: u64) -> u64 {
+    let wanted = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit reads the struct, which lives across the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
+        return limit;
+    }
+    let raise_error = io::Error::last_os_error();
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct, which lives across the call.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) },
+        0
+    );
+    current.rlim_cur = current.rlim_max;
+    // SAFETY: as above; a soft limit up to the hard one needs no privilege.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &current) }, 0);
+    eprintln!(
+        "soak: RLIMIT_NOFILE cannot rise to {limit} ({raise_error}); using the hard limit, {}",
+        current.rlim_max
+    );
+    current.rlim_max
+}
+
+/// [`HELD_WANTED`], or as many as `nofile` descriptors allow.
+fn held_target(nofile: u64) -> usize {
+    let affordable = usize::try_from(nofile)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FD_RESERVE)
+        / FDS_PER_HELD;
+    let held = HELD_WANTED.min(affordable);
+    if held < HELD_WANTED {
+        eprintln!(
+            "soak: holding {held} connections, not {HELD_WANTED}: {nofile} descriptors at \
+             {FDS_PER_HELD} each (client, proxy's two, backend, all in this process)"
+        );
+    }
+    held
+}
+
+fn sysctl(name: &str) -> String {
+    let path = format!("/proc/sys/{}", name.replace('.', "/"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+/// The held connections take an ephemeral port each toward the proxy and again from the
+/// proxy toward the backend; the churn's closed ones sit in TIME_WAIT, which loopback
+/// connects may reuse (`tcp_tw_reuse` 1, or 2: loopback only, the default).
+fn check_net_limits(held: usize) {
+    let range = sysctl("net.ipv4.ip_local_port_range");
+    let ports: Vec<u32> = range
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let available = ports[1].saturating_sub(ports[0]) as usize;
+    assert!(
+        available >= 2 * held,
+        "net.ipv4.ip_local_port_range {range:?} has {available} ports; the soak needs {}",
+        2 * held
+    );
+    let reuse = sysctl("net.ipv4.tcp_tw_reuse");
+    assert!(
+        reuse == "1" || reuse == "2",
+        "net.ipv4.tcp_tw_reuse is {reuse}: churned connections would exhaust the ports"
+    );
+    eprintln!(
+        "soak: ports {range}, tcp_tw_reuse {reuse}, somaxconn {}, tcp_max_tw_buckets {}",
+        sysctl("net.core.somaxconn"),
+        sysctl("net.ipv4.tcp_max_tw_buckets")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Backends.
+
+/// An echo backend served by a fixed pool of threads: 100,000 connections must not cost
+/// 100,000 thread spawns (nor their stacks in the RSS).
+struct EchoPool {
+    addr: SocketAddr,
+}
+
+impl EchoPool {
+    fn start(workers: usize) -> EchoPool {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the echo pool");
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel::<TcpStream>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..workers {
+            let rx = Arc::clone(&rx);
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 16 * KIB];
+                loop {
+                    let next = rx.lock().unwrap().recv();
+                    let Ok(mut stream) = next else { return };
+                    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+                    while let Ok(n @ 1..) = stream.read(&mut buf) {
+                        if stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = stream.shutdown(Shutdown::Write);
+                }
+            });
+        }
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if tx.send(stream).is_err() {
+                    return;
+                }
+            }
+        });
+        EchoPool { addr }
+    }
+}
+
+/// A backend that holds `count` connections on one thread: it echoes each one's first
+/// byte as it accepts it, then on command echoes a round of bytes on every one, or
+/// closes them all.
+struct Holder {
+    addr: SocketAddr,
+    commands: mpsc::Sender<HolderCommand>,
+    done: mpsc::Receiver<io::Result<()>>,
+}
+
+enum HolderCommand {
+    /// Read this many bytes from every connection, in order, and write them back.
+    Echo(usize),
+    CloseAll,
+}
+
+impl Holder {
+    fn start(count: usize) -> Holder {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the holder");
+        let addr = listener.local_addr().unwrap();
+        let (commands, command_rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        thread::spawn(move || {
+            let mut streams = Vec::with_capacity(count);
+            let accepted = (|| -> io::Result<()> {
+                while streams.len() < count {
+                    let (mut stream, _) = listener.accept()?;
+                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+                    let first = read_exactly(&mut stream, 1)?;
+                    stream.write_all(&first)?;
+                    streams.push(stream);
+                }
+                Ok(())
+            })();
+            let _ = done_tx.send(accepted);
+            let mut buf = Vec::new();
+            for command in command_rx {
+                let result = match command {
+                    HolderCommand::Echo(len) => streams.iter_mut().try_for_each(|stream| {
+                        buf.resize(len, 0);
+                        stream.read_exact(&mut buf)?;
+                        stream.write_all(&buf)
+                    }),
+                    HolderCommand::CloseAll => {
+                        streams.clear();
+                        Ok(())
+                    }
+                };
+                let _ = done_tx.send(result);
+            }
+        });
+        Holder {
+            addr,
+            commands,
+            done,
+        }
+    }
+
+    fn command(&self, command: HolderCommand) {
+        self.commands.send(command).expect("the holder is running");
+    }
+
+    fn wait(&self, what: &str) {
+        match self.done.recv_timeout(PHASE_LIMIT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("the holder failed {what}: {e}"),
+            Err(e) => panic!("the holder did not finish {what} within {PHASE_LIMIT:?}: {e}"),
+        }
+    }
+
+    fn close_all(&self) {
+        self.command(HolderCommand::CloseAll);
+        self.wait("closing its connections");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Held connections.
+
+/// Opens `count` connections to the holder through the proxy, one after another, each
+/// handed off (its first byte echoed).
+fn hold(proxy: SocketAddr, count: usize) -> Vec<TcpStream> {
+    let deadline = Instant::now() + PHASE_LIMIT;
+    (0..count)
+        .map(|index| {
+            assert!(
+                Instant::now() < deadline,
+                "only {index} connections held in {PHASE_LIMIT:?}"
+            );
+            let mut stream = connect(proxy);
+            stream.write_all(b"h").unwrap();
+            let echo = read_exactly(&mut stream, 1)
+                .unwrap_or_else(|e| panic!("held connection {index}: {e}"));
+            assert_eq!(echo, b"h");
+            stream
+        })
+        .collect()
+}
+
+/// 1 KiB that differs per connection and round goes through every held connection and
+/// back, checked byte for byte.
+fn exchange_with_held(held: &mut [TcpStream], holder: &Holder, round: u64) {
+    let data = |index: usize| payload(KIB, round << 32 | index as u64);
+    for (index, stream) in held.iter_mut().enumerate() {
+        stream.write_all(&data(index)).unwrap();
+    }
+    holder.command(HolderCommand::Echo(KIB));
+    for (index, stream) in held.iter_mut().enumerate() {
+        let echo = read_exactly(stream, KIB)
+            .unwrap_or_else(|e| panic!("held connection {index}, round {round}: {e}"));
+        assert!(
+            echo == data(index),
+            "held connection {index}, round {round}: the echo differs"
+        );
+    }
+    holder.wait("an echo round");
+}
+
+// ---------------------------------------------------------------------------------------
+// Churn.
+
+/// What a client does with one connection of the churn.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The first message and 1 KiB, echoed and checked, then a clean close.
+    Echo,
+    /// Bytes no route takes: the proxy must close it.
+    Garbage,
+    /// Connect and close without a byte.
+    Empty,
+    /// Connect and reset at once.
+    Reset,
+}
+
+fn kind(index: usize) -> Kind {
+    match index % 20 {
+        17 => Kind::Garbage,
+        18 => Kind::Empty,
+        19 => Kind::Reset,
+        _ => Kind::Echo,
+    }
+}
+
+#[derive(Default)]
+struct ChurnReport {
+    served: usize,
+    garbage: usize,
+    empty: usize,
+    reset: usize,
+    /// The first failures, with the connection they happened on.
+    failures: Vec<String>,
+    failed: usize,
+}
+
+impl ChurnReport {
+    fn add(&mut self, other: ChurnReport) {
+        self.served += other.served;
+        self.garbage += other.garbage;
+        self.empty += other.empty;
+        self.reset += other.reset;
+        self.failed += other.failed;
+        for failure in other.failures {
+            if self.failures.len() < 10 {
+                self.failures.push(failure);
+            }
+        }
+    }
+
+    #[track_caller]
+    fn assert_all_served(&self, phase: &str) {
+        assert!(
+            self.failed == 0,
+            "{phase}: {} connections failed; the first: {:#?}",
+            self.failed,
+            self.failures
+        );
+    }
+}
+
+/// `total` connections from [`CHURN_CLIENTS`] clients, each connecting again as soon as
+/// its last connection closed. `seed` makes the payloads differ between calls.
+fn churn(proxy: SocketAddr, total: usize, seed: u64) -> ChurnReport {
+    let deadline = Instant::now() + PHASE_LIMIT;
+    let clients: Vec<_> = (0..CHURN_CLIENTS)
+        .map(|client| {
+            thread::spawn(move || {
+                let mut report = ChurnReport::default();
+                let mut echo = vec![0u8; KIB + 1];
+                for index in (client..total).step_by(CHURN_CLIENTS) {
+                    if Instant::now() >= deadline {
+                        report.failed += 1;
+                        report
+                            .failures
+                            .push(format!("out of time at connection {index}"));
+                        break;
+                    }
+                    let kind = kind(index);
+                    match one_connection(proxy, kind, seed << 32 | index as u64, &mut echo) {
+                        Ok(()) => match kind {
+                            Kind::Echo => report.served += 1,
+                            Kind::Garbage => report.garbage += 1,
+                            Kind::Empty => report.empty += 1,
+                            Kind::Reset => report.reset += 1,
+                        },
+                        Err(e) => {
+                            report.failed += 1;
+                            if report.failures.len() < 10 {
+                                report.failures.push(format!("connection {index}: {e}"));
+                            }
+                        }
+                    }
+                }
+                report
+            })
+        })
+        .collect();
+    let mut report = ChurnReport::default();
+    for client in clients {
+        report.add(client.join().expect("a churn client panicked"));
+    }
+    report
+}
+
+fn one_connection(proxy: SocketAddr, kind: Kind, seed: u64, echo: &mut [u8]) -> io::Result<()> {
+    let mut stream = TcpStream::connect(proxy)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    match kind {
+        Kind::Echo => {
+            let request = [b"a".as_slice(), &payload(KIB, seed)].concat();
+            stream.write_all(&request)?;
+            stream.read_exact(echo)?;
+            if echo != request.as_slice() {
+                return Err(io::Error::other("the echo differs"));
+            }
+            stream.shutdown(Shutdown::Write)?;
+            expect_end(&mut stream, false)
+        }
+        Kind::Garbage => {
+            // The proxy may close before the write: then it fails, which is fine.
+            let _ = stream.write_all(b"zz not a route\r\n");
+            expect_end(&mut stream, true)
+        }
+        Kind::Empty => Ok(()),
+        Kind::Reset => {
+            close_with_reset(stream);
+            Ok(())
+        }
+    }
+}
+
+/// Reads until the proxy ends the stream: EOF, or a reset when `reset_ok`.
+fn expect_end(stream: &mut TcpStream, reset_ok: bool) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(io::Error::other("bytes after the end")),
+        Err(e) if reset_ok && e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Resources.
+
+/// The open fds once they stop changing (bounded).
+fn settled_fds() -> Vec<(i32, String)> {
+    let deadline = Instant::now() + WAIT;
+    let mut last = open_fd_targets();
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let now = open_fd_targets();
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+fn wait_fds_back(before: &[(i32, String)], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = open_fd_targets();
+        if now.len() <= before.len() + FD_SLACK {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let new: Vec<_> = now.iter().filter(|fd| !before.contains(fd)).collect();
+            let shown = &new[..new.len().min(20)];
+            panic!(
+                "{} fds open {within:?} after the soak, {} before; new (first 20): {shown:?}",
+                now.len(),
+                before.len()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_held(proxy: &Proxy, count: usize) {
+    let deadline = Instant::now() + WAIT;
+    while proxy.admission.held() != count {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy counts {} connections, not {count}",
+            proxy.admission.held()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// This process's resident set, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/self/status")
+        * 1024
+}
+
+/// The RSS once it is within the slack of `baseline`, or after a bounded wait for the
+/// threads that are finishing to release their memory.
+fn settled_rss(baseline: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = rss();
+        if now <= baseline + RSS_SLACK || Instant::now() >= deadline {
+            return now;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Memory the kernel has allocated to TCP socket buffers, system-wide, in bytes.
+fn kernel_tcp_memory() -> u64 {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").expect("/proc/net/sockstat");
+    let pages = sockstat
+        .lines()
+        .find_map(|line| line.strip_prefix("TCP: "))
+        .and_then(|fields| {
+            let fields: Vec<&str> = fields.split_whitespace().collect();
+            let at = fields.iter().position(|field| *field == "mem")?;
+            fields.get(at + 1)?.parse::<u64>().ok()
+        })
+        .expect("TCP mem in /proc/net/sockstat");
+    // SAFETY: sysconf takes no pointers.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
+// ---------------------------------------------------------------------------------------
+// A paused reader.
+
+const PENDING: usize = 64 * MIB;
+const PAUSE: Duration = Duration::from_secs(10);
+
+/// A client reads 1 MiB of a 64 MiB download, stops for 10 s, and reads the rest: every
+/// byte arrives, in order, and while it pauses neither this process (which holds the
+/// proxy) nor the kernel's TCP buffers take up anything near the 63 MiB still pending.
+fn paused_reader(mode: Moving) {
+    let data = shared_payload(PENDING, 64);
+    let streamer = Backend::streamer(1, Arc::clone(&data));
+    let proxy = Proxy::start(&prefix_routes("s", &[streamer.addr]), mode);
+    let kernel_before = kernel_tcp_memory();
+    let mut client = connect(proxy.addr);
+    client.write_all(b"s").unwrap();
+    let head = read_exactly(&mut client, MIB).unwrap();
+    assert!(head == data[..MIB], "{mode:?}: the first MiB differs");
+    // Measured from here: the executors allocate their I/O memory (about 10 MiB each)
+    // with their first connection, which says nothing about what a pause costs.
+    let rss_before = rss();
+    // Most of the pause lets the buffers on the way fill; measure at its end.
+    thread::sleep(PAUSE);
+    let rss_grew = rss().saturating_sub(rss_before);
+    let kernel_grew = kernel_tcp_memory().saturating_sub(kernel_before);
+    let rest = read_to_end_hashed(&mut client).unwrap();
+    assert_eq!(
+        rest,
+        ((PENDING - MIB) as u64, sha256(&data[MIB..])),
+        "{mode:?}: the stream after the pause was cut or changed"
+    );
+    eprintln!(
+        "soak: paused reader ({mode:?}): during the pause RSS +{} KiB, kernel TCP memory +{} KiB",
+        rss_grew / KIB as u64,
+        kernel_grew / KIB as u64
+    );
+    assert!(
+        rss_grew < 16 * MIB as u64,
+        "{mode:?}: the process grew by {rss_grew} bytes while the reader paused"
+    );
+    assert!(
+        kernel_grew < 48 * MIB as u64,
+        "{mode:?}: the kernel's TCP memory grew by {kernel_grew} bytes while the reader \
+         paused: the stream is buffered instead of held back"
+    );
+    drop(client);
+    proxy.wait_idle(WAIT);
+}
