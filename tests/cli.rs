@@ -78,6 +78,8 @@ fn check_prints_every_route_of_the_sample_files() {
     assert_eq!(code, 0, "stderr: {stderr}");
     for line in [
         r#"route "api-tls": sni "api.example.com" -> 192.0.2.10:443, 192.0.2.11:443 weight 2 (least-conn; health_interval 2s, health_fails 3)"#,
+        "max_connections 200000\n",
+        "idle_timeout 15m\n",
         r#"route "redis": regex '^\*[0-9]+\r\n' -> 192.0.2.40:6379, 192.0.2.41:6379 (source-hash"#,
         r#"route "www-tls-h2": sni "*.example.com", alpn ["h2"] -> 192.0.2.20:443"#,
         r#"route "api-http": http_host "api.example.com" -> 192.0.2.10:80"#,
