@@ -14,7 +14,7 @@
 //! Afterwards the process has no more fds than before, the maps are empty, no connection
 //! is counted, and its RSS is back near where it started. Then a reader pauses for 10 s
 //! with 64 MiB pending behind it, through a splicing and a copying proxy: every byte
-//! arrives once it resumes, and neither the process nor the kernel's TCP memory grows by
+//! arrives once it resumes, and neither the process nor the socket buffers grow by
 //! anything near the stream.
 
 mod support;
@@ -597,21 +597,43 @@ fn settled_rss(baseline: u64) -> u64 {
     }
 }
 
-/// Memory the kernel has allocated to TCP socket buffers, system-wide, in bytes.
-fn kernel_tcp_memory() -> u64 {
-    let sockstat = std::fs::read_to_string("/proc/net/sockstat").expect("/proc/net/sockstat");
-    let pages = sockstat
+/// Memory the kernel holds in the buffers of the TCP sockets with a local or remote port
+/// in `ports`, in bytes: received and not read, queued to send, and backlogged (`ss`'s
+/// skmem r, w and bl). Per socket rather than /proc/net/sockstat's total, which the
+/// machine's other work moves.
+fn socket_memory(ports: &[u16]) -> u64 {
+    let output = output_within(
+        std::process::Command::new("ss").args(["-tmnHO"]),
+        Duration::from_secs(10),
+    );
+    assert!(output.status.success(), "ss -tmnHO: {output:?}");
+    let port_of = |addr: &str| addr.rsplit(':').next()?.parse::<u16>().ok();
+    String::from_utf8_lossy(&output.stdout)
         .lines()
-        .find_map(|line| line.strip_prefix("TCP: "))
-        .and_then(|fields| {
-            let fields: Vec<&str> = fields.split_whitespace().collect();
-            let at = fields.iter().position(|field| *field == "mem")?;
-            fields.get(at + 1)?.parse::<u64>().ok()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(3..5).is_some_and(|addrs| {
+                addrs
+                    .iter()
+                    .any(|addr| port_of(addr).is_some_and(|port| ports.contains(&port)))
+            })
         })
-        .expect("TCP mem in /proc/net/sockstat");
-    // SAFETY: sysconf takes no pointers.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page).unwrap_or(4096)
+        .filter_map(|line| {
+            let skmem = line.split("skmem:(").nth(1)?.split(')').next()?;
+            Some(
+                skmem
+                    .split(',')
+                    .filter_map(|field| {
+                        let digits = field.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+                        let name = &field[..field.len() - digits.len()];
+                        matches!(name, "r" | "w" | "bl")
+                            .then(|| digits.parse::<u64>().ok())
+                            .flatten()
+                    })
+                    .sum::<u64>(),
+            )
+        })
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -622,12 +644,13 @@ const PAUSE: Duration = Duration::from_secs(10);
 
 /// A client reads 1 MiB of a 64 MiB download, stops for 10 s, and reads the rest: every
 /// byte arrives, in order, and while it pauses neither this process (which holds the
-/// proxy) nor the kernel's TCP buffers take up anything near the 63 MiB still pending.
+/// proxy) nor the connection's socket buffers take up anything near the 63 MiB still
+/// pending.
 fn paused_reader(mode: Moving) {
     let data = shared_payload(PENDING, 64);
     let streamer = Backend::streamer(1, Arc::clone(&data));
     let proxy = Proxy::start(&prefix_routes("s", &[streamer.addr]), mode);
-    let kernel_before = kernel_tcp_memory();
+    let ports = [proxy.addr.port(), streamer.addr.port()];
     let mut client = connect(proxy.addr);
     client.write_all(b"s").unwrap();
     let head = read_exactly(&mut client, MIB).unwrap();
@@ -638,7 +661,7 @@ fn paused_reader(mode: Moving) {
     // Most of the pause lets the buffers on the way fill; measure at its end.
     thread::sleep(PAUSE);
     let rss_grew = rss().saturating_sub(rss_before);
-    let kernel_grew = kernel_tcp_memory().saturating_sub(kernel_before);
+    let kernel_held = socket_memory(&ports);
     let rest = read_to_end_hashed(&mut client).unwrap();
     assert_eq!(
         rest,
@@ -646,17 +669,17 @@ fn paused_reader(mode: Moving) {
         "{mode:?}: the stream after the pause was cut or changed"
     );
     eprintln!(
-        "soak: paused reader ({mode:?}): during the pause RSS +{} KiB, kernel TCP memory +{} KiB",
+        "soak: paused reader ({mode:?}): during the pause RSS +{} KiB, the connection's socket buffers {} KiB",
         rss_grew / KIB as u64,
-        kernel_grew / KIB as u64
+        kernel_held / KIB as u64
     );
     assert!(
         rss_grew < 16 * MIB as u64,
         "{mode:?}: the process grew by {rss_grew} bytes while the reader paused"
     );
     assert!(
-        kernel_grew < 48 * MIB as u64,
-        "{mode:?}: the kernel's TCP memory grew by {kernel_grew} bytes while the reader \
+        kernel_held < 48 * MIB as u64,
+        "{mode:?}: the connection's sockets hold {kernel_held} bytes while the reader \
          paused: the stream is buffered instead of held back"
     );
     drop(client);
