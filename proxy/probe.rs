@@ -326,8 +326,8 @@ impl SpliceMaps {
         Ok(())
     }
 
-    /// Removes a pair from both maps. Closing a socket also removes it, but the pair's
-    /// entries go as soon as it is done, so the maps count live pairs only.
+    /// Removes a pair from both maps, for a pair whose sockets stay open (set up
+    /// halfway, then copied). Closing a socket removes it from the maps by itself.
     pub fn leave(&mut self, client: u64, upstream: u64) {
         for cookie in [client, upstream] {
             let _ = self.spliced.remove(&cookie);

@@ -153,6 +153,8 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: one setsockopt per connection fewer.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
@@ -489,8 +491,8 @@ async fn serve(
             format_args!("writing the first message to the backend failed: {e}"),
         );
     }
-    // Neither proxy hop should add Nagle's delay: the endpoints choose their own.
-    let _ = client.set_nodelay(true);
+    // Neither proxy hop should add Nagle's delay: the endpoints choose their own. The
+    // client's socket has TCP_NODELAY from the listener.
     let _ = upstream.set_nodelay(true);
     let handoff = owned_fd(&client).and_then(|client| Ok((client, owned_fd(&upstream)?)));
     match handoff {
@@ -563,6 +565,9 @@ fn owned_fd(stream: &TcpStream) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
 }
 
+/// The first message's buffer to start with; see [`read_first_message`].
+const INITIAL_FIRST_MESSAGE_BUFFER: usize = 2048;
+
 /// Reads until the router decides, `first_message_max` bytes arrived, the client
 /// half-closed, or `first_message_timeout` passed since `accepted`: a client that
 /// trickles bytes does not push the deadline back.
@@ -574,11 +579,17 @@ async fn read_first_message(
     accepted: Instant,
 ) -> io::Result<(Vec<u8>, Decision)> {
     let deadline = accepted + limits.first_message_timeout;
-    let mut bytes = vec![0u8; limits.first_message_max];
+    let max = limits.first_message_max;
+    // Most first messages fit in a few KiB: the buffer grows towards `max` only when
+    // they fill it, instead of zeroing 16 KiB for every connection.
+    let mut bytes = vec![0u8; max.min(INITIAL_FIRST_MESSAGE_BUFFER)];
     let mut len = 0;
     loop {
+        if len == bytes.len() && len < max {
+            bytes.resize(max.min(2 * len), 0);
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let complete = if remaining.is_zero() || len == bytes.len() {
+        let complete = if remaining.is_zero() || len == max {
             true
         } else {
             let read = timeout(remaining, async {
@@ -592,7 +603,7 @@ async fn read_first_message(
                 Ok(0) => true,
                 Ok(n) => {
                     len += n;
-                    len == bytes.len()
+                    len == max
                 }
                 Err(GlommioError::TimedOut(_)) => true,
                 Err(e) => return Err(io::Error::other(e.to_string())),

@@ -138,10 +138,11 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL take and return plain integers.
+    // FIONBIO sets the flag in one call, where F_GETFL + F_SETFL take two.
+    let on: libc::c_int = 1;
+    // SAFETY: FIONBIO reads one int from a valid pointer.
     unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+        if libc::ioctl(fd.as_raw_fd(), libc::FIONBIO, &on) < 0 {
             return Err(io::Error::last_os_error());
         }
     }

@@ -4,6 +4,7 @@
 use std::{
     io,
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -79,9 +80,12 @@ impl Epoll {
     }
 }
 
-/// A counter another thread bumps to wake the worker.
+/// A counter another thread bumps to wake the worker. Connections handed over while
+/// the worker has not yet taken the last wake-up share it: no write per connection.
 pub struct Wakeup {
     fd: OwnedFd,
+    /// A wake-up is written and the worker has not cleared it yet.
+    pending: AtomicBool,
 }
 
 impl Wakeup {
@@ -91,6 +95,7 @@ impl Wakeup {
         // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
         Ok(Wakeup {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            pending: AtomicBool::new(false),
         })
     }
 
@@ -98,7 +103,12 @@ impl Wakeup {
         std::os::fd::AsFd::as_fd(&self.fd)
     }
 
+    /// Call after queueing what the worker should see: the worker clears before it
+    /// looks at the queue, so it either sees the item or gets a new wake-up.
     pub fn wake(&self) {
+        if self.pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let one: u64 = 1;
         // SAFETY: writes the 8 bytes of `one`. It can only fail when the counter is about
         // to overflow, and then the worker is due to wake anyway.
@@ -110,6 +120,11 @@ impl Wakeup {
         let mut count: u64 = 0;
         // SAFETY: reads 8 bytes into `count`; EAGAIN (nothing to clear) is fine.
         let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut count).cast(), 8) };
+        // After the read, and before the worker drains its queue: a wake that comes
+        // before this store writes nothing, and the drain then sees its item; one
+        // after it writes a new edge. Storing before the read could swallow a write
+        // and leave `pending` set with no edge to come.
+        self.pending.store(false, Ordering::SeqCst);
     }
 }
 
