@@ -9,7 +9,7 @@ mod support;
 use std::{
     collections::HashMap,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
     sync::Arc,
     thread,
@@ -21,24 +21,6 @@ use splice_proxy::{
     balance::{Balance, Balancer, WeightedBackend},
 };
 use support::*;
-
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits (bounded) until something accepts on `addr`.
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Debian's redis-server on `port`, without persistence; killed when dropped.
 struct Redis {
@@ -89,7 +71,8 @@ fn redis_cli(addr: SocketAddr, args: &[&str], stdin: &[u8]) -> Vec<u8> {
     let writer = thread::spawn(move || {
         let _ = input.write_all(&stdin);
     });
-    let output = wait_output(child, Duration::from_secs(20));
+    let output = wait_output(child, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("redis-cli {args:?} still running after 20s"));
     writer.join().unwrap();
     assert!(
         output.status.success(),
@@ -97,37 +80,6 @@ fn redis_cli(addr: SocketAddr, args: &[&str], stdin: &[u8]) -> Vec<u8> {
         String::from_utf8_lossy(&output.stderr)
     );
     output.stdout
-}
-
-/// Waits (bounded) for `child` to end, reading its output meanwhile so that it never
-/// blocks on a full pipe.
-fn wait_output(mut child: Child, limit: Duration) -> std::process::Output {
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running after {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    std::process::Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
 }
 
 #[test]

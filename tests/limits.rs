@@ -187,20 +187,7 @@ fn refusals_are_logged_and_a_reload_changes_the_limit() {
         )
     };
     let routes = routes_file("limits-reload", &routes_with(1));
-    let proxy = ProxyProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--mode",
-        "splice",
-        "--executors",
-        "2",
-        "--splice-workers",
-        "2",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let proxy = ProxyProcess::serve(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
     let addr = proxy.addr();
     let first = held(addr, b"a1");
     let refused = assert_refused(addr, b"a2");

@@ -35,25 +35,6 @@ fn routes(name: &str, echo: SocketAddr, dead: SocketAddr) -> PathBuf {
     )
 }
 
-fn start(routes: &Path, mode: &str, extra: &[&str]) -> ProxyProcess {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--mode",
-        mode,
-        "--executors",
-        "2",
-        "--splice-workers",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    let proxy = ProxyProcess::start(&args);
-    proxy.addr();
-    proxy
-}
-
 /// The address of the metrics endpoint, from the line the binary logs at start.
 fn metrics_addr(proxy: &ProxyProcess) -> SocketAddr {
     let line = proxy.wait_for_log("metrics at http://", LOG_LIMIT);
@@ -174,7 +155,7 @@ fn metrics_count_known_spliced_traffic() {
     let echo = Backend::echo();
     let dead = refused_addr();
     let routes = routes("ops-metrics-splice", echo.addr, dead);
-    let proxy = start(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
+    let proxy = ProxyProcess::serve(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
     let metrics = metrics_addr(&proxy);
     let before = Scrape::get(metrics);
     assert_eq!(before.sum("splice_proxy_redirected_bytes_total", &[]), 0.0);
@@ -293,7 +274,7 @@ fn metrics_count_known_spliced_traffic() {
 fn metrics_label_copied_connections_and_serve_only_get_metrics() {
     let echo = Backend::echo();
     let routes = routes("ops-metrics-copy", echo.addr, refused_addr());
-    let proxy = start(&routes, "copy", &["--metrics", "127.0.0.1:0"]);
+    let proxy = ProxyProcess::serve(&routes, "copy", &["--metrics", "127.0.0.1:0"]);
     let metrics = metrics_addr(&proxy);
     let (_, sent) = echo_exchange(proxy.addr(), 2 << 20, 7);
     let scrape = scrape_until(metrics, "the connection closed and counted", |s| {
@@ -362,7 +343,7 @@ fn json_log_is_one_object_per_line_with_every_access_field() {
     let echo = Backend::echo();
     let dead = refused_addr();
     let routes = routes("ops-json", echo.addr, dead);
-    let mut proxy = start(&routes, "splice", &["--log-format", "json"]);
+    let mut proxy = ProxyProcess::serve(&routes, "splice", &["--log-format", "json"]);
     let (client, sent) = echo_exchange(proxy.addr(), 1 << 20, 3);
     let unrouted = closed_without_reply(proxy.addr(), b"NOPE");
     let unconnected = closed_without_reply(proxy.addr(), b"DEAD beef");
@@ -438,7 +419,7 @@ fn user_nobody_keeps_splicing_with_no_capabilities_left() {
     let echo = Backend::echo();
     let routes = routes("ops-user", echo.addr, refused_addr());
     readable_by_all(&routes);
-    let proxy = start(
+    let proxy = ProxyProcess::serve(
         &routes,
         "splice",
         &[
@@ -659,7 +640,7 @@ fn metrics_show_each_backends_health_and_connections() {
             refused_addr()
         ),
     );
-    let proxy = start(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
+    let proxy = ProxyProcess::serve(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
     let metrics = metrics_addr(&proxy);
     let (echo, dead) = (echo.addr.to_string(), dead.to_string());
     let scrape = scrape_until(metrics, "the dead backend down", |s| {

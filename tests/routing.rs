@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use splice_proxy::route::Parsed;
 use splice_proxy::route::tls::parse_client_hello;
-use support::{Backend, IO_TIMEOUT, Proxy, SPLICE, output_within, sha256};
+use support::{
+    Backend, IO_TIMEOUT, Proxy, SPLICE, free_addr, output_within, sha256, wait_listening,
+};
 
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
 
@@ -112,22 +114,6 @@ impl TlsBackend {
 fn backends_toml(backends: &[SocketAddr]) -> String {
     let quoted: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!("backends = [{}]", quoted.join(", "))
-}
-
-/// An address on 127.0.0.1 that was free a moment ago.
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// What `curl` printed (the body) and said on stderr (`-v`: the certificate subject).

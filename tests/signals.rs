@@ -9,7 +9,6 @@ mod support;
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -36,25 +35,6 @@ fn routes_to(backend: SocketAddr) -> String {
     )
 }
 
-fn start(routes: &Path, extra: &[&str]) -> ProxyProcess {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--mode",
-        "splice",
-        "--executors",
-        "2",
-        "--splice-workers",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    let proxy = ProxyProcess::start(&args);
-    proxy.addr();
-    proxy
-}
-
 /// Connects, sends the first message "a-hello" and reads the backend's one-byte greeting
 /// and the echo of the first message: the connection is handed off. Returns the stream
 /// and the greeting (which backend answered).
@@ -78,7 +58,7 @@ fn sighup_routes_new_connections_by_the_new_file_and_leaves_live_ones() {
     let a = Backend::greeter(b"A");
     let b = Backend::greeter(b"B");
     let routes = routes_file("sighup-good", &routes_to(a.addr));
-    let mut proxy = start(&routes, &[]);
+    let mut proxy = ProxyProcess::serve(&routes, "splice", &[]);
 
     let (before, greeting) = greeted(proxy.addr());
     assert_eq!(greeting, b'A', "before the reload");
@@ -112,7 +92,7 @@ fn sighup_routes_new_connections_by_the_new_file_and_leaves_live_ones() {
 fn sighup_with_a_broken_file_keeps_the_old_routes_and_says_why() {
     let a = Backend::greeter(b"A");
     let routes = routes_file("sighup-broken", &routes_to(a.addr));
-    let proxy = start(&routes, &[]);
+    let proxy = ProxyProcess::serve(&routes, "splice", &[]);
 
     // Line 3: a prefix must be a string.
     std::fs::write(
@@ -176,7 +156,7 @@ fn sigterm_refuses_new_connections_and_lets_live_transfers_finish() {
     const LEN: usize = 32 << 20;
     let backend = Backend::echo();
     let routes = routes_file("sigterm-drain", &routes_to(backend.addr));
-    let mut proxy = start(&routes, &["--shutdown-grace", "60s"]);
+    let mut proxy = ProxyProcess::serve(&routes, "splice", &["--shutdown-grace", "60s"]);
     let addr = proxy.addr();
 
     let data = shared_payload(LEN, 21);
@@ -240,7 +220,7 @@ fn sigterm_closes_what_outlives_the_grace_period() {
             routes_to(backend.addr)
         ),
     );
-    let mut proxy = start(&routes, &["--shutdown-grace", "1s"]);
+    let mut proxy = ProxyProcess::serve(&routes, "splice", &["--shutdown-grace", "1s"]);
     let addr = proxy.addr();
 
     // A spliced connection that never ends, and one that never sends its first message.

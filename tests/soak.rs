@@ -52,9 +52,6 @@ const WAIT: Duration = Duration::from_secs(30);
 /// tables sized for 10,000 pairs. A leak of a few hundred bytes per connection over the
 /// 100,000 churned would exceed it.
 const RSS_SLACK: u64 = 32 * MIB as u64;
-/// Fds the process may hold beyond its count before the load: backend threads finishing.
-const FD_SLACK: usize = 4;
-
 /// Room for every connection of the load, at 4 fds each (client, proxy's two, backend).
 const NOFILE: u64 = 65_536;
 
@@ -77,7 +74,7 @@ fn soak() {
     let warm_up = churn(proxy.addr, 2_000, 1);
     warm_up.assert_all_served("warm-up");
     proxy.wait_idle(WAIT);
-    let fds_before = settled_fds();
+    let fds_before = settled_fds(Duration::from_millis(200), WAIT);
     let rss_before = rss();
     eprintln!(
         "soak: baseline {} fds, RSS {} MiB",
@@ -526,40 +523,6 @@ fn expect_end(stream: &mut TcpStream, reset_ok: bool) -> io::Result<()> {
 
 // ---------------------------------------------------------------------------------------
 // Resources.
-
-/// The open fds once they stop changing (bounded).
-fn settled_fds() -> Vec<(i32, String)> {
-    let deadline = Instant::now() + WAIT;
-    let mut last = open_fd_targets();
-    loop {
-        thread::sleep(Duration::from_millis(200));
-        let now = open_fd_targets();
-        if now == last || Instant::now() >= deadline {
-            return now;
-        }
-        last = now;
-    }
-}
-
-fn wait_fds_back(before: &[(i32, String)], within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = open_fd_targets();
-        if now.len() <= before.len() + FD_SLACK {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let new: Vec<_> = now.iter().filter(|fd| !before.contains(fd)).collect();
-            let shown = &new[..new.len().min(20)];
-            panic!(
-                "{} fds open {within:?} after the soak, {} before; new (first 20): {shown:?}",
-                now.len(),
-                before.len()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn wait_held(proxy: &Proxy, count: usize) {
     let deadline = Instant::now() + WAIT;

@@ -591,41 +591,8 @@ fn fds_when_settled(proxy: &Proxy) -> Vec<(i32, String)> {
     assert_eq!(echoed, (request.len() as u64, sha256(&request)), "warm-up");
     drop(client);
     finish(proxy);
-    let deadline = Instant::now() + PROMPT;
-    let mut last = open_fd_targets();
-    loop {
-        thread::sleep(Duration::from_millis(100));
-        let now = open_fd_targets();
-        if now == last || Instant::now() >= deadline {
-            return now;
-        }
-        last = now;
-    }
+    settled_fds(Duration::from_millis(100), PROMPT)
 }
-
-/// Waits (bounded) until the process has no more open fds than `before` plus
-/// [`FD_SLACK`]; the panic lists the fds that are new.
-fn wait_fds_back(before: &[(i32, String)], within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = open_fd_targets();
-        if now.len() <= before.len() + FD_SLACK {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let new: Vec<_> = now.iter().filter(|fd| !before.contains(fd)).collect();
-            panic!(
-                "{} fds open {within:?} after the load, {} before; new: {new:?}",
-                now.len(),
-                before.len()
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Fds the process may hold beyond its count before a load: backend threads finishing.
-const FD_SLACK: usize = 4;
 
 /// 1,000 connections one after another, each hash-checked; afterwards no connection, map
 /// entry or fd is left.

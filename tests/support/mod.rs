@@ -283,6 +283,29 @@ impl ProxyProcess {
         ProxyProcess::spawn(Command::new(binary()).args(args))
     }
 
+    /// Starts the binary on 127.0.0.1:0 with `routes`, `--mode mode` and the layout the
+    /// tests use on this 2-core machine (2 executors, 2 splice workers), then `extra`;
+    /// fails the test unless it listens.
+    pub fn serve(routes: &Path, mode: &str, extra: &[&str]) -> ProxyProcess {
+        let routes = routes.to_str().expect("routes path is UTF-8");
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--routes",
+            routes,
+            "--mode",
+            mode,
+            "--executors",
+            "2",
+            "--splice-workers",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let proxy = ProxyProcess::start(&args);
+        proxy.addr();
+        proxy
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr.unwrap_or_else(|| {
             panic!(
@@ -614,12 +637,19 @@ impl ProxyProcess {
 /// Runs `command` to its end with stdout and stderr collected; kills it and panics if it
 /// runs longer than `limit`.
 pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
-    let mut child = command
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    wait_output(child, limit).unwrap_or_else(|| panic!("{command:?} still running after {limit:?}"))
+}
+
+/// Waits for `child` (spawned with piped stdout and stderr) to end, reading its output
+/// meanwhile so that it never blocks on a full pipe. `None` if it ran longer than
+/// `limit`: then it has been killed.
+pub fn wait_output(mut child: Child, limit: Duration) -> Option<std::process::Output> {
     let drain = |mut pipe: Box<dyn Read + Send>| {
         thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -627,8 +657,8 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
             bytes
         })
     };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout is piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr is piped")));
     let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -637,14 +667,76 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{command:?} still running after {limit:?}");
+            return None;
         }
-        thread::sleep(Duration::from_millis(10));
+        thread::sleep(Duration::from_millis(5));
     };
-    std::process::Output {
+    Some(std::process::Output {
         status,
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
+    })
+}
+
+/// An address on 127.0.0.1 that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    free_addr().port()
+}
+
+/// Waits (bounded) until something accepts on `addr`.
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Fds the process may hold beyond its count before a load: backend threads finishing.
+pub const FD_SLACK: usize = 4;
+
+/// This process's open fds once they have not changed for `quiet` (waiting at most
+/// `limit`): executors and backend threads open and close theirs a little late.
+pub fn settled_fds(quiet: Duration, limit: Duration) -> Vec<(i32, String)> {
+    let deadline = Instant::now() + limit;
+    let mut last = open_fd_targets();
+    loop {
+        thread::sleep(quiet);
+        let now = open_fd_targets();
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Waits (bounded) until the process has no more open fds than `before` plus
+/// [`FD_SLACK`]; the panic lists (the first 20 of) the fds that are new.
+pub fn wait_fds_back(before: &[(i32, String)], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = open_fd_targets();
+        if now.len() <= before.len() + FD_SLACK {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let new: Vec<_> = now.iter().filter(|fd| !before.contains(fd)).collect();
+            let shown = &new[..new.len().min(20)];
+            panic!(
+                "{} fds open {within:?} after the load, {} before; new (first 20): {shown:?}",
+                now.len(),
+                before.len()
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
