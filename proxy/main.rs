@@ -27,10 +27,10 @@ use splice_proxy::{
     splice::{SPLICED_SEND_BUFFER, SpliceEngine},
 };
 
-/// A TCP reverse proxy that routes each connection on its first message (a byte prefix,
-/// bytes at an offset, a length, or a default route), then splices client and backend
-/// inside the kernel with a BPF sockmap: after the first message no payload byte
-/// crosses into this process.
+/// A TCP reverse proxy that routes each connection on its first message (TLS SNI and
+/// ALPN, HTTP Host and path, a byte prefix, bytes at an offset, a regex, a length, or a
+/// default route), then splices client and backend inside the kernel with a BPF
+/// sockmap: after the first message no payload byte crosses into this process.
 ///
 /// Splicing needs root (or CAP_BPF and CAP_NET_ADMIN) and a kernel with SOCKHASH
 /// (4.18+). Logs go to stderr, one line per connection; RUST_LOG (e.g. "debug") sets the level.
