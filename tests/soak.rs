@@ -4,9 +4,13 @@
 //!     cargo test --release --test soak -- --ignored --test-threads=1
 //!
 //! One proxy, in splice mode, goes through:
-//! 1. 10,000 connections held at once (fewer if RLIMIT_NOFILE cannot rise to 4 fds
-//!    each), all spliced (two sockets each in each map), each
-//!    exchanging bytes checked end to end;
+//! 1. 10,000 connections held at once, all spliced (two sockets each in each map), each
+//!    exchanging bytes checked end to end. Their clients and their backend run in a child
+//!    process (this test binary again, running [`held_peer`]), so that this process, which
+//!    holds the proxy, pays only the proxy's two fds per connection. Where RLIMIT_NOFILE
+//!    cannot rise to 20,300 (the 10,000 pairs' fds and the proxy's own: a container that
+//!    withholds CAP_SYS_RESOURCE may keep it at 20,000), it holds as many as fit, and says
+//!    why;
 //! 2. while they are held, 100,000 connections churned by 32 clients, each a hash-checked
 //!    echo, with garbage (no route), empty, and immediately-reset connections mixed in;
 //! 3. the held ones exchange again, then close.
@@ -20,13 +24,19 @@
 mod support;
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, Mutex, mpsc},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, RecvTimeoutError},
+    },
     thread,
     time::{Duration, Instant},
 };
 
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use support::*;
 
 const KIB: usize = 1 << 10;
@@ -34,39 +44,53 @@ const MIB: usize = 1 << 20;
 
 /// Connections held at once, if the descriptor limit allows (see [`held_target`]).
 const HELD_WANTED: usize = 10_000;
-/// Descriptors each held connection costs this process, which runs the client, the
-/// proxy (two) and the backend.
-const FDS_PER_HELD: usize = 4;
-/// Descriptors kept free for everything else: the churn's connections, the proxy's
-/// rings, maps and listeners, the backends' threads.
-const FD_RESERVE: usize = 1_000;
+/// Descriptors each held connection costs this process: the proxy's two sockets. The
+/// client and the backend side are the held peer's.
+const FDS_PER_HELD: usize = 2;
+/// Descriptors this process keeps free for everything but the held pairs. Measured here:
+/// 36 at the baseline (stdio, the proxy's listeners, rings, epolls and maps, the echo
+/// pool's listener, the pipes to the held peer) and at most 133 more during the churn
+/// (32 clients with one connection each at a time: the client's socket, the proxy's two,
+/// the echo backend's). The rest, about as much again, is for pairs whose close lags
+/// behind their client's; the soak prints how close to the limit the churn came.
+const FD_RESERVE: usize = 300;
 const CHURNED: usize = 100_000;
 const CHURN_CLIENTS: usize = 32;
 /// Echo backend threads: more than the clients, so that none waits for a worker.
 const ECHO_WORKERS: usize = 64;
 /// Bound on each phase: the soak must end, and say where it stuck.
 const PHASE_LIMIT: Duration = Duration::from_secs(120);
+/// How much longer than a phase this process waits for the held peer's answer: the peer
+/// bounds its phases by [`PHASE_LIMIT`] too, and its report says where it stuck.
+const PEER_GRACE: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(30);
 
 /// RSS may end this far above where it started: allocator caches and the engine's slot
 /// tables sized for 10,000 pairs. A leak of a few hundred bytes per connection over the
 /// 100,000 churned would exceed it.
 const RSS_SLACK: u64 = 32 * MIB as u64;
-/// Room for every connection of the load, at 4 fds each (client, proxy's two, backend).
+/// Room for the proxy's two fds per held connection and the reserve, with some to spare;
+/// the held peer inherits it and needs as many for the other ends.
 const NOFILE: u64 = 65_536;
 
 #[test]
 #[ignore = "a soak of about a minute: run with --ignored (CI does)"]
 fn soak() {
-    let held_count = held_target(raise_nofile(NOFILE));
+    let nofile = usize::try_from(raise_nofile(NOFILE)).unwrap_or(usize::MAX);
+    let held_count = held_target(nofile);
     check_net_limits(held_count);
+    // Started first: it inherits the raised limit, and no fd of the proxy's.
+    let mut peer = HeldPeer::start();
+    let holder = peer.request("holder");
+    let holder: SocketAddr = holder
+        .parse()
+        .unwrap_or_else(|e| panic!("the held peer's holder address {holder:?}: {e}"));
     let echo = EchoPool::start(ECHO_WORKERS);
-    let holder = Holder::start(held_count);
     let routes = format!(
         "[[route]]\nname = \"echo\"\nprefix = \"a\"\n{}\n\n\
          [[route]]\nname = \"held\"\nprefix = \"h\"\n{}\n",
         backends_toml(&[echo.addr]),
-        backends_toml(&[holder.addr])
+        backends_toml(&[holder])
     );
     // Room for the held pairs and the churn's, two sockets each.
     let proxy = Proxy::start_sized(&routes, SPLICE, 1 << 16);
@@ -83,33 +107,37 @@ fn soak() {
     );
 
     let started = Instant::now();
-    let mut held = hold(proxy.addr, held_count);
+    peer.request(&format!("hold {} {held_count}", proxy.addr));
     proxy.wait_handed_off(held_count, WAIT);
     assert_eq!(proxy.admission.held(), held_count);
-    exchange_with_held(&mut held, &holder, 1);
+    peer.request("echo 1");
+    let fds_held = fd_count();
     eprintln!(
-        "soak: {held_count} held and spliced after {:?}, RSS {} MiB",
+        "soak: {held_count} held and spliced after {:?}, {fds_held} fds, RSS {} MiB",
         started.elapsed(),
         rss() / MIB as u64
     );
 
     let started = Instant::now();
-    let report = churn(proxy.addr, CHURNED, 2);
+    let (report, fds_peak) = with_fd_peak(|| churn(proxy.addr, CHURNED, 2));
     eprintln!(
-        "soak: {CHURNED} churned in {:?} ({} echoed, {} garbage, {} empty, {} reset), RSS {} MiB",
+        "soak: {CHURNED} churned in {:?} ({} echoed, {} garbage, {} empty, {} reset), \
+         RSS {} MiB; at most {fds_peak} fds, {} more than held alone, {} short of the limit",
         started.elapsed(),
         report.served,
         report.garbage,
         report.empty,
         report.reset,
-        rss() / MIB as u64
+        rss() / MIB as u64,
+        fds_peak.saturating_sub(fds_held),
+        nofile.saturating_sub(fds_peak)
     );
     report.assert_all_served("churn");
     proxy.wait_handed_off(held_count, WAIT);
-    exchange_with_held(&mut held, &holder, 2);
+    peer.request("echo 2");
 
-    drop(held);
-    holder.close_all();
+    peer.request("close");
+    peer.finish();
     proxy.wait_idle(WAIT);
     wait_held(&proxy, 0);
     wait_fds_back(&fds_before, WAIT);
@@ -129,6 +157,33 @@ fn soak() {
     paused_reader(COPY);
 }
 
+/// The held connections' side of [`soak`], which runs it in a child process (see
+/// [`HeldPeer`]): it reads commands on stdin until EOF and answers each on stdout. Run any
+/// other way (without [`PEER_ENV`]) it returns at once.
+#[test]
+#[ignore = "the held connections' side of the soak, which runs it in a child process; \
+            alone it returns at once"]
+fn held_peer() {
+    if std::env::var_os(PEER_ENV).is_none() {
+        return;
+    }
+    soft_nofile_to_hard();
+    let holder = Holder::start();
+    let mut held = Vec::new();
+    for command in io::stdin().lines() {
+        let command = command.expect("read a command from the soak");
+        let answer = match run_peer_command(&command, &holder, &mut held) {
+            Ok(value) if value.is_empty() => "ok".to_owned(),
+            Ok(value) => format!("ok {value}"),
+            Err(e) => format!("error {e}"),
+        };
+        let mut stdout = io::stdout().lock();
+        writeln!(stdout, "{REPLY} {answer}")
+            .and_then(|()| stdout.flush())
+            .expect("answer the soak");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Limits of the machine.
 
@@ -136,48 +191,72 @@ fn soak() {
 /// it even from root) the hard limit cannot rise, so the soft one rises to it. Returns the
 /// limit in force.
 fn raise_nofile(limit: u64) -> u64 {
-    let wanted = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: setrlimit reads the struct, which lives across the call.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } == 0 {
-        return limit;
+    match setrlimit(Resource::RLIMIT_NOFILE, limit, limit) {
+        Ok(()) => limit,
+        Err(e) => {
+            let hard = soft_nofile_to_hard();
+            eprintln!(
+                "soak: RLIMIT_NOFILE cannot rise to {limit} ({e}); using the hard limit, {hard}"
+            );
+            hard
+        }
     }
-    let raise_error = io::Error::last_os_error();
-    let mut current = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct, which lives across the call.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) },
-        0
-    );
-    current.rlim_cur = current.rlim_max;
-    // SAFETY: as above; a soft limit up to the hard one needs no privilege.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &current) }, 0);
-    eprintln!(
-        "soak: RLIMIT_NOFILE cannot rise to {limit} ({raise_error}); using the hard limit, {}",
-        current.rlim_max
-    );
-    current.rlim_max
 }
 
-/// [`HELD_WANTED`], or as many as `nofile` descriptors allow.
-fn held_target(nofile: u64) -> usize {
-    let affordable = usize::try_from(nofile)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(FD_RESERVE)
-        / FDS_PER_HELD;
-    let held = HELD_WANTED.min(affordable);
+/// Raises the soft RLIMIT_NOFILE to the hard one, which needs no privilege; returns it.
+fn soft_nofile_to_hard() -> u64 {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        .expect("raise the soft RLIMIT_NOFILE to the hard one");
+    hard
+}
+
+/// [`HELD_WANTED`], or as many as `nofile` descriptors allow this process, at
+/// [`FDS_PER_HELD`] each once [`FD_RESERVE`] is set aside. The held peer inherits the same
+/// limit and needs as many for the other ends, plus a few of its own, which the reserve
+/// covers.
+fn held_target(nofile: usize) -> usize {
+    let held = HELD_WANTED.min(nofile.saturating_sub(FD_RESERVE) / FDS_PER_HELD);
     if held < HELD_WANTED {
         eprintln!(
-            "soak: holding {held} connections, not {HELD_WANTED}: {nofile} descriptors at \
-             {FDS_PER_HELD} each (client, proxy's two, backend, all in this process)"
+            "soak: holding {held} connections, not {HELD_WANTED}: RLIMIT_NOFILE is {nofile} \
+             and cannot rise (that takes CAP_SYS_RESOURCE); this process holds the proxy, \
+             which takes {FDS_PER_HELD} fds per held connection (the clients and the backend \
+             run in a child), and keeps {FD_RESERVE} for its own fds and the churn: \
+             ({nofile} - {FD_RESERVE}) / {FDS_PER_HELD} = {held}; {HELD_WANTED} would need \
+             a limit of {}",
+            HELD_WANTED * FDS_PER_HELD + FD_RESERVE
         );
     }
     held
+}
+
+/// Runs `work` while sampling this process's open fds; returns its result and the most
+/// fds seen.
+fn with_fd_peak<T>(work: impl FnOnce() -> T) -> (T, usize) {
+    let done = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(fd_count());
+                thread::sleep(Duration::from_millis(5));
+            }
+            peak
+        });
+        let result = work();
+        done.store(true, Ordering::Relaxed);
+        (result, sampler.join().expect("the fd sampler panicked"))
+    })
+}
+
+/// This process's open fds: the size Linux reports for /proc/self/fd since 6.2, which
+/// costs nothing like listing it (20,000 entries); listed on older kernels, which report 0.
+fn fd_count() -> usize {
+    match std::fs::metadata("/proc/self/fd").map(|fds| fds.len()) {
+        Ok(count @ 1..) => usize::try_from(count).unwrap_or(usize::MAX),
+        _ => open_fds(),
+    }
 }
 
 fn sysctl(name: &str) -> String {
@@ -259,9 +338,153 @@ impl EchoPool {
     }
 }
 
-/// A backend that holds `count` connections on one thread: it echoes each one's first
-/// byte as it accepts it, then on command echoes a round of bytes on every one, or
-/// closes them all.
+// ---------------------------------------------------------------------------------------
+// The held peer.
+
+/// The test the held peer runs.
+const PEER_TEST: &str = "held_peer";
+/// Set in the held peer's environment only: without it [`held_peer`] does nothing.
+const PEER_ENV: &str = "SPLICE_PROXY_SOAK_PEER";
+/// Starts each of the held peer's answers on its stdout, which libtest writes to as well
+/// (its "test held_peer ... " begins the first answer's line).
+const REPLY: &str = "soak-peer:";
+
+/// The held connections' clients and their backend, in a child process: this test binary
+/// running [`held_peer`]. It takes one command a line on its stdin and answers each with
+/// a line on its stdout, `ok` and a value, or `error` and why:
+/// - `holder`: the address of its backend, the [`Holder`];
+/// - `hold PROXY N`: N connections through the proxy at PROXY to the holder, held;
+/// - `echo R`: echo round R on every held connection;
+/// - `close`: closes them all, both ends.
+///
+/// At EOF it exits. Dropping this (when the test panics too) kills it.
+struct HeldPeer {
+    child: Child,
+    /// Closed to end the peer.
+    commands: Option<ChildStdin>,
+    answers: mpsc::Receiver<String>,
+}
+
+impl HeldPeer {
+    fn start() -> HeldPeer {
+        let test_binary = std::env::current_exe().expect("the test binary's path");
+        let mut child = Command::new(&test_binary)
+            .args([
+                "--exact",
+                PEER_TEST,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PEER_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start the held peer, {}: {e}", test_binary.display()));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, answers) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, answer)) = line.split_once(REPLY)
+                    && tx.send(answer.trim().to_owned()).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        HeldPeer {
+            commands: child.stdin.take(),
+            child,
+            answers,
+        }
+    }
+
+    /// Sends `command` and returns the value of its `ok`; panics with the peer's error,
+    /// or if it exits or does not answer in time.
+    #[track_caller]
+    fn request(&mut self, command: &str) -> String {
+        let stdin = self.commands.as_mut().expect("the held peer runs");
+        writeln!(stdin, "{command}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("send {command:?} to the held peer: {e}"));
+        let limit = PHASE_LIMIT + PEER_GRACE;
+        match self.answers.recv_timeout(limit) {
+            Ok(answer) if answer == "ok" => String::new(),
+            Ok(answer) => match answer.strip_prefix("ok ") {
+                Some(value) => value.to_owned(),
+                None => panic!("the held peer, asked {command:?}: {answer}"),
+            },
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("the held peer did not answer {command:?} within {limit:?}")
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "the held peer ended while asked {command:?}: {:?}",
+                self.child.try_wait()
+            ),
+        }
+    }
+
+    /// Closes its stdin, which ends it, and waits (bounded) until it exits, successfully.
+    fn finish(mut self) {
+        drop(self.commands.take());
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the held peer") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the held peer still runs {WAIT:?} after its stdin closed"
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.success(), "the held peer exited with {status}");
+    }
+}
+
+impl Drop for HeldPeer {
+    fn drop(&mut self) {
+        // Harmless after finish(), which reaped it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs one of [`HeldPeer`]'s commands, in the peer; returns its value.
+fn run_peer_command(
+    command: &str,
+    holder: &Holder,
+    held: &mut Vec<TcpStream>,
+) -> Result<String, String> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    match words[..] {
+        ["holder"] => Ok(holder.addr.to_string()),
+        ["hold", proxy, count] => {
+            let proxy = proxy
+                .parse()
+                .map_err(|e| format!("proxy address {proxy:?}: {e}"))?;
+            let count = count.parse().map_err(|e| format!("count {count:?}: {e}"))?;
+            *held = hold(proxy, count, holder)?;
+            Ok(String::new())
+        }
+        ["echo", round] => {
+            let round = round.parse().map_err(|e| format!("round {round:?}: {e}"))?;
+            exchange_with_held(held, holder, round)?;
+            Ok(String::new())
+        }
+        ["close"] => {
+            held.clear();
+            holder.command(HolderCommand::CloseAll);
+            holder.wait("closing its connections")?;
+            Ok(String::new())
+        }
+        _ => Err(format!("unknown command {command:?}")),
+    }
+}
+
+/// The held connections' backend, in the held peer, on one thread: on command it accepts
+/// connections and echoes each one's first byte, echoes a round of bytes on every one,
+/// or closes them all.
 struct Holder {
     addr: SocketAddr,
     commands: mpsc::Sender<HolderCommand>,
@@ -269,34 +492,33 @@ struct Holder {
 }
 
 enum HolderCommand {
+    /// Accept this many connections, echoing the first byte of each.
+    Accept(usize),
     /// Read this many bytes from every connection, in order, and write them back.
     Echo(usize),
     CloseAll,
 }
 
 impl Holder {
-    fn start(count: usize) -> Holder {
+    fn start() -> Holder {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the holder");
         let addr = listener.local_addr().unwrap();
         let (commands, command_rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
         thread::spawn(move || {
-            let mut streams = Vec::with_capacity(count);
-            let accepted = (|| -> io::Result<()> {
-                while streams.len() < count {
-                    let (mut stream, _) = listener.accept()?;
-                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-                    let first = read_exactly(&mut stream, 1)?;
-                    stream.write_all(&first)?;
-                    streams.push(stream);
-                }
-                Ok(())
-            })();
-            let _ = done_tx.send(accepted);
+            let mut streams = Vec::new();
             let mut buf = Vec::new();
             for command in command_rx {
                 let result = match command {
+                    HolderCommand::Accept(count) => (0..count).try_for_each(|_| {
+                        let (mut stream, _) = listener.accept()?;
+                        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+                        let first = read_exactly(&mut stream, 1)?;
+                        stream.write_all(&first)?;
+                        streams.push(stream);
+                        Ok(())
+                    }),
                     HolderCommand::Echo(len) => streams.iter_mut().try_for_each(|stream| {
                         buf.resize(len, 0);
                         stream.read_exact(&mut buf)?;
@@ -307,7 +529,9 @@ impl Holder {
                         Ok(())
                     }
                 };
-                let _ = done_tx.send(result);
+                if done_tx.send(result).is_err() {
+                    return;
+                }
             }
         });
         Holder {
@@ -321,60 +545,67 @@ impl Holder {
         self.commands.send(command).expect("the holder is running");
     }
 
-    fn wait(&self, what: &str) {
+    fn wait(&self, what: &str) -> Result<(), String> {
         match self.done.recv_timeout(PHASE_LIMIT) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("the holder failed {what}: {e}"),
-            Err(e) => panic!("the holder did not finish {what} within {PHASE_LIMIT:?}: {e}"),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("the holder failed {what}: {e}")),
+            Err(e) => Err(format!(
+                "the holder did not finish {what} within {PHASE_LIMIT:?}: {e}"
+            )),
         }
-    }
-
-    fn close_all(&self) {
-        self.command(HolderCommand::CloseAll);
-        self.wait("closing its connections");
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Held connections.
-
 /// Opens `count` connections to the holder through the proxy, one after another, each
 /// handed off (its first byte echoed).
-fn hold(proxy: SocketAddr, count: usize) -> Vec<TcpStream> {
+fn hold(proxy: SocketAddr, count: usize, holder: &Holder) -> Result<Vec<TcpStream>, String> {
+    holder.command(HolderCommand::Accept(count));
     let deadline = Instant::now() + PHASE_LIMIT;
-    (0..count)
-        .map(|index| {
-            assert!(
-                Instant::now() < deadline,
-                "only {index} connections held in {PHASE_LIMIT:?}"
-            );
-            let mut stream = connect(proxy);
-            stream.write_all(b"h").unwrap();
-            let echo = read_exactly(&mut stream, 1)
-                .unwrap_or_else(|e| panic!("held connection {index}: {e}"));
-            assert_eq!(echo, b"h");
-            stream
-        })
-        .collect()
+    let mut held = Vec::with_capacity(count);
+    for index in 0..count {
+        if Instant::now() >= deadline {
+            return Err(format!("only {index} connections held in {PHASE_LIMIT:?}"));
+        }
+        let stream = hold_one(proxy).map_err(|e| format!("held connection {index}: {e}"))?;
+        held.push(stream);
+    }
+    holder.wait("accepting the held connections")?;
+    Ok(held)
+}
+
+/// One held connection, handed off: its first byte went to the holder and came back.
+fn hold_one(proxy: SocketAddr) -> io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(proxy)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(b"h")?;
+    let echo = read_exactly(&mut stream, 1)?;
+    if echo != b"h" {
+        return Err(io::Error::other(format!("{echo:?} came back, not \"h\"")));
+    }
+    Ok(stream)
 }
 
 /// 1 KiB that differs per connection and round goes through every held connection and
 /// back, checked byte for byte.
-fn exchange_with_held(held: &mut [TcpStream], holder: &Holder, round: u64) {
+fn exchange_with_held(held: &mut [TcpStream], holder: &Holder, round: u64) -> Result<(), String> {
     let data = |index: usize| payload(KIB, round << 32 | index as u64);
+    let failed = |index: usize, e: &dyn std::fmt::Display| {
+        format!("held connection {index}, round {round}: {e}")
+    };
     for (index, stream) in held.iter_mut().enumerate() {
-        stream.write_all(&data(index)).unwrap();
+        stream
+            .write_all(&data(index))
+            .map_err(|e| failed(index, &e))?;
     }
     holder.command(HolderCommand::Echo(KIB));
     for (index, stream) in held.iter_mut().enumerate() {
-        let echo = read_exactly(stream, KIB)
-            .unwrap_or_else(|e| panic!("held connection {index}, round {round}: {e}"));
-        assert!(
-            echo == data(index),
-            "held connection {index}, round {round}: the echo differs"
-        );
+        let echo = read_exactly(stream, KIB).map_err(|e| failed(index, &e))?;
+        if echo != data(index) {
+            return Err(failed(index, &"the echo differs"));
+        }
     }
-    holder.wait("an echo round");
+    holder.wait("an echo round")
 }
 
 // ---------------------------------------------------------------------------------------
