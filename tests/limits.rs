@@ -517,14 +517,7 @@ fn trickling_pair_kept_copy() {
 fn idle_pair_is_logged_as_idle() {
     let (backend, outcomes) = Backend::sink_outcome();
     let routes = routes_file("idle", &idle_routes(backend.addr));
-    let proxy = ProxyProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--mode",
-        "splice",
-    ]);
+    let proxy = ProxyProcess::serve(&routes, "splice", &[]);
     let mut client = connect(proxy.addr());
     client.write_all(b"a").unwrap();
     let client_addr = client.local_addr().unwrap();
