@@ -62,19 +62,6 @@ fn assert_refused(addr: SocketAddr, first: &[u8]) -> SocketAddr {
     client
 }
 
-/// Waits until the proxy holds `count` connections.
-fn wait_held(proxy: &Proxy, count: usize) {
-    let deadline = Instant::now() + WAIT;
-    while proxy.admission.held() != count {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy holds {} connections, not {count}, after {WAIT:?}",
-            proxy.admission.held()
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn route_counts(proxy: &Proxy, route: &str) -> (usize, u64) {
     proxy
         .admission
@@ -97,7 +84,7 @@ fn proxy_limit(mode: Moving) {
     let first = held(proxy.addr, b"a1");
     let second = held(proxy.addr, b"a2");
     let silent = proxy.connect();
-    wait_held(&proxy, 3);
+    proxy.wait_held(3, WAIT);
     proxy.wait_handed_off(2, WAIT);
 
     assert_refused(proxy.addr, b"a3");
@@ -106,11 +93,11 @@ fn proxy_limit(mode: Moving) {
 
     drop(first);
     proxy.wait_handed_off(1, WAIT);
-    wait_held(&proxy, 2);
+    proxy.wait_held(2, WAIT);
     echo_checked(held(proxy.addr, b"a4"), 1);
     echo_checked(second, 2);
     drop(silent);
-    wait_held(&proxy, 0);
+    proxy.wait_held(0, WAIT);
     proxy.wait_idle(WAIT);
     assert_eq!(proxy.admission.refused(), 1);
     assert_eq!(route_counts(&proxy, "prefix"), (0, 0));
@@ -300,7 +287,7 @@ fn silent_client_closed(mode: Moving) {
     let proxy = Proxy::start(&http_routes(echo.addr, false), mode);
     let mut client = proxy.connect();
     assert_closed_within(&mut client, PROMPT);
-    wait_held(&proxy, 0);
+    proxy.wait_held(0, WAIT);
     assert_eq!(echo.accepted(), 0);
 }
 
@@ -315,7 +302,7 @@ fn trickling_client_closed(mode: Moving) {
     drop(client);
     let written = writer.join().unwrap();
     assert!(written.len() < ENDLESS_HEAD.len() + 100, "kept trickling");
-    wait_held(&proxy, 0);
+    proxy.wait_held(0, WAIT);
     assert_eq!(echo.accepted(), 0);
 }
 
@@ -423,7 +410,7 @@ fn silent_backend_only(mode: Moving) {
     let mut client = proxy.connect();
     client.write_all(b"a").unwrap();
     assert_closed_within(&mut client, PROMPT);
-    wait_held(&proxy, 0);
+    proxy.wait_held(0, WAIT);
 }
 
 #[test]
@@ -464,7 +451,7 @@ fn idle_pair_reset(mode: Moving) {
         "reset after {waited:?}, before the idle timeout"
     );
     proxy.wait_idle(WAIT);
-    wait_held(&proxy, 0);
+    proxy.wait_held(0, WAIT);
 }
 
 /// A client that trickles a byte upstream every 250ms, for three idle timeouts, keeps

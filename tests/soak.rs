@@ -139,7 +139,7 @@ fn soak() {
     peer.request("close");
     peer.finish();
     proxy.wait_idle(WAIT);
-    wait_held(&proxy, 0);
+    proxy.wait_held(0, WAIT);
     wait_fds_back(&fds_before, WAIT);
     let rss_after = settled_rss(rss_before);
     eprintln!(
@@ -754,18 +754,6 @@ fn expect_end(stream: &mut TcpStream, reset_ok: bool) -> io::Result<()> {
 
 // ---------------------------------------------------------------------------------------
 // Resources.
-
-fn wait_held(proxy: &Proxy, count: usize) {
-    let deadline = Instant::now() + WAIT;
-    while proxy.admission.held() != count {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy counts {} connections, not {count}",
-            proxy.admission.held()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// This process's resident set, in bytes.
 fn rss() -> u64 {

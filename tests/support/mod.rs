@@ -94,6 +94,19 @@ impl Proxy {
 
     /// Waits until every connection the engine adopted has closed and (when splicing)
     /// both maps are empty; panics with what is left after `limit`.
+    /// Waits until the proxy's admission counts `count` connections held.
+    pub fn wait_held(&self, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.admission.held() != count {
+            assert!(
+                Instant::now() < deadline,
+                "the proxy holds {} connections, not {count}, after {limit:?}",
+                self.admission.held()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn wait_idle(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
