@@ -28,7 +28,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::{
     GlommioError, LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles,
     net::{TcpListener, TcpStream},
@@ -370,10 +370,13 @@ fn refuse(stream: TcpStream, refused: &Refused, shared: &Shared) {
 /// served (a FIN could pass for a server that speaks first and hung up), and a flood of
 /// refusals leaves no TIME_WAIT sockets behind.
 fn reset_on_close(stream: &TcpStream) {
-    // SAFETY: the stream is alive for the whole call, so its fd is open.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
     // A failure leaves an orderly close, which still refuses the client.
-    let _ = socket::reset_on_close(fd);
+    let _ = socket::reset_on_close(fd_of(stream));
+}
+
+fn fd_of(stream: &TcpStream) -> BorrowedFd<'_> {
+    // SAFETY: the stream owns the fd and the borrow cannot outlive the stream.
+    unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }
 }
 
 fn spawn_serve(
@@ -397,7 +400,7 @@ fn spawn_serve(
 
 /// One connection from accept to hand-off.
 async fn serve(
-    mut client: TcpStream,
+    client: TcpStream,
     mut ticket: Ticket,
     routing: &Routing,
     engine: &SpliceEngine,
@@ -419,7 +422,7 @@ async fn serve(
         backend: None,
         bytes_up: 0,
     };
-    let read = read_first_message(&mut client, client_addr, router, limits, accepted).await;
+    let read = read_first_message(&client, client_addr, router, limits, accepted).await;
     let (first, decision) = match read {
         Ok(read) => read,
         Err(e) => {
@@ -560,9 +563,7 @@ impl Unserved<'_> {
 /// glommio's streams close their socket when dropped and cannot give it up, so the
 /// engine gets a duplicate; dropping the stream then closes only the original number.
 fn owned_fd(stream: &TcpStream) -> io::Result<OwnedFd> {
-    // SAFETY: the stream is alive for the whole call, so its fd is open.
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    fd.try_clone_to_owned()
+    fd_of(stream).try_clone_to_owned()
 }
 
 /// The first message's buffer to start with; see [`read_first_message`].
@@ -572,7 +573,7 @@ const INITIAL_FIRST_MESSAGE_BUFFER: usize = 2048;
 /// half-closed, or `first_message_timeout` passed since `accepted`: a client that
 /// trickles bytes does not push the deadline back.
 async fn read_first_message(
-    client: &mut TcpStream,
+    client: &TcpStream,
     client_addr: SocketAddr,
     router: &dyn Router,
     limits: &Limits,
@@ -592,21 +593,31 @@ async fn read_first_message(
         let complete = if remaining.is_zero() || len == max {
             true
         } else {
-            let read = timeout(remaining, async {
-                client
-                    .read(&mut bytes[len..])
-                    .await
-                    .map_err(GlommioError::from)
-            })
-            .await;
-            match read {
+            // Read what is queued ourselves and wait through glommio only when nothing
+            // is: a client's first message has usually arrived by the time it is
+            // accepted, and then this costs one recv, where glommio's read costs a timer
+            // and, after a short read, a poll it arms for the next read and has to
+            // cancel when the socket is handed off.
+            match socket::read_queued(fd_of(client), &mut bytes[len..]) {
                 Ok(0) => true,
                 Ok(n) => {
                     len += n;
                     len == max
                 }
-                Err(GlommioError::TimedOut(_)) => true,
-                Err(e) => return Err(io::Error::other(e.to_string())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Waits for a byte or the end of the stream without taking it.
+                    let arrived = timeout(remaining, async {
+                        client.peek(&mut [0; 1]).await.map_err(GlommioError::from)
+                    })
+                    .await;
+                    match arrived {
+                        Ok(_) => continue,
+                        Err(GlommioError::TimedOut(_)) => true,
+                        Err(e) => return Err(io::Error::other(e.to_string())),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         };
         let decision = router.decide(&FirstMessage {

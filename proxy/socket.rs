@@ -1,7 +1,8 @@
 //! The raw socket calls the splice engine needs and std does not offer: the socket cookie
 //! (the key of the probe's maps), the kernel's TCP byte counters, forced send buffers,
-//! the receive low-water mark that makes the kernel re-run the verdict, and abortive
-//! close. Every `unsafe` block of the userspace crate that touches a socket is here.
+//! the receive low-water mark that makes the kernel re-run the verdict, abortive close,
+//! and reads that never wait. Every `unsafe` block of the userspace crate that touches a
+//! socket is here.
 
 use std::{
     io,
@@ -153,6 +154,23 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// What the socket has queued, into `buf`, without waiting even if the socket blocks:
+/// `WouldBlock` when nothing is queued, 0 at end of stream.
+pub fn read_queued(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buf, libc::MSG_DONTWAIT)
+}
+
+/// Like [`read_queued`], but leaves the bytes queued.
+pub fn peek_queued(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buf, libc::MSG_DONTWAIT | libc::MSG_PEEK)
+}
+
+fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 

@@ -58,6 +58,8 @@ struct Direction {
     closed: bool,
     /// Last progress seen while waiting for the kernel to drain, to detect a stall.
     drain_progress: Option<(u64, Instant)>,
+    /// Bytes the source sent in all, known once its FIN has arrived and been counted.
+    source_total: Option<u64>,
 }
 
 /// What a pair needs from the worker after an event.
@@ -144,6 +146,12 @@ impl Pair {
         let Mover::Copy(buffer) = &mut direction.mover else {
             return Ok(true);
         };
+        // Usually nothing is queued: finding out costs no copy buffer.
+        match socket::peek_queued(client, &mut [0; 1]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
+        }
         for _ in 0..MAX_READS {
             match buffer.read_once(client)? {
                 Filled::Empty => return Ok(true),
@@ -256,16 +264,18 @@ impl Pair {
         Ok(Duration::from_millis(idle_ms.into()))
     }
 
-    /// Bytes each side sent, by the kernel's count, for the access log.
+    /// Bytes each side sent, for the access log: counted when its FIN came, else asked
+    /// of the kernel now.
     pub fn bytes_sent(&self) -> (u64, u64) {
-        let sent = |fd: BorrowedFd<'_>, eof: bool| {
-            socket::tcp_info(fd)
-                .map(|info| info.bytes_received.saturating_sub(u64::from(eof)))
-                .unwrap_or(0)
+        let sent = |fd: BorrowedFd<'_>, direction: &Direction| match direction.source_total {
+            Some(total) => total,
+            None => socket::tcp_info(fd)
+                .map(|info| info.bytes_received.saturating_sub(u64::from(direction.eof)))
+                .unwrap_or(0),
         };
         (
-            sent(self.client.fd(), self.to_upstream.eof),
-            sent(self.upstream.fd(), self.to_client.eof),
+            sent(self.client.fd(), &self.to_upstream),
+            sent(self.upstream.fd(), &self.to_client),
         )
     }
 }
@@ -282,6 +292,7 @@ impl Direction {
             eof: false,
             closed: false,
             drain_progress: None,
+            source_total: None,
         }
     }
 
@@ -301,7 +312,11 @@ impl Direction {
             Mover::Copy(buffer) => {
                 let (moved, eof) = buffer.pump(src, dst)?;
                 self.consumed += moved;
-                self.eof |= eof;
+                if eof {
+                    // We read every byte up to the FIN.
+                    self.eof = true;
+                    self.source_total = Some(self.consumed);
+                }
                 buffer.start == buffer.end
             }
             Mover::Kernel { base } => {
@@ -331,10 +346,16 @@ impl Direction {
         dst: BorrowedFd<'_>,
         base: u64,
     ) -> io::Result<bool> {
-        // The received count includes the FIN's sequence number.
-        let owed = socket::tcp_info(src)?
-            .bytes_received
-            .saturating_sub(1 + self.consumed);
+        // The received count includes the FIN's sequence number, and is final: nothing
+        // comes after a FIN.
+        let total = socket::tcp_info(src)?.bytes_received.saturating_sub(1);
+        self.source_total = Some(total);
+        let owed = total.saturating_sub(self.consumed);
+        if owed == 0 {
+            // We read it all ourselves (often the first message was all): no need to ask
+            // how far the kernel got.
+            return Ok(true);
+        }
         let moved = socket::bytes_written(dst)?.saturating_sub(base);
         if moved >= owed {
             return Ok(true);
