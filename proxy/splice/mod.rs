@@ -52,7 +52,8 @@ pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 /// measured here took 2-600 us, so a millisecond keeps the close prompt.
 const DRAIN_POLL: Duration = Duration::from_millis(1);
 
-/// A connection whose first message has been routed and written to the upstream.
+/// A connection whose first message has been routed and written to the upstream. Its
+/// sockets may be blocking or not: the engine never waits on them.
 pub struct Connection {
     pub client: OwnedFd,
     pub upstream: OwnedFd,
@@ -348,19 +349,11 @@ impl Worker {
             info,
             lease,
         } = connection;
-        socket::set_nonblocking(client.as_fd())?;
-        socket::set_nonblocking(upstream.as_fd())?;
         let mut pair = match &mut self.maps {
             Some(maps) => splice(maps, client, upstream, forwarded, ticket, info, lease)?,
             None => Pair::new(
-                Endpoint {
-                    fd: client,
-                    cookie: 0,
-                },
-                Endpoint {
-                    fd: upstream,
-                    cookie: 0,
-                },
+                Endpoint::new(client, 0),
+                Endpoint::new(upstream, 0),
                 forwarded,
                 ticket,
                 info,
@@ -374,13 +367,15 @@ impl Worker {
                 self.pairs.len() - 1
             }
         };
-        let registered = self
-            .epoll
-            .add(
-                pair.client.fd(),
-                pair.interest(Side::Client),
-                token(slot, Side::Client),
-            )
+        let registered = pair
+            .prepare_copying()
+            .and_then(|()| {
+                self.epoll.add(
+                    pair.client.fd(),
+                    pair.interest(Side::Client),
+                    token(slot, Side::Client),
+                )
+            })
             .and_then(|()| {
                 self.epoll.add(
                     pair.upstream.fd(),
@@ -515,14 +510,10 @@ fn splice(
     info: ConnectionInfo,
     lease: Option<Lease>,
 ) -> io::Result<Pair> {
-    let client = Endpoint {
-        cookie: socket::cookie(client.as_fd())?,
-        fd: client,
-    };
-    let upstream = Endpoint {
-        cookie: socket::cookie(upstream.as_fd())?,
-        fd: upstream,
-    };
+    let client_cookie = socket::cookie(client.as_fd())?;
+    let upstream_cookie = socket::cookie(upstream.as_fd())?;
+    let client = Endpoint::new(client, client_cookie);
+    let upstream = Endpoint::new(upstream, upstream_cookie);
     let mut pair = Pair::new(client, upstream, forwarded, ticket, info, lease);
     if !pair.settle_client_queue()? {
         tracing::debug!(client = %pair.info.client, "client still streaming or closing at the hand-off; copying in userspace");

@@ -23,11 +23,32 @@ const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(10);
 pub(super) struct Endpoint {
     pub fd: OwnedFd,
     pub cookie: u64,
+    /// Set once the socket has been made non-blocking, which only copying needs.
+    nonblocking: bool,
 }
 
 impl Endpoint {
+    pub fn new(fd: OwnedFd, cookie: u64) -> Endpoint {
+        Endpoint {
+            fd,
+            cookie,
+            nonblocking: false,
+        }
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// Copying reads with [`socket::read`], which would wait on a blocking socket. A
+    /// spliced socket is never switched: the kernel's redirect and the engine's other
+    /// calls do not wait, and that spares a syscall per socket.
+    fn make_nonblocking(&mut self) -> io::Result<()> {
+        if !self.nonblocking {
+            socket::set_nonblocking(self.fd())?;
+            self.nonblocking = true;
+        }
+        Ok(())
     }
 }
 
@@ -133,6 +154,18 @@ impl Pair {
         };
     }
 
+    /// Makes the sources of the directions this process copies non-blocking; call once
+    /// the kernel has taken the directions it will take.
+    pub fn prepare_copying(&mut self) -> io::Result<()> {
+        if matches!(self.to_upstream.mover, Mover::Copy(_)) {
+            self.client.make_nonblocking()?;
+        }
+        if matches!(self.to_client.mover, Mover::Copy(_)) {
+            self.upstream.make_nonblocking()?;
+        }
+        Ok(())
+    }
+
     /// Reads what the client has queued and writes it to the upstream, until a read
     /// returns less than it was offered: then no socket buffer is left half-read. The
     /// kernel redirects a half-read buffer again from its start (duplicating the bytes we
@@ -141,17 +174,21 @@ impl Pair {
     /// client is still streaming or half-closed, or the upstream is not taking more.
     pub fn settle_client_queue(&mut self) -> io::Result<bool> {
         const MAX_READS: usize = 16;
+        if !matches!(self.to_upstream.mover, Mover::Copy(_)) {
+            return Ok(true);
+        }
+        // Usually nothing is queued: finding out costs no copy buffer and no switch to
+        // non-blocking.
+        match socket::peek_queued(self.client.fd(), &mut [0; 1]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => self.client.make_nonblocking()?,
+        }
         let (client, upstream) = (self.client.fd.as_fd(), self.upstream.fd.as_fd());
         let direction = &mut self.to_upstream;
         let Mover::Copy(buffer) = &mut direction.mover else {
             return Ok(true);
         };
-        // Usually nothing is queued: finding out costs no copy buffer.
-        match socket::peek_queued(client, &mut [0; 1]) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
-            _ => {}
-        }
         for _ in 0..MAX_READS {
             match buffer.read_once(client)? {
                 Filled::Empty => return Ok(true),
