@@ -12,12 +12,13 @@
 //! once routed) is reset at once and counted.
 
 use std::{
+    borrow::Cow,
     cell::Cell,
     collections::HashMap,
     fmt::Display,
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd},
     rc::Rc,
     sync::{
         Arc,
@@ -453,16 +454,6 @@ async fn serve(
         reset_on_close(&client);
         return unserved.close(Refusal::RouteMaxConnections, refused);
     }
-    let Some((upstream, backend, lease)) =
-        connect(&forward, limits.connect_timeout, client_addr, metrics).await
-    else {
-        return unserved.close(
-            Refusal::NoBackend,
-            "no backend of the route accepted a connection",
-        );
-    };
-    unserved.backend = Some(backend);
-    let mut upstream = upstream;
     let header = match forward.send_proxy {
         Some(version) => match client
             .local_addr()
@@ -481,27 +472,40 @@ async fn serve(
     };
     // Wholly written before the hand-off, so that spliced bytes cannot overtake it; the
     // header in the same write, so that a backend reading it reads it whole.
-    let written = if header.is_empty() {
-        upstream.write_all(&first).await
+    let bytes = if header.is_empty() {
+        Cow::Borrowed(first.as_slice())
     } else {
-        let mut bytes = header;
-        bytes.extend_from_slice(&first);
-        upstream.write_all(&bytes).await
+        Cow::Owned([header.as_slice(), &first].concat())
     };
-    if let Err(e) = written {
-        return unserved.close(
-            Refusal::BackendWrite,
-            format_args!("writing the first message to the backend failed: {e}"),
-        );
-    }
-    // Neither proxy hop should add Nagle's delay: the endpoints choose their own. The
-    // client's socket has TCP_NODELAY from the listener.
-    let _ = upstream.set_nodelay(true);
-    let handoff = owned_fd(&client).and_then(|client| Ok((client, owned_fd(&upstream)?)));
-    match handoff {
-        Ok((client_fd, upstream_fd)) => engine.adopt(Connection {
+    let connected = connect(
+        &forward,
+        limits.connect_timeout,
+        client_addr,
+        metrics,
+        &bytes,
+    )
+    .await;
+    let (upstream, backend, lease) = match connected {
+        Ok(connected) => connected,
+        Err(Unconnected::NoBackend) => {
+            return unserved.close(
+                Refusal::NoBackend,
+                "no backend of the route accepted a connection",
+            );
+        }
+        Err(Unconnected::Write { backend, error }) => {
+            unserved.backend = Some(backend);
+            return unserved.close(
+                Refusal::BackendWrite,
+                format_args!("writing the first message to the backend failed: {error}"),
+            );
+        }
+    };
+    unserved.backend = Some(backend);
+    match owned_fd(&client) {
+        Ok(client_fd) => engine.adopt(Connection {
             client: client_fd,
-            upstream: upstream_fd,
+            upstream,
             // The client's bytes only: the header is the proxy's.
             forwarded: first.len() as u64,
             idle_timeout: limits.idle_timeout,
@@ -606,10 +610,8 @@ async fn read_first_message(
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Waits for a byte or the end of the stream without taking it.
-                    let arrived = timeout(remaining, async {
-                        client.peek(&mut [0; 1]).await.map_err(GlommioError::from)
-                    })
-                    .await;
+                    let arrived =
+                        timeout(remaining, async { client.peek(&mut [0; 1]).await }).await;
                     match arrived {
                         Ok(_) => continue,
                         Err(GlommioError::TimedOut(_)) => true,
@@ -632,34 +634,140 @@ async fn read_first_message(
     }
 }
 
-/// Tries the route's backends in order; returns the first that accepts, with a lease
-/// on it if a route lists it. Each connect counts for or against the backend's health.
+/// Why no backend took a connection.
+enum Unconnected {
+    /// Every backend of the route refused, failed or timed out before it took a byte.
+    NoBackend,
+    /// `backend` took some of the first bytes and then failed.
+    Write {
+        backend: SocketAddr,
+        error: io::Error,
+    },
+}
+
+/// Tries the route's backends in order until one takes `bytes` (the first message,
+/// after the PROXY header if any); returns its socket, with a lease on it if a route
+/// lists it. Each attempt counts for or against the backend's health.
 async fn connect(
     forward: &Forward,
     connect_timeout: Duration,
     client: SocketAddr,
     metrics: &Metrics,
-) -> Option<(TcpStream, SocketAddr, Option<Lease>)> {
+    bytes: &[u8],
+) -> Result<(OwnedFd, SocketAddr, Option<Lease>), Unconnected> {
     for &backend in &forward.backends {
         let state = backend::existing(backend);
         let started = Instant::now();
-        match TcpStream::connect_timeout(backend, connect_timeout).await {
-            Ok(stream) => {
+        match open(backend, bytes, connect_timeout).await {
+            Ok(socket) => {
                 metrics.backend_connected(backend, started.elapsed());
                 let lease = state.map(|state| {
                     state.connected("a connection");
                     state.lease()
                 });
-                return Some((stream, backend, lease));
+                return Ok((socket, backend, lease));
             }
-            Err(e) => {
+            Err(Failed::Connect(e)) => {
                 metrics.backend_connect_failed(backend);
                 tracing::warn!(%client, route = %forward.route, %backend, "backend did not accept a connection: {e}");
                 if let Some(state) = state {
                     state.connect_failed("a connection", &e);
                 }
             }
+            Err(Failed::Write(error)) => return Err(Unconnected::Write { backend, error }),
         }
     }
-    None
+    Err(Unconnected::NoBackend)
+}
+
+/// How [`open`] failed: before the backend took a byte, or after.
+enum Failed {
+    Connect(io::Error),
+    Write(io::Error),
+}
+
+/// Connects to `backend` and writes all of `bytes`, the connect within `connect_timeout`.
+///
+/// The socket is the proxy's own, not glommio's: a backend nearby has usually accepted
+/// by the time a non-blocking connect returns, so the bytes go out in one send and
+/// glommio never sees the socket. glommio's connect would cost an io_uring connect and
+/// link timeout, a poll that every glommio stream arms at birth and cancels at drop, a
+/// turn of its loop, and a dup to hand the socket off. Only a backend that has not
+/// accepted yet, or whose send buffer fills, is waited for through glommio.
+async fn open(
+    backend: SocketAddr,
+    bytes: &[u8],
+    connect_timeout: Duration,
+) -> Result<OwnedFd, Failed> {
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )
+    .map_err(Failed::Connect)?;
+    // Neither proxy hop should add Nagle's delay: the endpoints choose their own. The
+    // client's socket has TCP_NODELAY from the listener.
+    let _ = socket.set_tcp_nodelay(true);
+    match socket.connect(&backend.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(Failed::Connect(e)),
+    }
+    let socket = OwnedFd::from(socket);
+    // One send at least, even of nothing (a server-speaks-first client may have sent
+    // nothing): it also tells whether the connect has completed.
+    let mut written = 0;
+    loop {
+        match socket::write(socket.as_fd(), &bytes[written..]) {
+            Ok(0) if written < bytes.len() => {
+                return Err(Failed::Write(io::ErrorKind::WriteZero.into()));
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(failed(written, e)),
+        }
+        if written == bytes.len() {
+            return Ok(socket);
+        }
+    }
+    let duplicate = socket.try_clone().map_err(Failed::Connect)?;
+    // SAFETY: `duplicate` is an open TCP socket that we own and give to the stream, which
+    // closes it when dropped; `socket` keeps the connection open for the engine.
+    let mut stream = unsafe { TcpStream::from_raw_fd(duplicate.into_raw_fd()) };
+    if written == 0 {
+        // A send of nothing waits until the connect completes, and fails as it fails.
+        let connected = timeout(connect_timeout, async {
+            stream.write(&[]).await.map_err(GlommioError::from)
+        })
+        .await;
+        match connected {
+            Ok(_) => {}
+            Err(GlommioError::TimedOut(_)) => {
+                return Err(Failed::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection timed out",
+                )));
+            }
+            Err(e) => return Err(Failed::Connect(io::Error::other(e.to_string()))),
+        }
+    }
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]).await {
+            Ok(0) => return Err(Failed::Write(io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) => return Err(failed(written, e)),
+        }
+    }
+    Ok(socket)
+}
+
+/// Before the backend took a byte, a failure is the connect's: a refusal may only show
+/// at the first send, and a backend that resets before reading is no better.
+fn failed(written: usize, error: io::Error) -> Failed {
+    if written == 0 {
+        Failed::Connect(error)
+    } else {
+        Failed::Write(error)
+    }
 }

@@ -413,6 +413,53 @@ fn silent_backend_only(mode: Moving) {
     proxy.wait_held(0, WAIT);
 }
 
+/// A backend that completes the handshake only after the proxy's connect has started
+/// waiting (its SYN dropped by a full queue, the retransmission a second later taken)
+/// still gets the first message, then the spliced stream: the proxy waits for the
+/// connect instead of sending into a socket that is not connected yet.
+fn late_backend(mode: Moving) {
+    let blackhole = Blackhole::new();
+    let addr = blackhole.addr;
+    let Blackhole {
+        _listener: listener,
+        _filler: filler,
+        ..
+    } = blackhole;
+    let listener = std::net::TcpListener::from(listener);
+    let (client_sent, sent) = std::sync::mpsc::channel();
+    let backend = thread::spawn(move || {
+        // Let the proxy's first SYN be dropped, then make room for its retransmission.
+        sent.recv_timeout(WAIT)
+            .expect("the client sent its first message");
+        thread::sleep(Duration::from_millis(300));
+        let (queued, _) = listener.accept().expect("the filler's connection");
+        drop((queued, filler));
+        let (mut stream, _) = listener.accept().expect("the proxy's connection");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut reader = stream.try_clone().unwrap();
+        let _ = io::copy(&mut reader, &mut stream);
+    });
+    let routes = format!("connect_timeout = \"5s\"\n{}", prefix_routes("a", &[addr]));
+    let proxy = Proxy::start(&routes, mode);
+    let mut client = connect(proxy.addr);
+    client.write_all(b"a").unwrap();
+    client_sent.send(()).unwrap();
+    assert_eq!(read_exactly(&mut client, 1).unwrap(), b"a");
+    echo_checked(client, 30);
+    backend.join().unwrap();
+    proxy.wait_idle(WAIT);
+}
+
+#[test]
+fn late_backend_splice() {
+    late_backend(SPLICE);
+}
+
+#[test]
+fn late_backend_copy() {
+    late_backend(COPY);
+}
+
 #[test]
 fn silent_backend_then_next_splice() {
     silent_backend_then_next(SPLICE);

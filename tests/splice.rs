@@ -12,7 +12,7 @@ mod support;
 
 use std::{
     io::{self, Write},
-    net::{Shutdown, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc},
     thread,
     time::{Duration, Instant},
@@ -730,14 +730,24 @@ fn request_queued_at_hand_off(mode: Moving, first_message_max: Option<usize>) {
 
 /// The upstream side of pitfall 1: a backend that greets as soon as it accepts, then
 /// reads a 1 MiB first message and sends nothing more until asked. The proxy's write of
-/// that message only finishes once the backend reads it, so the greeting is certainly
-/// queued on the upstream socket before the hand-off, and no later byte from the backend
-/// would make the kernel look at it: the client must still get it.
+/// that message only finishes once the backend reads it (the backend's small MSS keeps
+/// the proxy's send buffer far below 1 MiB, as on a real network, where loopback's 64 KiB
+/// segments would let one send take it all), so the greeting is certainly queued on the
+/// upstream socket before the hand-off, and no later byte from the backend would make
+/// the kernel look at it: the client must still get it.
 fn greeting_queued_at_hand_off(mode: Moving) {
     const GREETING: &[u8] = b"220 ready\r\n";
     let (tx, reports) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    let backend = Backend::start(move |mut stream| {
+    let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a backend socket");
+    // The MSS the backend's SYN-ACK announces, and so the proxy's segments.
+    listener.set_tcp_mss(1000).expect("TCP_MAXSEG");
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind backend");
+    listener.listen(16).expect("listen");
+    let backend = Backend::start_on(listener.into(), move |mut stream| {
         if stream.write_all(GREETING).is_err() {
             return;
         }

@@ -216,7 +216,17 @@ impl Backend {
     where
         F: Fn(TcpStream) + Send + Sync + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        Backend::start_on(
+            TcpListener::bind("127.0.0.1:0").expect("bind backend"),
+            serve,
+        )
+    }
+
+    /// Like [`Backend::start`], on a listener the caller prepared.
+    pub fn start_on<F>(listener: TcpListener, serve: F) -> Backend
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(Mutex::new(0));
         let count = Arc::clone(&accepted);
