@@ -79,7 +79,8 @@ struct Direction {
     closed: bool,
     /// Last progress seen while waiting for the kernel to drain, to detect a stall.
     drain_progress: Option<(u64, Instant)>,
-    /// Bytes the source sent in all, known once its FIN has arrived and been counted.
+    /// Bytes the source sent in all, as the kernel counted them when a spliced
+    /// direction's FIN arrived (the count is final then).
     source_total: Option<u64>,
 }
 
@@ -301,8 +302,8 @@ impl Pair {
         Ok(Duration::from_millis(idle_ms.into()))
     }
 
-    /// Bytes each side sent, for the access log: counted when its FIN came, else asked
-    /// of the kernel now.
+    /// Bytes each side sent, by the kernel's count, for the access log: the count taken
+    /// at a spliced direction's FIN, else asked now.
     pub fn bytes_sent(&self) -> (u64, u64) {
         let sent = |fd: BorrowedFd<'_>, direction: &Direction| match direction.source_total {
             Some(total) => total,
@@ -349,11 +350,7 @@ impl Direction {
             Mover::Copy(buffer) => {
                 let (moved, eof) = buffer.pump(src, dst)?;
                 self.consumed += moved;
-                if eof {
-                    // We read every byte up to the FIN.
-                    self.eof = true;
-                    self.source_total = Some(self.consumed);
-                }
+                self.eof |= eof;
                 buffer.start == buffer.end
             }
             Mover::Kernel { base } => {
