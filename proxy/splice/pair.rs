@@ -175,21 +175,23 @@ impl Pair {
     /// client is still streaming or half-closed, or the upstream is not taking more.
     pub fn settle_client_queue(&mut self) -> io::Result<bool> {
         const MAX_READS: usize = 16;
-        if !matches!(self.to_upstream.mover, Mover::Copy(_)) {
-            return Ok(true);
-        }
-        // Usually nothing is queued: finding out costs no copy buffer and no switch to
-        // non-blocking.
-        match socket::peek_queued(self.client.fd(), &mut [0; 1]) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
-            _ => self.client.make_nonblocking()?,
-        }
-        let (client, upstream) = (self.client.fd.as_fd(), self.upstream.fd.as_fd());
-        let direction = &mut self.to_upstream;
+        let Pair {
+            client,
+            upstream,
+            to_upstream: direction,
+            ..
+        } = self;
         let Mover::Copy(buffer) = &mut direction.mover else {
             return Ok(true);
         };
+        // Usually nothing is queued: finding out costs no copy buffer and no switch to
+        // non-blocking.
+        match socket::peek_queued(client.fd(), &mut [0; 1]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => client.make_nonblocking()?,
+        }
+        let (client, upstream) = (client.fd(), upstream.fd());
         for _ in 0..MAX_READS {
             match buffer.read_once(client)? {
                 Filled::Empty => return Ok(true),
