@@ -10,7 +10,9 @@
 //! The hold workload keeps far more connections open than threads can serve, so the
 //! same process also runs one epoll thread that echoes every byte on [`HOLD_PORTS`]
 //! further listeners (`hold.rs`): several ports, so that a proxy's connections to them
-//! do not run out of ephemeral ports (those are counted per destination).
+//! do not run out of ephemeral ports (those are counted per destination). The hold
+//! workload's extra shards each run that server alone, in a process of its own
+//! (`--hold-backend`).
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -47,54 +49,77 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Starts this executable with `--backend` and reads the port it listens on.
+    /// Starts this executable with `--backend` and reads the ports it listens on.
     pub fn start() -> anyhow::Result<Backend> {
-        let exe = std::env::current_exe().context("finding the bench executable")?;
-        let mut command = Command::new(exe);
-        command
-            .arg("--backend")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
-        let mut process = Child::spawn("the bench backend", command)?;
-        let stdout = process
-            .take_stdout()
-            .context("the backend's stdout was not piped")?;
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading the backend's port")?;
-        let ports = line
-            .split_whitespace()
-            .map(|port| port.parse::<u16>())
-            .collect::<Result<Vec<_>, _>>()
-            .ok()
-            .filter(|ports| ports.len() == 1 + HOLD_PORTS)
-            .with_context(|| format!("the backend printed {line:?} instead of its ports"))?;
-        process.check_alive()?;
-        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let (process, ports) = spawn("the bench backend", "--backend", 1 + HOLD_PORTS)?;
         Ok(Backend {
-            addr: local(ports[0]),
-            hold: ports[1..].iter().map(|&port| local(port)).collect(),
+            addr: ports[0],
+            hold: ports[1..].to_vec(),
             process,
         })
     }
+}
+
+/// A process that runs only the hold echo server: one per extra shard of the hold
+/// workload, since the descriptors of one process cannot hold every connection.
+pub struct HoldBackend {
+    pub hold: Vec<SocketAddr>,
+    /// Killed on drop, which closes its side of every connection.
+    _process: Child,
+}
+
+impl HoldBackend {
+    /// Starts this executable with `--hold-backend` and reads the ports it listens on.
+    pub fn start() -> anyhow::Result<HoldBackend> {
+        let (process, hold) = spawn("a hold backend", "--hold-backend", HOLD_PORTS)?;
+        Ok(HoldBackend {
+            hold,
+            _process: process,
+        })
+    }
+}
+
+/// Starts this executable with `flag` and reads the `count` ports it prints.
+fn spawn(name: &str, flag: &str, count: usize) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+    let exe = std::env::current_exe().context("finding the bench executable")?;
+    let mut command = Command::new(exe);
+    command
+        .arg(flag)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut process = Child::spawn(name, command)?;
+    let stdout = process
+        .take_stdout()
+        .with_context(|| format!("{name}'s stdout was not piped"))?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .with_context(|| format!("reading {name}'s ports"))?;
+    let ports = line
+        .split_whitespace()
+        .map(|port| port.parse::<u16>())
+        .collect::<Result<Vec<_>, _>>()
+        .ok()
+        .filter(|ports| ports.len() == count)
+        .with_context(|| format!("{name} printed {line:?} instead of its ports"))?;
+    process.check_alive()?;
+    let addrs = ports
+        .into_iter()
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect();
+    Ok((process, addrs))
 }
 
 /// The `--backend` entry point: listens on 127.0.0.1, prints the ports (the pool's, then
 /// the hold server's), serves until it is killed.
 pub fn run() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the backend listener")?;
-    let hold = (0..HOLD_PORTS)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<io::Result<Vec<_>>>()
-        .context("binding the hold listeners")?;
+    let hold = bind_hold()?;
     let mut ports = vec![listener.local_addr()?.port()];
     for listener in &hold {
         ports.push(listener.local_addr()?.port());
     }
-    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-    println!("{}", ports.join(" "));
-    io::stdout().flush()?;
+    print_ports(&ports)?;
     std::thread::Builder::new()
         .name("backend-hold".to_owned())
         .spawn(move || {
@@ -119,6 +144,30 @@ pub fn run() -> anyhow::Result<()> {
         let _ = thread.join();
     }
     bail!("every backend thread stopped")
+}
+
+/// The `--hold-backend` entry point: the hold echo server alone.
+pub fn run_hold_only() -> anyhow::Result<()> {
+    let hold = bind_hold()?;
+    let ports = hold
+        .iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect::<io::Result<Vec<_>>>()?;
+    print_ports(&ports)?;
+    hold::serve(hold).context("the hold server stopped")
+}
+
+fn bind_hold() -> anyhow::Result<Vec<TcpListener>> {
+    (0..HOLD_PORTS)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()
+        .context("binding the hold listeners")
+}
+
+fn print_ports(ports: &[u16]) -> anyhow::Result<()> {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    println!("{}", ports.join(" "));
+    io::stdout().flush().context("printing the ports")
 }
 
 fn accept_loop(listener: &TcpListener, pattern: &Pattern) {

@@ -8,6 +8,15 @@
 //! engine: its echo comes back through the splice). Once all N are open, every
 //! connection sends 16 bytes more and must get exactly them back.
 //!
+//! **Shards.** A proxy holds two descriptors per connection, and a process may not be
+//! allowed that many (the hard `RLIMIT_NOFILE` without `CAP_SYS_RESOURCE`). Then the
+//! bench splits N over shards, all held at once: each shard is one instance of the
+//! proxy (the target itself, then instances started for the workload), a hold echo
+//! server process and an opening process, and the figures are the shards' sums. In
+//! every case the connections are opened and held by child processes of this
+//! executable (`--hold-open`), one per shard, which the bench steps through opening,
+//! checking and closing with one line each way (see [`Opener`]).
+//!
 //! 100k connections from one machine need more than one source address: the kernel
 //! picks an ephemeral port (about 28k of them) per destination address and port, so
 //! each opening thread binds its own 127.0.0.x with `IP_BIND_ADDRESS_NO_PORT` (the
@@ -18,9 +27,10 @@
 
 use std::{
     fs,
-    io::{Read, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::fd::AsRawFd,
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -29,6 +39,7 @@ use anyhow::{Context, anyhow, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::{
+    process::Child,
     targets::{Kind, Target},
     wire::{Damaged, HEADER_LEN, HOLD_MAGIC},
 };
@@ -136,60 +147,49 @@ fn slab_bytes() -> u64 {
     kib_field(&meminfo, "Slab:").unwrap_or(0) * 1024
 }
 
-/// Opens `connections` through `target`, checks each, reads the footprints, closes.
-pub fn run(target: &mut Target, connections: usize) -> anyhow::Result<Held> {
+/// Opens `connections` through the shards of one target (`fleet[0]` is the target
+/// itself, the rest its extra instances), checks each, reads the footprints, closes.
+pub fn run(fleet: &mut [&mut Target], connections: usize) -> anyhow::Result<Held> {
     let deadline = Instant::now() + TIME_LIMIT;
-    let pids = target.pids().to_vec();
+    let pids: Vec<u32> = fleet.iter().flat_map(|t| t.pids().to_vec()).collect();
     let proxy_before = Footprint::of(&pids);
     let slab_before = slab_bytes();
 
     let started = Instant::now();
-    let destinations = target.hold.clone();
-    let opened = thread::scope(|scope| {
-        let openers: Vec<_> = (0..OPENERS)
-            .map(|opener| {
-                let destinations = &destinations;
-                scope.spawn(move || open_share(opener, connections, destinations, deadline))
-            })
-            .collect();
-        openers
-            .into_iter()
-            .map(|opener| {
-                opener
-                    .join()
-                    .map_err(|_| anyhow!("an opening thread panicked"))?
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-    })?;
+    let mut openers = shares(fleet, connections)
+        .iter()
+        .enumerate()
+        .map(|(shard, share)| Opener::spawn(shard, share))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for opener in &mut openers {
+        opener.expect(OPENED)?;
+    }
     let open_seconds = started.elapsed().as_secs_f64();
-    target.check_alive()?;
+    for target in fleet.iter_mut() {
+        target.check_alive()?;
+    }
 
     let proxy_held = Footprint::of(&pids);
     let slab_held = slab_bytes();
 
-    thread::scope(|scope| {
-        let checks: Vec<_> = opened
-            .iter()
-            .map(|share| scope.spawn(move || check_share(share)))
-            .collect();
-        for check in checks {
-            check
-                .join()
-                .map_err(|_| anyhow!("a checking thread panicked"))??;
-        }
-        anyhow::Ok(())
-    })?;
+    for opener in &mut openers {
+        opener.tell(CHECK)?;
+    }
+    for opener in &mut openers {
+        opener.expect(CHECKED)?;
+    }
     if Instant::now() > deadline {
         bail!("holding {connections} connections took longer than {TIME_LIMIT:?}");
     }
 
     let closed_at = Instant::now();
-    drop(opened);
+    // Killing the openers closes their sockets as an exit would.
+    drop(openers);
     let close_deadline = closed_at + CLOSE_LIMIT;
     let close_seconds = loop {
         let fds = fd_count(&pids);
-        // The proxy's fds return to what it had before; a few may come and go.
-        if fds <= proxy_before.fds + 16 {
+        // The proxies' fds return to what they had before; a few may come and go.
+        if fds <= proxy_before.fds + 16 * fleet.len() as u64 {
             break closed_at.elapsed().as_secs_f64();
         }
         if Instant::now() > close_deadline {
@@ -200,7 +200,9 @@ pub fn run(target: &mut Target, connections: usize) -> anyhow::Result<Held> {
         }
         thread::sleep(Duration::from_millis(100));
     };
-    target.check_alive()?;
+    for target in fleet.iter_mut() {
+        target.check_alive()?;
+    }
     Ok(Held {
         connections,
         open_seconds,
@@ -212,32 +214,211 @@ pub fn run(target: &mut Target, connections: usize) -> anyhow::Result<Held> {
     })
 }
 
-/// One opening thread's connections, with their numbers.
-type Share = Vec<(u64, TcpStream)>;
+/// What an opening process says once all its connections are open, and once all of
+/// them passed the check; what the bench says to start the check.
+const OPENED: &str = "opened";
+const CHECK: &str = "check";
+const CHECKED: &str = "checked";
 
-/// Opens connections `opener`, `opener + OPENERS`, ... from 127.0.0.(2 + opener).
-fn open_share(
-    opener: usize,
+/// One shard's connections: numbers `first_id..first_id + connections`, spread over
+/// `destinations`.
+#[derive(Debug, PartialEq)]
+pub struct Share {
+    first_id: u64,
     connections: usize,
-    destinations: &[SocketAddr],
-    deadline: Instant,
-) -> anyhow::Result<Share> {
+    destinations: Vec<SocketAddr>,
+}
+
+impl Share {
+    /// The `--hold-open` argument: `FIRST:COUNT:ADDR,ADDR,...`.
+    fn to_arg(&self) -> String {
+        let destinations: Vec<String> = self.destinations.iter().map(|a| a.to_string()).collect();
+        format!(
+            "{}:{}:{}",
+            self.first_id,
+            self.connections,
+            destinations.join(",")
+        )
+    }
+
+    pub fn parse(arg: &str) -> anyhow::Result<Share> {
+        let mut fields = arg.splitn(3, ':');
+        let mut next = |what: &str| {
+            fields
+                .next()
+                .with_context(|| format!("--hold-open {arg:?}: no {what}"))
+        };
+        let first_id = next("first number")?.parse().context("the first number")?;
+        let connections = next("count")?.parse().context("the count")?;
+        let destinations = next("destinations")?
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<SocketAddr>, _>>()
+            .context("the destinations")?;
+        Ok(Share {
+            first_id,
+            connections,
+            destinations,
+        })
+    }
+}
+
+/// Splits `connections` as evenly as can be over the fleet's shards, each going to its
+/// own instance's hold address(es).
+fn shares(fleet: &[&mut Target], connections: usize) -> Vec<Share> {
+    let shards = fleet.len();
+    let mut first_id = 0;
+    fleet
+        .iter()
+        .enumerate()
+        .map(|(shard, target)| {
+            let count = connections / shards + usize::from(shard < connections % shards);
+            let share = Share {
+                first_id,
+                connections: count,
+                destinations: target.hold.clone(),
+            };
+            first_id += count as u64;
+            share
+        })
+        .collect()
+}
+
+/// The bench's end of one shard's opening process.
+struct Opener {
+    shard: usize,
+    /// Killed on drop, which closes every connection it holds.
+    _process: Child,
+    to: ChildStdin,
+    from: BufReader<ChildStdout>,
+}
+
+impl Opener {
+    /// Starts this executable with `--hold-open`; its errors go to the bench's stderr.
+    fn spawn(shard: usize, share: &Share) -> anyhow::Result<Opener> {
+        let exe = std::env::current_exe().context("finding the bench executable")?;
+        let mut command = Command::new(exe);
+        command
+            .arg("--hold-open")
+            .arg(share.to_arg())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut process = Child::spawn(&format!("hold shard {shard}'s opener"), command)?;
+        let to = process
+            .take_stdin()
+            .context("the opener's stdin was not piped")?;
+        let from = process
+            .take_stdout()
+            .context("the opener's stdout was not piped")?;
+        Ok(Opener {
+            shard,
+            _process: process,
+            to,
+            from: BufReader::new(from),
+        })
+    }
+
+    /// Waits for `word`: the opener's own deadlines bound the wait, and it exits (which
+    /// ends the read) on any error.
+    fn expect(&mut self, word: &str) -> anyhow::Result<()> {
+        let mut line = String::new();
+        self.from
+            .read_line(&mut line)
+            .with_context(|| format!("reading from hold shard {}'s opener", self.shard))?;
+        if line.trim_end() != word {
+            bail!(
+                "hold shard {}'s opener stopped before it {word} (its error is above)",
+                self.shard
+            );
+        }
+        Ok(())
+    }
+
+    fn tell(&mut self, word: &str) -> anyhow::Result<()> {
+        writeln!(self.to, "{word}")
+            .and_then(|()| self.to.flush())
+            .with_context(|| format!("writing to hold shard {}'s opener", self.shard))
+    }
+}
+
+/// The `--hold-open` entry point: opens the share's connections, says so, checks them
+/// all when told to, says so, and holds them until its stdin closes or it is killed.
+pub fn open_and_hold(share: &Share) -> anyhow::Result<()> {
+    let deadline = Instant::now() + TIME_LIMIT;
+    let opened = thread::scope(|scope| {
+        let openers: Vec<_> = (0..OPENERS)
+            .map(|opener| scope.spawn(move || open_part(opener, share, deadline)))
+            .collect();
+        openers
+            .into_iter()
+            .map(|opener| {
+                opener
+                    .join()
+                    .map_err(|_| anyhow!("an opening thread panicked"))?
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    say(OPENED)?;
+    wait_for(CHECK)?;
+    thread::scope(|scope| {
+        let checks: Vec<_> = opened
+            .iter()
+            .map(|part| scope.spawn(move || check_part(part)))
+            .collect();
+        for check in checks {
+            check
+                .join()
+                .map_err(|_| anyhow!("a checking thread panicked"))??;
+        }
+        anyhow::Ok(())
+    })?;
+    say(CHECKED)?;
+    // Any line or the end of stdin: the bench is done with the connections.
+    wait_for("")
+}
+
+fn say(word: &str) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{word}")
+        .and_then(|()| stdout.flush())
+        .context("writing to the bench")
+}
+
+/// Reads one line from the bench, which must be `word` (an empty `word` takes any).
+fn wait_for(word: &str) -> anyhow::Result<()> {
+    let mut line = String::new();
+    io::stdin()
+        .read_line(&mut line)
+        .context("reading from the bench")?;
+    if !word.is_empty() && line.trim_end() != word {
+        bail!("the bench said {line:?}, not {word:?}");
+    }
+    Ok(())
+}
+
+/// One opening thread's connections, with their numbers.
+type Part = Vec<(u64, TcpStream)>;
+
+/// Opens the share's connections `opener`, `opener + OPENERS`, ... from
+/// 127.0.0.(2 + opener).
+fn open_part(opener: usize, share: &Share, deadline: Instant) -> anyhow::Result<Part> {
     let source = Ipv4Addr::new(127, 0, 0, 2 + opener as u8);
-    let mut share = Vec::with_capacity(connections / OPENERS + 1);
-    for id in (opener..connections).step_by(OPENERS) {
+    let mut part = Vec::with_capacity(share.connections / OPENERS + 1);
+    for index in (opener..share.connections).step_by(OPENERS) {
         if Instant::now() > deadline {
             bail!(
                 "opened {} connections from {source} in {TIME_LIMIT:?}, not {}",
-                share.len(),
-                connections.div_ceil(OPENERS)
+                part.len(),
+                share.connections.div_ceil(OPENERS)
             );
         }
-        let destination = destinations[id % destinations.len()];
-        let stream = open_one(source, destination, id as u64)
+        let id = share.first_id + index as u64;
+        let destination = share.destinations[index % share.destinations.len()];
+        let stream = open_one(source, destination, id)
             .with_context(|| format!("connection {id} from {source} to {destination}"))?;
-        share.push((id as u64, stream));
+        part.push((id, stream));
     }
-    Ok(share)
+    Ok(part)
 }
 
 /// The 64-byte first message of hold connection `id`.
@@ -291,20 +472,20 @@ fn open_one(source: Ipv4Addr, destination: SocketAddr, id: u64) -> anyhow::Resul
     Ok(stream)
 }
 
-/// Sends 16 bytes on every connection of the share, then reads every echo back.
-fn check_share(share: &Share) -> anyhow::Result<()> {
+/// Sends 16 bytes on every connection of the part, then reads every echo back.
+fn check_part(part: &Part) -> anyhow::Result<()> {
     let check = |id: u64| {
         let mut bytes = [0u8; CHECK_LEN];
         bytes[..8].copy_from_slice(&id.to_le_bytes());
         bytes[8..].copy_from_slice(b"held-ok!");
         bytes
     };
-    for (id, stream) in share {
+    for (id, stream) in part {
         (&*stream)
             .write_all(&check(*id))
             .with_context(|| format!("connection {id}: sending the check bytes"))?;
     }
-    for (id, stream) in share {
+    for (id, stream) in part {
         let mut echo = [0u8; CHECK_LEN];
         (&*stream)
             .read_exact(&mut echo)
@@ -395,6 +576,21 @@ mod tests {
         let (a, b) = (first_message(1), first_message(2));
         assert_ne!(a, b);
         assert_eq!(&a[..8], HOLD_MAGIC);
+    }
+
+    #[test]
+    fn a_share_survives_its_argument() {
+        let share = Share {
+            first_id: 7693,
+            connections: 7692,
+            destinations: vec![
+                "127.0.0.1:40001".parse().unwrap(),
+                "127.0.0.1:40002".parse().unwrap(),
+            ],
+        };
+        assert_eq!(Share::parse(&share.to_arg()).unwrap(), share);
+        assert!(Share::parse("1:2").is_err());
+        assert!(Share::parse("1:x:127.0.0.1:1").is_err());
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //!   processes' user time; see `measure.rs`);
 //! - hold: 100,000 connections open at once (`--hold`), each checked to carry bytes,
 //!   with the proxy's memory, descriptors and BPF map memory per connection
-//!   (`hold.rs`), once per target.
+//!   (`hold.rs`), once per target; spread over several instances of each proxy when
+//!   one process may not hold that many descriptors.
 //!
 //! Each workload runs `--repeats` times per target, interleaved across the targets so
 //! that a burst of outside load hits them alike; a table per workload shows medians,
@@ -57,6 +58,8 @@ mod wire;
 mod workloads;
 
 use std::{
+    net::SocketAddr,
+    path::Path,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -66,11 +69,11 @@ use anyhow::{Context, bail};
 use clap::Parser;
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, HoldBackend},
     measure::{Processes, Snapshot, Usage},
     process::TempDir,
     report::{Cell, Sample},
-    targets::{HoldPlan, Kind, Target},
+    targets::{HoldPlan, Kind, Program, Target},
     wire::{Damaged, Pattern},
     workloads::Workload,
 };
@@ -113,6 +116,14 @@ struct Args {
     /// Run as the bench's backend process (the bench starts it itself).
     #[arg(long, hide = true)]
     backend: bool,
+
+    /// Run as a hold shard's echo server (the bench starts it itself).
+    #[arg(long, hide = true)]
+    hold_backend: bool,
+
+    /// Run as a hold shard's opening process (the bench starts it itself).
+    #[arg(long, hide = true, value_name = "FIRST:COUNT:ADDRS")]
+    hold_open: Option<String>,
 }
 
 /// Bounds on the knobs, so that a typo cannot start an hour-long run.
@@ -175,6 +186,12 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = if args.backend {
         backend::run().map(|()| true)
+    } else if args.hold_backend {
+        backend::run_hold_only().map(|()| true)
+    } else if let Some(share) = &args.hold_open {
+        hold::Share::parse(share)
+            .and_then(|share| hold::open_and_hold(&share))
+            .map(|()| true)
     } else {
         run(&args)
     };
@@ -193,19 +210,22 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let settings = Settings::from_args(args)?;
     let kinds = selected_kinds(&args.targets)?;
     stop::install().context("installing the signal handlers")?;
-    let mut settings = settings;
+    // How many instances of each proxy share the hold workload's connections.
+    let mut shards = 1;
     if let Some(wanted) = settings.hold {
         // A proxy holds two descriptors per connection, and the children inherit the
         // limit; without CAP_SYS_RESOURCE it stops at the hard limit.
         let limit = raise_fd_limit(2 * wanted as u64 + FD_MARGIN)?;
-        let possible = (limit.saturating_sub(FD_MARGIN) / 2) as usize;
-        if possible < wanted {
+        let possible = (limit.saturating_sub(FD_MARGIN) / 2).max(1) as usize;
+        shards = wanted.div_ceil(possible);
+        if shards > 1 {
             eprintln!(
-                "warning: the descriptor limit is {limit} and cannot be raised (raising the hard limit \
+                "note: the descriptor limit is {limit} and cannot be raised (raising the hard limit \
                  needs CAP_SYS_RESOURCE): a proxy holds 2 per connection, so the hold workload \
-                 holds {possible} connections, not {wanted}"
+                 spreads {wanted} connections over {shards} instances of each proxy, at most \
+                 {} each",
+                wanted.div_ceil(shards)
             );
-            settings.hold = Some(possible.max(1));
         }
     }
 
@@ -225,13 +245,15 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let backend = Backend::start()?;
     let hold_plan = HoldPlan {
         backends: &backend.hold,
-        connections: settings.hold.unwrap_or(0),
+        connections: settings.hold.unwrap_or(0).div_ceil(shards),
     };
     let mut targets = Vec::new();
     for (kind, program) in &programs {
         targets.push(match program {
             None => Target::direct(backend.addr, &hold_plan),
-            Some(program) => Target::start(*kind, program, backend.addr, &hold_plan, dir.path())?,
+            Some(program) => {
+                Target::start(*kind, program, backend.addr, &hold_plan, dir.path(), 0)?
+            }
         });
     }
 
@@ -241,7 +263,15 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     let results = run_all(&settings, &mut targets, backend.process.id())?;
 
     let held = match settings.hold {
-        Some(connections) => Some((connections, run_hold(connections, &mut targets)?)),
+        Some(connections) => {
+            let shards = Shards {
+                count: shards,
+                programs: &programs,
+                backend: backend.addr,
+                dir: dir.path(),
+            };
+            Some((connections, run_hold(connections, &shards, &mut targets)?))
+        }
         None => None,
     };
 
@@ -250,8 +280,12 @@ fn run(args: &Args) -> anyhow::Result<bool> {
         print!("{}", report::workload_table(*workload, cells));
     }
     if let Some((connections, rows)) = &held {
+        let spread = match shards {
+            1 => String::new(),
+            _ => format!(", over {shards} instances of each proxy"),
+        };
         println!(
-            "\nhold {connections} connections (64 B echoed at open, 16 B more once all are open)"
+            "\nhold {connections} connections (64 B echoed at open, 16 B more once all are open{spread})"
         );
         print!("{}", hold::table(*connections, rows));
     }
@@ -343,14 +377,27 @@ fn run_all(
     Ok(results)
 }
 
-/// The hold workload, once per target.
+/// What it takes to start a target's extra instances for the hold workload.
+struct Shards<'a> {
+    /// Instances per target, the target itself included.
+    count: usize,
+    /// Each target's program, in the targets' order.
+    programs: &'a [(Kind, Option<Program>)],
+    backend: SocketAddr,
+    dir: &'a Path,
+}
+
+/// The hold workload, once per target: over the target alone, or over it and
+/// `shards - 1` more instances of it, each with a hold backend process of its own,
+/// started for the workload and stopped after it.
 fn run_hold(
     connections: usize,
+    shards: &Shards,
     targets: &mut [Target],
 ) -> anyhow::Result<Vec<(Kind, Result<hold::Held, String>)>> {
     let mut rows = Vec::new();
     let total = targets.len();
-    for (index, target) in targets.iter_mut().enumerate() {
+    for (index, (target, (_, program))) in targets.iter_mut().zip(shards.programs).enumerate() {
         if stop::requested() {
             bail!("interrupted");
         }
@@ -360,7 +407,19 @@ fn run_hold(
             total,
             target.kind.name()
         );
-        let outcome = hold::run(target, connections).map_err(|e| format!("{e:#}"));
+        let per_shard = connections.div_ceil(shards.count);
+        let outcome = start_shards(target.kind, program.as_ref(), shards, per_shard)
+            .and_then(|mut extra| {
+                let mut fleet: Vec<&mut Target> = std::iter::once(&mut *target)
+                    .chain(extra.iter_mut().map(|(_, instance)| instance))
+                    .collect();
+                let held = hold::run(&mut fleet, connections);
+                for (_, instance) in &extra {
+                    target.adopt_log(instance);
+                }
+                held
+            })
+            .map_err(|e| format!("{e:#}"));
         match &outcome {
             Ok(held) => eprintln!("{progress} | opened in {:.1} s", held.open_seconds),
             Err(e) => eprintln!("{progress} | FAILED: {e}"),
@@ -369,6 +428,31 @@ fn run_hold(
         std::thread::sleep(SETTLE);
     }
     Ok(rows)
+}
+
+/// A target's instances beyond the first, each with its hold backend.
+fn start_shards(
+    kind: Kind,
+    program: Option<&Program>,
+    shards: &Shards,
+    per_shard: usize,
+) -> anyhow::Result<Vec<(HoldBackend, Target)>> {
+    (1..shards.count)
+        .map(|shard| {
+            let backend = HoldBackend::start()?;
+            let plan = HoldPlan {
+                backends: &backend.hold,
+                connections: per_shard,
+            };
+            let instance = match program {
+                None => Target::direct(shards.backend, &plan),
+                Some(program) => {
+                    Target::start(kind, program, shards.backend, &plan, shards.dir, shard)?
+                }
+            };
+            Ok((backend, instance))
+        })
+        .collect()
 }
 
 /// Descriptors a proxy keeps beside two per held connection: HAProxy's and nginx's
@@ -526,7 +610,7 @@ fn print_splice_counts(targets: &[Target]) {
         })
         .collect();
     if !counts.is_empty() {
-        println!("\nsplice-proxy connections by mode, from each instance's log:");
+        println!("\nsplice-proxy connections by mode, from the logs of each target's instances:");
         println!("{}", counts.join("\n"));
     }
 }

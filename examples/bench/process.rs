@@ -49,6 +49,11 @@ impl Child {
         self.child.id()
     }
 
+    /// The child's stdin, if it was piped and not taken yet.
+    pub fn take_stdin(&mut self) -> Option<process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
     /// The child's stdout, if it was piped and not taken yet.
     pub fn take_stdout(&mut self) -> Option<process::ChildStdout> {
         self.child.stdout.take()

@@ -222,7 +222,8 @@ pub struct Target {
     process: Option<Child>,
     /// The proxy's processes (nginx: master and workers), for CPU accounting.
     pids: Vec<u32>,
-    log: Option<PathBuf>,
+    /// The proxy's log, then those of the instances it took over (see [`Target::adopt_log`]).
+    logs: Vec<PathBuf>,
 }
 
 impl Target {
@@ -234,19 +235,25 @@ impl Target {
             hold: hold.backends.to_vec(),
             process: None,
             pids: Vec::new(),
-            log: None,
+            logs: Vec::new(),
         }
     }
 
     /// Starts the target's proxy in front of `backend` and waits until a connection
-    /// through it works.
+    /// through it works. `shard` tells apart the files of several instances of one proxy
+    /// (the hold workload's shards, see `hold.rs`): 0 is the target itself.
     pub fn start(
         kind: Kind,
         program: &Program,
         backend: SocketAddr,
         hold: &HoldPlan,
         dir: &Path,
+        shard: usize,
     ) -> anyhow::Result<Target> {
+        let name = match shard {
+            0 => kind.name().to_owned(),
+            _ => format!("{}-shard{shard}", kind.name()),
+        };
         let listen = free_port().context("finding a free port")?;
         // splice-proxy tells hold connections apart by their first message; HAProxy and
         // nginx get a second listener.
@@ -255,10 +262,11 @@ impl Target {
         } else {
             free_port().context("finding a free port")?
         };
-        let log = dir.join(format!("{}.log", kind.name()));
+        let log = dir.join(format!("{name}.log"));
         let log_file =
             fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let place = Placement {
+            name: &name,
             listen,
             backend,
             hold_listen,
@@ -279,12 +287,11 @@ impl Target {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        let mut process = Child::spawn(kind.name(), command)?;
+        let mut process = Child::spawn(&name, command)?;
         if let Err(e) = wait_until_serving(&mut process, listen) {
             let tail = log_tail(&log);
             bail!(
-                "{} did not start: {e:#}\n--- {} ---\n{tail}",
-                kind.name(),
+                "{name} did not start: {e:#}\n--- {} ---\n{tail}",
                 log.display()
             );
         }
@@ -295,7 +302,7 @@ impl Target {
             hold: vec![hold_listen],
             process: Some(process),
             pids,
-            log: Some(log),
+            logs: vec![log],
         })
     }
 
@@ -310,26 +317,39 @@ impl Target {
         }
     }
 
-    /// For splice-proxy: how many connections its log says were spliced and copied.
+    /// Counts `instance`'s connections among this target's from now on: the hold
+    /// workload's extra instances are stopped long before the summary reads the logs.
+    pub fn adopt_log(&mut self, instance: &Target) {
+        self.logs.extend(instance.logs.iter().cloned());
+    }
+
+    /// For splice-proxy: how many connections its logs say were spliced and copied.
     pub fn splice_counts(&self) -> Option<(usize, usize)> {
         if !self.kind.is_splice_proxy() {
             return None;
         }
-        let text = fs::read_to_string(self.log.as_ref()?).ok()?;
-        let count = |mode: &str| {
-            text.lines()
-                .filter(|line| {
-                    line.contains(&format!("mode=\"{mode}\""))
-                        || line.contains(&format!("mode={mode} "))
-                })
-                .count()
-        };
-        Some((count("splice"), count("copy")))
+        let mut counts = (0, 0);
+        for log in &self.logs {
+            let text = fs::read_to_string(log).ok()?;
+            let count = |mode: &str| {
+                text.lines()
+                    .filter(|line| {
+                        line.contains(&format!("mode=\"{mode}\""))
+                            || line.contains(&format!("mode={mode} "))
+                    })
+                    .count()
+            };
+            counts.0 += count("splice");
+            counts.1 += count("copy");
+        }
+        Some(counts)
     }
 }
 
 /// Where a proxy listens, what it forwards to, and where its files go.
 struct Placement<'a> {
+    /// The instance's name, which its files in `dir` start with.
+    name: &'a str,
     listen: SocketAddr,
     backend: SocketAddr,
     /// Where hold connections arrive (for splice-proxy, `listen` itself).
@@ -346,7 +366,7 @@ fn free_port() -> std::io::Result<SocketAddr> {
 }
 
 fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow::Result<Command> {
-    let routes = place.dir.join(format!("{}-routes.toml", kind.name()));
+    let routes = place.dir.join(format!("{}-routes.toml", place.name));
     let magic = std::str::from_utf8(wire::MAGIC).expect("the magic is ASCII");
     let hold_magic = std::str::from_utf8(wire::HOLD_MAGIC).expect("the magic is ASCII");
     let hold_backends: Vec<String> = place
@@ -395,7 +415,7 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
 }
 
 fn haproxy_command(binary: &Path, place: &Placement) -> anyhow::Result<Command> {
-    let config_path = place.dir.join("haproxy.cfg");
+    let config_path = place.dir.join(format!("{}.cfg", place.name));
     let hold_servers: String = place
         .hold
         .backends
@@ -450,7 +470,7 @@ fn nginx_command(
     unshare: &Path,
     place: &Placement,
 ) -> anyhow::Result<Command> {
-    let config_path = place.dir.join("nginx.conf");
+    let config_path = place.dir.join(format!("{}.conf", place.name));
     let load_module = stream_module
         .map(|module| format!("load_module {};\n", module.display()))
         .unwrap_or_default();
@@ -486,7 +506,7 @@ fn nginx_command(
          \x20       proxy_pass hold;\n\
          \x20   }}\n\
          }}\n",
-        pid = place.dir.join("nginx.pid").display(),
+        pid = place.dir.join(format!("{}.pid", place.name)).display(),
         log = place.log.display(),
         listen = place.listen,
         backend = place.backend,
