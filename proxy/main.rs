@@ -3,6 +3,7 @@
 //! or SIGINT; SIGHUP reloads the routes.
 
 use std::{
+    io::IsTerminal,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -125,10 +126,17 @@ enum Attach {
     Parser,
 }
 
+/// Colours only for a person at a terminal: a file, a pipe or journald would keep the
+/// escape codes in every line (tracing-subscriber only looks at NO_COLOR).
+fn colors_wanted() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colors_wanted())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,glommio=error")),

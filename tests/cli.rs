@@ -234,6 +234,8 @@ fn check_log(
     bytes: u64,
 ) {
     let line = proxy.wait_for_log(&format!("client={client} "), LOG_LIMIT);
+    // A pipe is not a terminal: no colour codes, with or without NO_COLOR.
+    assert!(!line.contains('\x1b'), "colour codes in {line:?}");
     for field in [
         "route=hello".to_owned(),
         format!("backend={backend}"),

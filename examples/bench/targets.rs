@@ -408,9 +408,8 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
         .args(["--executors", &PROXY_THREADS.to_string()])
         .args(["--splice-workers", &PROXY_THREADS.to_string()])
         .args(["--map-capacity", &map_capacity.to_string()])
-        // One log line per connection, as users run it; plain text to count the modes.
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1");
+        // One log line per connection, as users run it; its mode field is counted.
+        .env("RUST_LOG", "info");
     Ok(command)
 }
 

@@ -372,23 +372,6 @@ impl Drop for ProxyProcess {
     }
 }
 
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Writes a routes file into a fresh temporary directory and returns its path.
 pub fn routes_file(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("splice-proxy-test-{}-{name}", std::process::id()));
@@ -597,7 +580,6 @@ impl ProxyProcess {
     pub fn spawn(command: &mut Command) -> ProxyProcess {
         let mut child = command
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -608,7 +590,6 @@ impl ProxyProcess {
         let pipe = child.stderr.take().unwrap();
         thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let line = strip_ansi(&line);
                 if let Some(rest) = line.split("listening on ").nth(1)
                     && let Some(addr) = rest.split_whitespace().next().and_then(|a| a.parse().ok())
                 {
