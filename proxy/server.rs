@@ -493,6 +493,12 @@ async fn serve(
                 "no backend of the route accepted a connection",
             );
         }
+        Err(Unconnected::NoSocket(error)) => {
+            return unserved.close(
+                Refusal::Setup,
+                format_args!("the proxy could not make a socket to connect with: {error}"),
+            );
+        }
         Err(Unconnected::Write { backend, error }) => {
             unserved.backend = Some(backend);
             return unserved.close(
@@ -638,6 +644,9 @@ async fn read_first_message(
 enum Unconnected {
     /// Every backend of the route refused, failed or timed out before it took a byte.
     NoBackend,
+    /// The proxy could not make a socket (descriptors or memory ran out): no backend's
+    /// fault, and the next would fare no better.
+    NoSocket(io::Error),
     /// `backend` took some of the first bytes and then failed.
     Write {
         backend: SocketAddr,
@@ -647,7 +656,8 @@ enum Unconnected {
 
 /// Tries the route's backends in order until one takes `bytes` (the first message,
 /// after the PROXY header if any); returns its socket, with a lease on it if a route
-/// lists it. Each attempt counts for or against the backend's health.
+/// lists it. Each attempt counts for or against the backend's health, unless the proxy
+/// failed before it reached the backend.
 async fn connect(
     forward: &Forward,
     connect_timeout: Duration,
@@ -675,13 +685,18 @@ async fn connect(
                 }
             }
             Err(Failed::Write(error)) => return Err(Unconnected::Write { backend, error }),
+            Err(Failed::NoSocket(error)) => return Err(Unconnected::NoSocket(error)),
         }
     }
     Err(Unconnected::NoBackend)
 }
 
-/// How [`open`] failed: before the backend took a byte, or after.
+/// How [`open`] failed: before it could try the backend, before the backend took a
+/// byte, or after.
 enum Failed {
+    /// Making or duplicating the socket (EMFILE, ENFILE, ENOBUFS, ENOMEM): a backend
+    /// marked down for it would stay down after the proxy recovered.
+    NoSocket(io::Error),
     Connect(io::Error),
     Write(io::Error),
 }
@@ -704,7 +719,7 @@ async fn open(
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )
-    .map_err(Failed::Connect)?;
+    .map_err(Failed::NoSocket)?;
     // Neither proxy hop should add Nagle's delay: the endpoints choose their own. The
     // client's socket has TCP_NODELAY from the listener.
     let _ = socket.set_tcp_nodelay(true);
@@ -731,7 +746,7 @@ async fn open(
             return Ok(socket);
         }
     }
-    let duplicate = socket.try_clone().map_err(Failed::Connect)?;
+    let duplicate = socket.try_clone().map_err(Failed::NoSocket)?;
     // SAFETY: `duplicate` is an open TCP socket that we own and give to the stream, which
     // closes it when dropped; `socket` keeps the connection open for the engine.
     let mut stream = unsafe { TcpStream::from_raw_fd(duplicate.into_raw_fd()) };

@@ -5,13 +5,14 @@
 //! connections. `first_message_timeout` closes silent and trickling (slowloris) clients
 //! unless a default route takes them; `connect_timeout` gives up on a backend that
 //! answers no SYN; `idle_timeout` resets a pair that moves nothing and keeps one that
-//! trickles.
+//! trickles. A proxy out of descriptors closes the client without blaming the backend.
 
 mod support;
 
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpStream},
+    process::Command,
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -201,7 +202,7 @@ fn refusals_are_logged_and_a_reload_changes_the_limit() {
         .and_then(|rest| rest.split('/').next())
         .expect("the metrics address");
     let scrape = output_within(
-        std::process::Command::new("curl").args(["-sS", &format!("http://{metrics}/metrics")]),
+        Command::new("curl").args(["-sS", &format!("http://{metrics}/metrics")]),
         WAIT,
     );
     let text = String::from_utf8_lossy(&scrape.stdout);
@@ -567,4 +568,96 @@ fn idle_pair_is_logged_as_idle() {
     let line = proxy.wait_for_log(&format!("client={client_addr}"), WAIT);
     assert!(line.contains("end=\"idle\""), "{line}");
     assert!(line.contains("mode=\"splice\""), "{line}");
+}
+
+/// Descriptors below `limit` that the process `pid` has open, once the count has
+/// stopped moving. Below the limit: a descriptor inherited from above it (cargo's
+/// jobserver pipe) takes no place the limit leaves.
+fn settled_fds_below(pid: u32, limit: usize) -> usize {
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the proxy's /proc/<pid>/fd")
+            .flatten()
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.parse::<usize>().ok())
+                    .is_some_and(|fd| fd < limit)
+            })
+            .count()
+    };
+    let deadline = Instant::now() + WAIT;
+    let mut last = count();
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let now = count();
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// A proxy out of descriptors cannot make the upstream socket: the client is closed and
+/// logged as the proxy's own failure, and the backend is not blamed. With
+/// `health_fails = 1` one blamed connect would take it down.
+#[test]
+fn a_proxy_out_of_descriptors_does_not_take_the_backend_down() {
+    const LIMIT: usize = 160;
+    let backend = Backend::echo();
+    let routes = routes_file(
+        "no-socket",
+        &format!(
+            "first_message_timeout = \"60s\"\nhealth_interval = \"1h\"\nhealth_fails = 1\n\n{}",
+            prefix_routes("a", &[backend.addr])
+        ),
+    );
+    // prlimit execs the proxy: the same process, with both limits at LIMIT.
+    let mut command = Command::new("prlimit");
+    command
+        .arg(format!("--nofile={LIMIT}:{LIMIT}"))
+        .arg(binary())
+        .args(["--listen", "127.0.0.1:0", "--routes"])
+        .arg(&routes);
+    let proxy = ProxyProcess::spawn(&mut command);
+    let pid = proxy.child.id();
+    let used = settled_fds_below(pid, LIMIT);
+    assert!(
+        used + 20 < LIMIT,
+        "the proxy starts with {used} descriptors"
+    );
+    // Each held connection takes two descriptors, a client still silent one: fill up
+    // to one short of the limit, so that the next accept succeeds and the socket for
+    // its backend cannot be made.
+    let gap = LIMIT - 1 - used;
+    let mut held_connections: Vec<TcpStream> =
+        (0..gap / 2).map(|_| held(proxy.addr(), b"a")).collect();
+    let silent = (gap % 2 == 1).then(|| connect(proxy.addr()));
+    assert_eq!(settled_fds_below(pid, LIMIT), LIMIT - 1);
+
+    let client = assert_refused(proxy.addr(), b"a");
+    let line = proxy.wait_for_log(&format!("client={client}"), WAIT);
+    assert!(
+        line.contains("end=\"setup_failed\"")
+            && line.contains("could not make a socket")
+            && line.contains("Too many open files"),
+        "{line}"
+    );
+    // Room for one more connection, once the proxy has closed the ones let go.
+    drop(silent);
+    drop(held_connections.pop());
+    let deadline = Instant::now() + WAIT;
+    while settled_fds_below(pid, LIMIT) > LIMIT - 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy kept the closed connections' descriptors"
+        );
+    }
+    echo_checked(held(proxy.addr(), b"a"), 1);
+    assert_eq!(
+        proxy.log_lines(" down:"),
+        Vec::<String>::new(),
+        "the backend was taken down"
+    );
 }
