@@ -333,7 +333,7 @@ pub struct Forward {
 /// ```
 /// use splice_proxy::route::{Decision, FirstMessage, Forward, Router};
 ///
-/// let backend = "127.0.0.1:6379".parse().unwrap();
+/// let backend = std::net::SocketAddr::from(([127, 0, 0, 1], 6379));
 /// let router = move |first: &FirstMessage<'_>| match first.bytes.first() {
 ///     Some(b'*') => Decision::Forward(Forward {
 ///         route: "redis".into(),
