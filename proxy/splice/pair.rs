@@ -383,9 +383,15 @@ impl Direction {
         base: u64,
     ) -> io::Result<bool> {
         // The received count includes the FIN's sequence number, and is final: nothing
-        // comes after a FIN.
-        let total = socket::tcp_info(src)?.bytes_received.saturating_sub(1);
-        self.source_total = Some(total);
+        // comes after a FIN, so the polls of a long drain read it once.
+        let total = match self.source_total {
+            Some(total) => total,
+            None => {
+                let total = socket::tcp_info(src)?.bytes_received.saturating_sub(1);
+                self.source_total = Some(total);
+                total
+            }
+        };
         let owed = total.saturating_sub(self.consumed);
         if owed == 0 {
             // We read it all ourselves (often the first message was all): no need to ask
