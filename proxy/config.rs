@@ -22,7 +22,8 @@ use toml::de::{DeString, DeTable, DeValue};
 use crate::backend::HealthCheck;
 use crate::balance::{Balance, MAX_WEIGHT, ParseBalanceError, WeightedBackend};
 use crate::proxy_protocol::{ParseProxyProtocolError, ProxyProtocol};
-use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, RegexError};
+use crate::route::path::normalize;
+use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, PathForm, RegexError};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_FIRST_MESSAGE_MAX: usize = 16 * 1024;
@@ -189,6 +190,13 @@ pub enum Problem {
          no spaces or control characters"
     )]
     NotAPathPrefix { text: String },
+    #[error(
+        "{text:?} can never match: paths are compared normalized (escaped letters, digits \
+         and -._~ decoded, other escapes in upper case, repeated slashes merged, dot \
+         segments resolved), and it normalizes to {normalized:?}. Write that, or set \
+         http_path_normalize = false to compare paths as sent"
+    )]
+    PathPrefixNotNormalized { text: String, normalized: String },
     #[error(transparent)]
     Regex(RegexError),
     #[error(
@@ -294,6 +302,7 @@ struct RawConfig {
     health_fails: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     idle_timeout: Option<Spanned<DurationText>>,
+    http_path_normalize: Option<Spanned<bool>>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -478,6 +487,11 @@ impl Source<'_> {
             timeout: connect_timeout,
         };
 
+        let path_form = match raw.http_path_normalize.as_ref().map(Spanned::get_ref) {
+            Some(false) => PathForm::AsSent,
+            Some(true) | None => PathForm::Normalized,
+        };
+
         if raw.route.is_empty() {
             return Err(self.invalid(0..0, Place::key("route"), Problem::NoRoutes));
         }
@@ -488,7 +502,12 @@ impl Source<'_> {
         // Each address's health check, with the route and line that first set it.
         let mut checks: HashMap<SocketAddr, (HealthCheck, String, usize)> = HashMap::new();
         for (index, raw_route) in raw.route.into_iter().enumerate() {
-            let (route, spans) = self.route(index + 1, raw_route, first_message_max, health)?;
+            let table = TableSettings {
+                first_message_max,
+                health,
+                path_form,
+            };
+            let (route, spans) = self.route(index + 1, raw_route, table)?;
             let place = |key: &str| Place::route_key(RouteLabel::Named(route.name.clone()), key);
 
             if let Some(&first_line) = name_lines.get(&route.name) {
@@ -612,8 +631,7 @@ impl Source<'_> {
         &self,
         number: usize,
         raw: RawRoute,
-        first_message_max: usize,
-        top_health: HealthDefaults,
+        table: TableSettings,
     ) -> Result<(RouteConfig, RouteSpans), ConfigError> {
         let name_span = raw.name.span();
         let name = raw.name.get_ref().clone();
@@ -624,7 +642,8 @@ impl Source<'_> {
         let check = RouteCheck {
             source: self,
             name: &name,
-            first_message_max,
+            first_message_max: table.first_message_max,
+            path_form: table.path_form,
         };
 
         let matchers = check.matchers(&raw)?;
@@ -641,7 +660,7 @@ impl Source<'_> {
         }
 
         let (backends, backend_spans) = check.backends(raw.backends, &name_span)?;
-        let health = check.health(raw.health_interval, raw.health_fails.as_ref(), top_health)?;
+        let health = check.health(raw.health_interval, raw.health_fails.as_ref(), table.health)?;
         let balance = match raw.balance {
             Some(balance) => balance
                 .get_ref()
@@ -684,6 +703,14 @@ impl Source<'_> {
     }
 }
 
+/// What the top-level keys give every route.
+#[derive(Clone, Copy)]
+struct TableSettings {
+    first_message_max: usize,
+    health: HealthDefaults,
+    path_form: PathForm,
+}
+
 /// The top-level health keys (or their defaults), which routes inherit key by key.
 #[derive(Clone, Copy)]
 struct HealthDefaults {
@@ -721,6 +748,7 @@ struct RouteCheck<'a> {
     source: &'a Source<'a>,
     name: &'a str,
     first_message_max: usize,
+    path_form: PathForm,
 }
 
 /// A matcher with the key that gave it, so a default route can be told which key to drop.
@@ -823,7 +851,20 @@ impl RouteCheck<'_> {
                 let problem = Problem::NotAPathPrefix { text: text.clone() };
                 return Err(self.fail(prefix.span(), "http_path_prefix", problem));
             }
-            let matcher = Matcher::HttpPathPrefix(text.clone());
+            if self.path_form == PathForm::Normalized {
+                let normalized = normalize(text);
+                if normalized != text.as_str() {
+                    let problem = Problem::PathPrefixNotNormalized {
+                        text: text.clone(),
+                        normalized: normalized.into_owned(),
+                    };
+                    return Err(self.fail(prefix.span(), "http_path_prefix", problem));
+                }
+            }
+            let matcher = Matcher::HttpPathPrefix {
+                prefix: text.clone(),
+                form: self.path_form,
+            };
             push(matcher, "http_path_prefix", prefix.span());
         }
         if let Some(regex) = &raw.regex {
@@ -2329,6 +2370,86 @@ mod tests {
                 backend(5602).into()
             ]
         );
+    }
+
+    #[test]
+    fn path_prefixes_compare_normalized_paths_unless_told_not_to() {
+        let route = [
+            "[[route]]",
+            r#"name = "deny""#,
+            r#"http_path_prefix = "/admin/""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ];
+        let normalized = parse(&route).unwrap();
+        let matcher = &normalized.routes[0].matchers[0];
+        let expected = Matcher::HttpPathPrefix {
+            prefix: "/admin/".to_owned(),
+            form: PathForm::Normalized,
+        };
+        assert_eq!(*matcher, expected);
+        assert_eq!(matcher.to_string(), r#"http_path_prefix "/admin/""#);
+
+        let as_sent = parse(&[&["http_path_normalize = false"][..], &route].concat()).unwrap();
+        let matcher = &as_sent.routes[0].matchers[0];
+        let expected = Matcher::HttpPathPrefix {
+            prefix: "/admin/".to_owned(),
+            form: PathForm::AsSent,
+        };
+        assert_eq!(*matcher, expected);
+        assert_eq!(
+            matcher.to_string(),
+            r#"http_path_prefix "/admin/" (as sent)"#
+        );
+        // As sent, a prefix is compared as it is written, however it is written.
+        let dotted = [
+            "http_path_normalize = false",
+            "[[route]]",
+            r#"name = "deny""#,
+            r#"http_path_prefix = "/a/../%61dmin/""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ];
+        assert!(parse(&dotted).is_ok());
+    }
+
+    #[test]
+    fn refuses_prefixes_no_normalized_path_can_start_with() {
+        assert_refused(
+            &[
+                r#"http_path_normalize = "yes""#,
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            1,
+            r#"key "http_path_normalize": "#,
+            "invalid type",
+        );
+        for (prefix, normalized) in [
+            ("/%61dmin/", "/admin/"),
+            ("//admin/", "/admin/"),
+            ("/api/../admin/", "/admin/"),
+            ("/admin/.", "/admin/"),
+            ("/a%2fb", "/a%2Fb"),
+        ] {
+            let lines = [
+                "[[route]]",
+                r#"name = "deny""#,
+                &format!("http_path_prefix = {prefix:?}"),
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ];
+            assert_refused(
+                &lines,
+                3,
+                r#"route "deny": key "http_path_prefix": "#,
+                &format!("{prefix:?} can never match: paths are compared normalized"),
+            );
+            let message = parse(&lines).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("normalizes to {normalized:?}")),
+                "{message}"
+            );
+        }
     }
 
     #[test]

@@ -15,9 +15,11 @@
 
 pub mod host;
 pub mod http;
+pub mod path;
 mod regex;
 pub mod tls;
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::fmt;
 use std::net::SocketAddr;
@@ -28,6 +30,7 @@ use crate::config::Config;
 use crate::proxy_protocol::ProxyProtocol;
 
 pub use self::host::{HostPattern, HostPatternError};
+pub use self::path::PathForm;
 pub use self::regex::{MessageRegex, RegexError};
 
 /// One test on a first message. A route holds one or more; all must hold.
@@ -49,9 +52,10 @@ pub enum Matcher {
     /// The message is an HTTP/1.x request for a host that fits the pattern: the
     /// authority of an absolute-form target, else the Host header, port ignored.
     HttpHost(HostPattern),
-    /// The message is an HTTP/1.x request whose path (as sent, query included) starts
-    /// with these bytes. Like `HttpHost`, decided once the whole head has arrived.
-    HttpPathPrefix(String),
+    /// The message is an HTTP/1.x request whose path (query included), read as `form`
+    /// says, starts with `prefix`. Like `HttpHost`, decided once the whole head has
+    /// arrived.
+    HttpPathPrefix { prefix: String, form: PathForm },
     /// The regex matches somewhere in the message (see [`MessageRegex`]).
     Regex(MessageRegex),
 }
@@ -119,9 +123,13 @@ impl Matcher {
             Matcher::HttpHost(pattern) => inspection.http().verdict(|request| {
                 (request.host).is_some_and(|host| pattern.matches(host.as_bytes()))
             }),
-            Matcher::HttpPathPrefix(prefix) => inspection
-                .http()
-                .verdict(|request| request.path.starts_with(prefix.as_str())),
+            Matcher::HttpPathPrefix { prefix, form } => inspection.http().verdict(|request| {
+                match form {
+                    PathForm::Normalized => inspection.normalized_path(request.path),
+                    PathForm::AsSent => request.path,
+                }
+                .starts_with(prefix.as_str())
+            }),
             Matcher::Regex(regex) => regex.check(first),
         }
     }
@@ -155,6 +163,8 @@ struct Inspection<'a> {
     bytes: &'a [u8],
     tls: OnceCell<Parsed<tls::ClientHello>>,
     http: OnceCell<Parsed<http::Request<'a>>>,
+    /// The HTTP request's path after [`path::normalize`].
+    normalized_path: OnceCell<Cow<'a, str>>,
 }
 
 impl<'a> Inspection<'a> {
@@ -163,6 +173,7 @@ impl<'a> Inspection<'a> {
             bytes,
             tls: OnceCell::new(),
             http: OnceCell::new(),
+            normalized_path: OnceCell::new(),
         }
     }
 
@@ -172,6 +183,11 @@ impl<'a> Inspection<'a> {
 
     fn http(&self) -> &Parsed<http::Request<'a>> {
         self.http.get_or_init(|| http::parse_request(self.bytes))
+    }
+
+    /// `path` (the parsed request's) normalized, once however many routes compare it.
+    fn normalized_path(&self, path: &'a str) -> &str {
+        self.normalized_path.get_or_init(|| path::normalize(path))
     }
 
     /// Logs, once the route is decided, what the protocol parsers found: at info a
@@ -278,8 +294,12 @@ impl fmt::Display for Matcher {
                 write!(f, "alpn [{}]", quoted.join(", "))
             }
             Matcher::HttpHost(pattern) => write!(f, "http_host \"{pattern}\""),
-            Matcher::HttpPathPrefix(prefix) => {
-                write!(f, "http_path_prefix \"{}\"", prefix.escape_default())
+            Matcher::HttpPathPrefix { prefix, form } => {
+                write!(f, "http_path_prefix \"{}\"", prefix.escape_default())?;
+                match form {
+                    PathForm::Normalized => Ok(()),
+                    PathForm::AsSent => write!(f, " ({form})"),
+                }
             }
             Matcher::Regex(regex) => {
                 let pattern = regex.as_str();
@@ -780,7 +800,17 @@ mod tests {
     }
 
     fn path_prefix(prefix: &str) -> Matcher {
-        Matcher::HttpPathPrefix(prefix.to_owned())
+        Matcher::HttpPathPrefix {
+            prefix: prefix.to_owned(),
+            form: PathForm::Normalized,
+        }
+    }
+
+    fn path_prefix_as_sent(prefix: &str) -> Matcher {
+        Matcher::HttpPathPrefix {
+            prefix: prefix.to_owned(),
+            form: PathForm::AsSent,
+        }
     }
 
     fn regex(pattern: &str) -> Matcher {
@@ -922,6 +952,63 @@ mod tests {
         assert_eq!(outcome(host_only.decide(&partial(head))), "NeedMore");
         let head = b"GET / HTTP/1.1\r\nHost: b.example.com\r\n\r\n";
         assert_eq!(outcome(host_only.decide(&partial(head))), "b");
+    }
+
+    /// The access-control table of routes.toml's docs: the admin host's /admin/, a deny
+    /// route for /admin/ from anyone else, TLS for one name, and a catch-all.
+    fn admin_table() -> RouteTable {
+        table(vec![
+            route(
+                "admin",
+                vec![http_host("admin.example.com"), path_prefix("/admin/")],
+                &[9001],
+            ),
+            route("deny", vec![path_prefix("/admin/")], &[9002]),
+            route("ssh", vec![prefix(b"SSH-")], &[9003]),
+            default_route("public", &[9009]),
+        ])
+    }
+
+    #[test]
+    fn normalized_paths_reach_the_routes_their_backend_would_serve() {
+        let routes = admin_table();
+        for path in [
+            "/admin/",
+            "/%61dmin/",
+            "//admin/",
+            "/./admin/",
+            "/api/../admin/",
+            "/%2E%2e/admin/x",
+            "/admin//x?y",
+        ] {
+            for (host, expected) in [("admin.example.com", "admin"), ("www.example.com", "deny")] {
+                let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+                assert_eq!(
+                    fed_in_steps(&routes, head.as_bytes(), 7).0,
+                    expected,
+                    "{head:?}"
+                );
+            }
+        }
+        for path in [
+            "/",
+            "/administrator",
+            "/%2Fadmin/",
+            "/admin%2F",
+            "/x/admin/",
+        ] {
+            let head = format!("GET {path} HTTP/1.1\r\nHost: www.example.com\r\n\r\n");
+            assert_eq!(outcome(routes.decide(&partial(head.as_bytes()))), "public");
+        }
+        // As sent: only the bytes count.
+        let as_sent = table(vec![
+            route("deny", vec![path_prefix_as_sent("/admin/")], &[9002]),
+            default_route("public", &[9009]),
+        ]);
+        let head = b"GET /%61dmin/ HTTP/1.1\r\n\r\n";
+        assert_eq!(outcome(as_sent.decide(&partial(head))), "public");
+        let head = b"GET /admin/ HTTP/1.1\r\n\r\n";
+        assert_eq!(outcome(as_sent.decide(&partial(head))), "deny");
     }
 
     #[test]
