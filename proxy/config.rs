@@ -23,7 +23,9 @@ use crate::backend::HealthCheck;
 use crate::balance::{Balance, MAX_WEIGHT, ParseBalanceError, WeightedBackend};
 use crate::proxy_protocol::{ParseProxyProtocolError, ProxyProtocol};
 use crate::route::path::normalize;
-use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, PathForm, RegexError};
+use crate::route::{
+    HostPattern, HostPatternError, Matcher, MessageRegex, OnUnparsed, PathForm, RegexError,
+};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_FIRST_MESSAGE_MAX: usize = 16 * 1024;
@@ -66,6 +68,8 @@ pub struct Config {
     /// A connection handed to the splice engine that moves no byte either way for this
     /// long is reset. `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// What a first message that claimed TLS or HTTP but could not be parsed gets.
+    pub on_unparsed: OnUnparsed,
     /// In file order, which is the order they are tried in.
     pub routes: Vec<RouteConfig>,
 }
@@ -197,6 +201,11 @@ pub enum Problem {
          http_path_normalize = false to compare paths as sent"
     )]
     PathPrefixNotNormalized { text: String, normalized: String },
+    #[error(
+        "{text:?} is not what to do with a first message that claimed TLS or HTTP but could \
+         not be parsed: \"default\" (the default route takes it) or \"reset\""
+    )]
+    NotAnOnUnparsed { text: String },
     #[error(transparent)]
     Regex(RegexError),
     #[error(
@@ -302,6 +311,7 @@ struct RawConfig {
     health_fails: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     idle_timeout: Option<Spanned<DurationText>>,
+    on_unparsed: Option<Spanned<String>>,
     http_path_normalize: Option<Spanned<bool>>,
     #[serde(default)]
     route: Vec<RawRoute>,
@@ -487,6 +497,19 @@ impl Source<'_> {
             timeout: connect_timeout,
         };
 
+        let on_unparsed = match &raw.on_unparsed {
+            None => OnUnparsed::default(),
+            Some(value) => match value.get_ref().as_str() {
+                "default" => OnUnparsed::Default,
+                "reset" => OnUnparsed::Reset,
+                text => {
+                    let problem = Problem::NotAnOnUnparsed {
+                        text: text.to_owned(),
+                    };
+                    return Err(self.invalid(value.span(), Place::key("on_unparsed"), problem));
+                }
+            },
+        };
         let path_form = match raw.http_path_normalize.as_ref().map(Spanned::get_ref) {
             Some(false) => PathForm::AsSent,
             Some(true) | None => PathForm::Normalized,
@@ -550,6 +573,7 @@ impl Source<'_> {
             health: health.check(),
             max_connections,
             idle_timeout,
+            on_unparsed,
             routes,
         })
     }
@@ -1140,6 +1164,7 @@ impl fmt::Display for Config {
         if let Some(idle) = self.idle_timeout {
             writeln!(f, "idle_timeout {}", humantime::format_duration(idle))?;
         }
+        writeln!(f, "on_unparsed {}", self.on_unparsed)?;
         for route in &self.routes {
             writeln!(f, "{route}")?;
         }
@@ -2165,7 +2190,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            config.to_string().lines().nth(1),
+            config.to_string().lines().nth(2),
             Some(
                 r#"route "tls-a": sni "a.example.com", alpn ["h2", "http/1.1"] -> 127.0.0.1:9001 (round-robin; health off)"#
             )
@@ -2453,6 +2478,58 @@ mod tests {
     }
 
     #[test]
+    fn on_unparsed_defaults_to_the_default_route() {
+        let route = [
+            "[[route]]",
+            r#"name = "deny""#,
+            r#"http_path_prefix = "/admin/""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ];
+        assert_eq!(parse(&route).unwrap().on_unparsed, OnUnparsed::Default);
+        let lenient = parse(&[&[r#"on_unparsed = "default""#][..], &route].concat()).unwrap();
+        assert_eq!(lenient.on_unparsed, OnUnparsed::Default);
+        assert!(
+            lenient.to_string().contains("\non_unparsed default\n"),
+            "{lenient}"
+        );
+        let strict = parse(&[&[r#"on_unparsed = "reset""#][..], &route].concat()).unwrap();
+        assert_eq!(strict.on_unparsed, OnUnparsed::Reset);
+        assert!(
+            strict.to_string().contains("\non_unparsed reset\n"),
+            "{strict}"
+        );
+    }
+
+    #[test]
+    fn refuses_what_on_unparsed_cannot_be() {
+        assert_refused(
+            &[
+                "first_message_max = 512",
+                r#"on_unparsed = "drop""#,
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            2,
+            r#"key "on_unparsed": "#,
+            r#""drop" is not what to do with a first message that claimed TLS or HTTP"#,
+        );
+        assert_refused(
+            &[
+                "on_unparsed = true",
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            1,
+            r#"key "on_unparsed": "#,
+            "invalid type",
+        );
+    }
+
+    #[test]
     fn describes_itself_for_check() {
         let config = parse(&[
             "first_message_max = 512",
@@ -2482,6 +2559,7 @@ mod tests {
                 "first_message_timeout 3s, first_message_max 512 bytes, connect_timeout 2s, health off",
                 "max_connections 1000",
                 "idle_timeout 10m",
+                "on_unparsed default",
                 r#"route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin; health off), max_connections 10"#,
                 r#"route "tls": prefix "\x16\x03\"" -> 127.0.0.1:9001, 127.0.0.1:9002 (round-robin; health off)"#,
                 r#"route "fallback": default -> 127.0.0.1:9009 (round-robin; health off)"#,
