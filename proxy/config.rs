@@ -22,7 +22,10 @@ use toml::de::{DeString, DeTable, DeValue};
 use crate::backend::HealthCheck;
 use crate::balance::{Balance, MAX_WEIGHT, ParseBalanceError, WeightedBackend};
 use crate::proxy_protocol::{ParseProxyProtocolError, ProxyProtocol};
-use crate::route::{HostPattern, HostPatternError, Matcher, MessageRegex, RegexError};
+use crate::route::path::normalize;
+use crate::route::{
+    HostPattern, HostPatternError, Matcher, MessageRegex, OnUnparsed, PathForm, RegexError,
+};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_FIRST_MESSAGE_MAX: usize = 16 * 1024;
@@ -65,6 +68,8 @@ pub struct Config {
     /// A connection handed to the splice engine that moves no byte either way for this
     /// long is reset. `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// What a first message that claimed TLS or HTTP but could not be parsed gets.
+    pub on_unparsed: OnUnparsed,
     /// In file order, which is the order they are tried in.
     pub routes: Vec<RouteConfig>,
 }
@@ -189,6 +194,18 @@ pub enum Problem {
          no spaces or control characters"
     )]
     NotAPathPrefix { text: String },
+    #[error(
+        "{text:?} can never match: paths are compared normalized (escaped letters, digits \
+         and -._~ decoded, other escapes in upper case, repeated slashes merged, dot \
+         segments resolved), and it normalizes to {normalized:?}. Write that, or set \
+         http_path_normalize = false to compare paths as sent"
+    )]
+    PathPrefixNotNormalized { text: String, normalized: String },
+    #[error(
+        "{text:?} is not what to do with a first message that claimed TLS or HTTP but could \
+         not be parsed: \"default\" (the default route takes it) or \"reset\""
+    )]
+    NotAnOnUnparsed { text: String },
     #[error(transparent)]
     Regex(RegexError),
     #[error(
@@ -294,6 +311,8 @@ struct RawConfig {
     health_fails: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     idle_timeout: Option<Spanned<DurationText>>,
+    on_unparsed: Option<Spanned<String>>,
+    http_path_normalize: Option<Spanned<bool>>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -478,6 +497,24 @@ impl Source<'_> {
             timeout: connect_timeout,
         };
 
+        let on_unparsed = match &raw.on_unparsed {
+            None => OnUnparsed::default(),
+            Some(value) => match value.get_ref().as_str() {
+                "default" => OnUnparsed::Default,
+                "reset" => OnUnparsed::Reset,
+                text => {
+                    let problem = Problem::NotAnOnUnparsed {
+                        text: text.to_owned(),
+                    };
+                    return Err(self.invalid(value.span(), Place::key("on_unparsed"), problem));
+                }
+            },
+        };
+        let path_form = match raw.http_path_normalize.as_ref().map(Spanned::get_ref) {
+            Some(false) => PathForm::AsSent,
+            Some(true) | None => PathForm::Normalized,
+        };
+
         if raw.route.is_empty() {
             return Err(self.invalid(0..0, Place::key("route"), Problem::NoRoutes));
         }
@@ -488,7 +525,12 @@ impl Source<'_> {
         // Each address's health check, with the route and line that first set it.
         let mut checks: HashMap<SocketAddr, (HealthCheck, String, usize)> = HashMap::new();
         for (index, raw_route) in raw.route.into_iter().enumerate() {
-            let (route, spans) = self.route(index + 1, raw_route, first_message_max, health)?;
+            let table = TableSettings {
+                first_message_max,
+                health,
+                path_form,
+            };
+            let (route, spans) = self.route(index + 1, raw_route, table)?;
             let place = |key: &str| Place::route_key(RouteLabel::Named(route.name.clone()), key);
 
             if let Some(&first_line) = name_lines.get(&route.name) {
@@ -531,6 +573,7 @@ impl Source<'_> {
             health: health.check(),
             max_connections,
             idle_timeout,
+            on_unparsed,
             routes,
         })
     }
@@ -612,8 +655,7 @@ impl Source<'_> {
         &self,
         number: usize,
         raw: RawRoute,
-        first_message_max: usize,
-        top_health: HealthDefaults,
+        table: TableSettings,
     ) -> Result<(RouteConfig, RouteSpans), ConfigError> {
         let name_span = raw.name.span();
         let name = raw.name.get_ref().clone();
@@ -624,7 +666,8 @@ impl Source<'_> {
         let check = RouteCheck {
             source: self,
             name: &name,
-            first_message_max,
+            first_message_max: table.first_message_max,
+            path_form: table.path_form,
         };
 
         let matchers = check.matchers(&raw)?;
@@ -641,7 +684,7 @@ impl Source<'_> {
         }
 
         let (backends, backend_spans) = check.backends(raw.backends, &name_span)?;
-        let health = check.health(raw.health_interval, raw.health_fails.as_ref(), top_health)?;
+        let health = check.health(raw.health_interval, raw.health_fails.as_ref(), table.health)?;
         let balance = match raw.balance {
             Some(balance) => balance
                 .get_ref()
@@ -684,6 +727,14 @@ impl Source<'_> {
     }
 }
 
+/// What the top-level keys give every route.
+#[derive(Clone, Copy)]
+struct TableSettings {
+    first_message_max: usize,
+    health: HealthDefaults,
+    path_form: PathForm,
+}
+
 /// The top-level health keys (or their defaults), which routes inherit key by key.
 #[derive(Clone, Copy)]
 struct HealthDefaults {
@@ -721,6 +772,7 @@ struct RouteCheck<'a> {
     source: &'a Source<'a>,
     name: &'a str,
     first_message_max: usize,
+    path_form: PathForm,
 }
 
 /// A matcher with the key that gave it, so a default route can be told which key to drop.
@@ -823,7 +875,20 @@ impl RouteCheck<'_> {
                 let problem = Problem::NotAPathPrefix { text: text.clone() };
                 return Err(self.fail(prefix.span(), "http_path_prefix", problem));
             }
-            let matcher = Matcher::HttpPathPrefix(text.clone());
+            if self.path_form == PathForm::Normalized {
+                let normalized = normalize(text);
+                if normalized != text.as_str() {
+                    let problem = Problem::PathPrefixNotNormalized {
+                        text: text.clone(),
+                        normalized: normalized.into_owned(),
+                    };
+                    return Err(self.fail(prefix.span(), "http_path_prefix", problem));
+                }
+            }
+            let matcher = Matcher::HttpPathPrefix {
+                prefix: text.clone(),
+                form: self.path_form,
+            };
             push(matcher, "http_path_prefix", prefix.span());
         }
         if let Some(regex) = &raw.regex {
@@ -1099,6 +1164,7 @@ impl fmt::Display for Config {
         if let Some(idle) = self.idle_timeout {
             writeln!(f, "idle_timeout {}", humantime::format_duration(idle))?;
         }
+        writeln!(f, "on_unparsed {}", self.on_unparsed)?;
         for route in &self.routes {
             writeln!(f, "{route}")?;
         }
@@ -2124,7 +2190,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            config.to_string().lines().nth(1),
+            config.to_string().lines().nth(2),
             Some(
                 r#"route "tls-a": sni "a.example.com", alpn ["h2", "http/1.1"] -> 127.0.0.1:9001 (round-robin; health off)"#
             )
@@ -2332,6 +2398,138 @@ mod tests {
     }
 
     #[test]
+    fn path_prefixes_compare_normalized_paths_unless_told_not_to() {
+        let route = [
+            "[[route]]",
+            r#"name = "deny""#,
+            r#"http_path_prefix = "/admin/""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ];
+        let normalized = parse(&route).unwrap();
+        let matcher = &normalized.routes[0].matchers[0];
+        let expected = Matcher::HttpPathPrefix {
+            prefix: "/admin/".to_owned(),
+            form: PathForm::Normalized,
+        };
+        assert_eq!(*matcher, expected);
+        assert_eq!(matcher.to_string(), r#"http_path_prefix "/admin/""#);
+
+        let as_sent = parse(&[&["http_path_normalize = false"][..], &route].concat()).unwrap();
+        let matcher = &as_sent.routes[0].matchers[0];
+        let expected = Matcher::HttpPathPrefix {
+            prefix: "/admin/".to_owned(),
+            form: PathForm::AsSent,
+        };
+        assert_eq!(*matcher, expected);
+        assert_eq!(
+            matcher.to_string(),
+            r#"http_path_prefix "/admin/" (as sent)"#
+        );
+        // As sent, a prefix is compared as it is written, however it is written.
+        let dotted = [
+            "http_path_normalize = false",
+            "[[route]]",
+            r#"name = "deny""#,
+            r#"http_path_prefix = "/a/../%61dmin/""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ];
+        assert!(parse(&dotted).is_ok());
+    }
+
+    #[test]
+    fn refuses_prefixes_no_normalized_path_can_start_with() {
+        assert_refused(
+            &[
+                r#"http_path_normalize = "yes""#,
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            1,
+            r#"key "http_path_normalize": "#,
+            "invalid type",
+        );
+        for (prefix, normalized) in [
+            ("/%61dmin/", "/admin/"),
+            ("//admin/", "/admin/"),
+            ("/api/../admin/", "/admin/"),
+            ("/admin/.", "/admin/"),
+            ("/a%2fb", "/a%2Fb"),
+        ] {
+            let lines = [
+                "[[route]]",
+                r#"name = "deny""#,
+                &format!("http_path_prefix = {prefix:?}"),
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ];
+            assert_refused(
+                &lines,
+                3,
+                r#"route "deny": key "http_path_prefix": "#,
+                &format!("{prefix:?} can never match: paths are compared normalized"),
+            );
+            let message = parse(&lines).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("normalizes to {normalized:?}")),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn on_unparsed_defaults_to_the_default_route() {
+        let route = [
+            "[[route]]",
+            r#"name = "deny""#,
+            r#"http_path_prefix = "/admin/""#,
+            r#"backends = ["127.0.0.1:9001"]"#,
+        ];
+        assert_eq!(parse(&route).unwrap().on_unparsed, OnUnparsed::Default);
+        let lenient = parse(&[&[r#"on_unparsed = "default""#][..], &route].concat()).unwrap();
+        assert_eq!(lenient.on_unparsed, OnUnparsed::Default);
+        assert!(
+            lenient.to_string().contains("\non_unparsed default\n"),
+            "{lenient}"
+        );
+        let strict = parse(&[&[r#"on_unparsed = "reset""#][..], &route].concat()).unwrap();
+        assert_eq!(strict.on_unparsed, OnUnparsed::Reset);
+        assert!(
+            strict.to_string().contains("\non_unparsed reset\n"),
+            "{strict}"
+        );
+    }
+
+    #[test]
+    fn refuses_what_on_unparsed_cannot_be() {
+        assert_refused(
+            &[
+                "first_message_max = 512",
+                r#"on_unparsed = "drop""#,
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            2,
+            r#"key "on_unparsed": "#,
+            r#""drop" is not what to do with a first message that claimed TLS or HTTP"#,
+        );
+        assert_refused(
+            &[
+                "on_unparsed = true",
+                "[[route]]",
+                r#"name = "web""#,
+                r#"prefix = "GET ""#,
+                r#"backends = ["127.0.0.1:9001"]"#,
+            ],
+            1,
+            r#"key "on_unparsed": "#,
+            "invalid type",
+        );
+    }
+
+    #[test]
     fn describes_itself_for_check() {
         let config = parse(&[
             "first_message_max = 512",
@@ -2361,6 +2559,7 @@ mod tests {
                 "first_message_timeout 3s, first_message_max 512 bytes, connect_timeout 2s, health off",
                 "max_connections 1000",
                 "idle_timeout 10m",
+                "on_unparsed default",
                 r#"route "tag-600": at 20 = "600", length 290..=294 -> 127.0.0.1:5001 (round-robin; health off), max_connections 10"#,
                 r#"route "tls": prefix "\x16\x03\"" -> 127.0.0.1:9001, 127.0.0.1:9002 (round-robin; health off)"#,
                 r#"route "fallback": default -> 127.0.0.1:9009 (round-robin; health off)"#,

@@ -9,6 +9,7 @@
 //! - [`backend`]: what is known about each backend address: live connections.
 //! - [`proxy_protocol`]: the PROXY protocol header `send_proxy` writes to backends.
 //! - [`probe`]: the loaded eBPF programs and their maps.
+//! - [`logging`]: how log lines are written: colours only at a terminal, JSON escaped.
 //! - [`metrics`]: what is counted about connections, and its Prometheus exposition.
 //! - [`privileges`]: becoming an unprivileged user once the probe and listeners are set up.
 //! - [`splice`]: the executor-free engine that owns a connection after its first message.
@@ -18,6 +19,7 @@ pub mod admission;
 pub mod backend;
 pub mod balance;
 pub mod config;
+pub mod logging;
 pub mod metrics;
 pub mod privileges;
 pub mod probe;

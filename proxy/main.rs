@@ -3,7 +3,6 @@
 //! or SIGINT; SIGHUP reloads the routes.
 
 use std::{
-    io::IsTerminal,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -18,6 +17,7 @@ use signal_hook::{
     consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
+use splice_proxy::logging;
 use splice_proxy::{
     config::Config,
     metrics,
@@ -126,24 +126,19 @@ enum Attach {
     Parser,
 }
 
-/// Colours only for a person at a terminal: a file, a pipe or journald would keep the
-/// escape codes in every line (tracing-subscriber only looks at NO_COLOR).
-fn colors_wanted() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
+    // tracing-subscriber itself only looks at NO_COLOR, not at where the lines go.
     let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(colors_wanted())
+        .with_ansi(logging::colors_wanted(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,glommio=error")),
         );
     match args.log_format {
-        LogFormat::Text => logs.init(),
+        LogFormat::Text => logs.with_writer(std::io::stderr).init(),
         LogFormat::Json => logs
+            .with_writer(logging::JsonEscaped(std::io::stderr))
             .json()
             .flatten_event(true)
             .with_current_span(false)

@@ -45,6 +45,9 @@ pub enum Refusal {
     ClientGone,
     /// No route matched the first message, and there is no default route.
     NoRoute,
+    /// The first message claimed TLS or HTTP and could not be parsed, and the routes
+    /// say `on_unparsed = "reset"`: reset.
+    Unparsed,
     /// No backend of the route accepted a connection.
     NoBackend,
     /// Writing the first message to the backend failed.
@@ -62,6 +65,7 @@ impl Refusal {
         match self {
             Refusal::ClientGone => "client_gone",
             Refusal::NoRoute => "no_route",
+            Refusal::Unparsed => "unparsed",
             Refusal::NoBackend => "no_backend",
             Refusal::BackendWrite => "backend_write_failed",
             Refusal::Setup => "setup_failed",

@@ -447,6 +447,16 @@ async fn serve(
             };
             return unserved.close(Refusal::NoRoute, why);
         }
+        Decision::Reset => {
+            // As the routes asked: the client learns at once that nothing it sent was
+            // taken, whether or not all its bytes were read (a close with bytes unread
+            // resets anyway, one without would not).
+            reset_on_close(&client);
+            return unserved.close(
+                Refusal::Unparsed,
+                "its first message started as TLS or HTTP but could not be parsed",
+            );
+        }
     };
     unserved.route = Some(Arc::clone(&forward.route));
     let route_max = limits.route_max_connections(&forward.route);
@@ -554,7 +564,7 @@ impl Unserved<'_> {
         // A client that left or sent what no route takes is the client's business; a
         // backend that fails is the operator's.
         match reason {
-            Refusal::ClientGone | Refusal::NoRoute => tracing::info!(
+            Refusal::ClientGone | Refusal::NoRoute | Refusal::Unparsed => tracing::info!(
                 client = %self.client, route, backend, bytes_up = self.bytes_up,
                 bytes_down = 0u64, duration_ms, end, "connection: {why}"
             ),

@@ -394,6 +394,65 @@ fn json_log_is_one_object_per_line_with_every_access_field() {
     assert_eq!(messages.get("shutdown complete"), Some(&1), "{messages:?}");
 }
 
+#[test]
+fn json_log_escapes_c1_controls_and_unicode_line_breaks_from_clients() {
+    let echo = Backend::echo();
+    let routes = routes_file(
+        "ops-json-escapes",
+        &format!(
+            "[[route]]\nname = \"web\"\nhttp_host = \"b.example.com\"\nbackends = [\"{}\"]\n",
+            echo.addr
+        ),
+    );
+    let routes = routes.to_str().expect("routes path is UTF-8");
+    let mut proxy = ProxyProcess::spawn(
+        Command::new(binary())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--routes",
+                routes,
+                "--mode",
+                "copy",
+            ])
+            .args([
+                "--executors",
+                "1",
+                "--splice-workers",
+                "1",
+                "--log-format",
+                "json",
+            ])
+            .env("RUST_LOG", "debug,glommio=error"),
+    );
+    // A Host with CSI (U+009B, what ESC [ is to a terminal), NEL (U+0085) and the line
+    // separator U+2028, which the HTTP parser takes as obs-text: logged at debug level.
+    let host = "evil\u{9b}2J\u{85}x\u{2028}y";
+    let client = closed_without_reply(
+        proxy.addr(),
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+    );
+    access_line(&proxy, client);
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit(LOG_LIMIT).success());
+
+    let stderr = proxy.stderr();
+    let mut hosts = Vec::new();
+    for line in stderr.lines() {
+        assert!(
+            !line.contains(['\u{9b}', '\u{85}', '\u{2028}']),
+            "a raw control or line break in {line:?}"
+        );
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a line that is not JSON ({e}): {line:?}"));
+        if let Some(logged) = object.get("host") {
+            hosts.push(logged.clone());
+        }
+    }
+    // Escaped, not replaced: the JSON reader gets the very value.
+    assert_eq!(hosts, [serde_json::json!(host)], "{stderr}");
+}
+
 /// The numeric id of `name` in /etc/passwd or /etc/group.
 fn id_of(file: &str, name: &str) -> String {
     std::fs::read_to_string(file)

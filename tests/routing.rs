@@ -2,7 +2,10 @@
 //! (`curl`, `openssl s_client`) reaching `openssl s_server` backends by SNI and ALPN with
 //! the handshake completed through the sockmap, `curl` reaching HTTP backends by Host and
 //! path, a ClientHello trickled in byte by byte, and garbled or truncated hellos that
-//! match no TLS route while the proxy goes on serving.
+//! match no TLS route while the proxy goes on serving. Then access control as README.md's
+//! "Failing closed" sets it up: request heads and hellos the parsers refuse or never
+//! finish go to the default route, or are reset with `on_unparsed = "reset"`, and the
+//! spellings of /admin/ reach the /admin/ routes while the backend gets them as sent.
 //!
 //! Every child process is killed when its guard drops, and every wait is bounded.
 
@@ -542,4 +545,265 @@ fn without_a_default_route_bad_hellos_are_closed_and_oversized_ones_never_match(
     sinks.assert_only("a", &hello);
     strict.wait_idle(IO_TIMEOUT);
     small.wait_idle(IO_TIMEOUT);
+}
+
+/// The access-control table of README.md's "Failing closed": /admin/ for the admin host,
+/// a deny route for anyone else's /admin/, a TLS route, and the public site as the
+/// default; served by two proxies, one with `on_unparsed = "default"` and one with
+/// `"reset"`. Small limits, so that a long or stalled head is quick to make.
+struct AccessControl {
+    admin: Backend,
+    denied: Backend,
+    tls: Backend,
+    public: Backend,
+    lenient: Proxy,
+    strict: Proxy,
+}
+
+/// What became of one connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Served {
+    /// A backend answered this (the body, when it is an HTTP response).
+    Answer(String),
+    /// The connection was reset.
+    Reset,
+}
+
+impl AccessControl {
+    fn start() -> AccessControl {
+        let admin = http_backend("admin");
+        let denied = http_backend("denied");
+        let tls = http_backend("tls");
+        let public = http_backend("public");
+        let routes = |on_unparsed: &str| {
+            format!(
+                "first_message_max = 512\nfirst_message_timeout = \"300ms\"\n\
+                 on_unparsed = \"{on_unparsed}\"\n\
+                 [[route]]\nname = \"admin\"\nhttp_host = \"admin.example.com\"\n\
+                 http_path_prefix = \"/admin/\"\n{}\n\
+                 [[route]]\nname = \"denied\"\nhttp_path_prefix = \"/admin/\"\n{}\n\
+                 [[route]]\nname = \"tls\"\nsni = \"a.example.com\"\n{}\n\
+                 [[route]]\nname = \"public\"\ndefault = true\n{}\n",
+                backends_toml(&[admin.addr]),
+                backends_toml(&[denied.addr]),
+                backends_toml(&[tls.addr]),
+                backends_toml(&[public.addr]),
+            )
+        };
+        AccessControl {
+            lenient: Proxy::start(&routes("default"), SPLICE),
+            strict: Proxy::start(&routes("reset"), SPLICE),
+            admin,
+            denied,
+            tls,
+            public,
+        }
+    }
+
+    /// Connections each backend has accepted: admin, denied, tls, public.
+    fn accepted(&self) -> [usize; 4] {
+        [&self.admin, &self.denied, &self.tls, &self.public].map(Backend::accepted)
+    }
+
+    /// Sends `first`, then after `pause` `rest`, half-closes, and reads the answer.
+    fn exchange(proxy: &Proxy, first: &[u8], pause: Duration, rest: &[u8]) -> Served {
+        let mut stream = proxy.connect();
+        // A reset that arrives while the client writes or waits is reported to the first
+        // call after it, and only to that one: every call is asked.
+        let was_reset = |result: std::io::Result<()>| {
+            result.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+        };
+        let mut reset = was_reset(stream.write_all(first));
+        thread::sleep(pause);
+        reset |= stream.take_error().is_ok_and(|error| {
+            error.is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset)
+        });
+        reset |= was_reset(stream.write_all(rest));
+        reset |= was_reset(stream.shutdown(Shutdown::Write));
+        let mut answer = Vec::new();
+        match stream.read_to_end(&mut answer) {
+            Ok(_) if reset => Served::Reset,
+            Ok(_) => {
+                let answer = String::from_utf8_lossy(&answer);
+                let body = answer
+                    .split_once("\r\n\r\n")
+                    .map_or(&*answer, |(_, body)| body);
+                Served::Answer(body.to_owned())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Served::Reset,
+            Err(e) => panic!("reading the answer to {}: {e}", first.escape_ascii()),
+        }
+    }
+}
+
+/// Request heads asking for /admin/ that the HTTP parser refuses or never finishes, as
+/// (what is wrong, what is sent first, a pause, what is sent after it).
+fn unparsed_admin_requests() -> Vec<(&'static str, Vec<u8>, Duration, Vec<u8>)> {
+    let whole = |head: &[u8]| head.to_vec();
+    let mut long = b"GET /admin/ HTTP/1.1\r\nHost: www.example.com\r\nX-Pad: ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 600));
+    long.extend(b"\r\n\r\n");
+    let stall = Duration::from_millis(700);
+    vec![
+        (
+            "a head over first_message_max",
+            long,
+            Duration::ZERO,
+            vec![],
+        ),
+        (
+            "a head stalled past first_message_timeout",
+            whole(b"GET /admin/ HTTP/1.1\r\nHost: www.example.com\r\n"),
+            stall,
+            whole(b"\r\n"),
+        ),
+        (
+            "a request line stalled past first_message_timeout",
+            whole(b"GET /adm"),
+            stall,
+            whole(b"in/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n"),
+        ),
+        (
+            "duplicate Host headers",
+            whole(
+                b"GET /admin/ HTTP/1.1\r\nHost: admin.example.com\r\nHost: www.example.com\r\n\r\n",
+            ),
+            Duration::ZERO,
+            vec![],
+        ),
+        (
+            "an obs-fold line",
+            whole(b"GET /admin/ HTTP/1.1\r\nHost: www.example.com\r\nX-A: a\r\n folded\r\n\r\n"),
+            Duration::ZERO,
+            vec![],
+        ),
+        (
+            "a space before the Host colon",
+            whole(b"GET /admin/ HTTP/1.1\r\nHost : admin.example.com\r\n\r\n"),
+            Duration::ZERO,
+            vec![],
+        ),
+        (
+            "a bare CR",
+            whole(b"GET /admin/ HTTP/1.1\rHost: www.example.com\r\n\r\n"),
+            Duration::ZERO,
+            vec![],
+        ),
+        (
+            "two spaces in the request line",
+            whole(b"GET  /admin/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n"),
+            Duration::ZERO,
+            vec![],
+        ),
+    ]
+}
+
+#[test]
+fn unparsed_requests_for_admin_take_the_default_route_unless_reset() {
+    let table = AccessControl::start();
+    for (what, first, pause, rest) in unparsed_admin_requests() {
+        // Lenient: the public site gets it, /admin/ and all: the hole the setting closes.
+        let before = table.accepted();
+        let served = AccessControl::exchange(&table.lenient, &first, pause, &rest);
+        let Served::Answer(answer) = served else {
+            panic!("{what}: the lenient proxy reset it");
+        };
+        assert!(answer.starts_with("public: GET "), "{what}: {answer:?}");
+        let [admin, denied, tls, public] = before;
+        assert_eq!(table.accepted(), [admin, denied, tls, public + 1], "{what}");
+
+        // Strict: reset, and no backend saw it.
+        let before = table.accepted();
+        let served = AccessControl::exchange(&table.strict, &first, pause, &rest);
+        assert_eq!(served, Served::Reset, "{what}");
+        assert_eq!(table.accepted(), before, "{what}: a backend got it");
+    }
+    table.lenient.wait_idle(IO_TIMEOUT);
+    table.strict.wait_idle(IO_TIMEOUT);
+}
+
+#[test]
+fn unparsed_client_hellos_take_the_default_route_unless_reset() {
+    let hello = captured_client_hello("a.example.com");
+    let table = AccessControl::start();
+    let mut garbled = hello.clone();
+    garbled[43] = 0xff; // the session id's length
+    let truncated = hello[..hello.len() / 2].to_vec();
+    for (what, message, pause) in [
+        ("a garbled ClientHello", garbled, Duration::ZERO),
+        (
+            "a truncated ClientHello, then FIN",
+            truncated.clone(),
+            Duration::ZERO,
+        ),
+        (
+            "a ClientHello stalled past first_message_timeout",
+            truncated,
+            Duration::from_millis(700),
+        ),
+    ] {
+        let before = table.accepted();
+        let served = AccessControl::exchange(&table.lenient, &message, pause, &[]);
+        assert_eq!(served, Served::Answer(String::new()), "{what}");
+        let [admin, denied, tls, public] = before;
+        assert_eq!(table.accepted(), [admin, denied, tls, public + 1], "{what}");
+
+        let before = table.accepted();
+        let served = AccessControl::exchange(&table.strict, &message, pause, &[]);
+        assert_eq!(served, Served::Reset, "{what}");
+        assert_eq!(table.accepted(), before, "{what}: a backend got it");
+    }
+    // A whole hello reaches its route on both.
+    for proxy in [&table.lenient, &table.strict] {
+        let before = table.accepted();
+        let served = AccessControl::exchange(proxy, &hello, Duration::ZERO, &[]);
+        assert_eq!(served, Served::Answer(String::new()));
+        let [admin, denied, tls, public] = before;
+        assert_eq!(table.accepted(), [admin, denied, tls + 1, public]);
+    }
+    table.lenient.wait_idle(IO_TIMEOUT);
+    table.strict.wait_idle(IO_TIMEOUT);
+}
+
+#[test]
+fn spellings_of_admin_reach_the_admin_routes_and_are_forwarded_as_sent() {
+    let table = AccessControl::start();
+    for path in [
+        "/admin/",
+        "/%61dmin/",
+        "//admin/",
+        "/./admin/",
+        "/api/../admin/",
+    ] {
+        for proxy in [&table.lenient, &table.strict] {
+            for (host, route) in [
+                ("admin.example.com", "admin"),
+                ("www.example.com", "denied"),
+            ] {
+                let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+                let served =
+                    AccessControl::exchange(proxy, request.as_bytes(), Duration::ZERO, &[]);
+                let answer = format!("{route}: GET {path} HTTP/1.1 ({host})\n");
+                assert_eq!(served, Served::Answer(answer), "{request:?}");
+            }
+        }
+    }
+    // What the reset mode still serves: other paths, other protocols, silent clients.
+    for proxy in [&table.lenient, &table.strict] {
+        let request = b"GET /index.html HTTP/1.1\r\nHost: www.example.com\r\n\r\n";
+        let served = AccessControl::exchange(proxy, request, Duration::ZERO, &[]);
+        let answer = "public: GET /index.html HTTP/1.1 (www.example.com)\n";
+        assert_eq!(served, Served::Answer(answer.to_owned()));
+        let other = b"SSH-2.0-OpenSSH_9.2\r\n\r\n";
+        let served = AccessControl::exchange(proxy, other, Duration::ZERO, &[]);
+        let answer = "public: SSH-2.0-OpenSSH_9.2 (-)\n";
+        assert_eq!(served, Served::Answer(answer.to_owned()));
+        // Nothing until the timeout has routed it to the default route, then a request.
+        let later = b"GET /admin/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n";
+        let served = AccessControl::exchange(proxy, b"", Duration::from_millis(700), later);
+        let answer = "public: GET /admin/ HTTP/1.1 (www.example.com)\n";
+        assert_eq!(served, Served::Answer(answer.to_owned()));
+    }
+    table.lenient.wait_idle(IO_TIMEOUT);
+    table.strict.wait_idle(IO_TIMEOUT);
 }

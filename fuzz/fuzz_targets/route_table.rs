@@ -1,8 +1,10 @@
 //! A route table with every kind of matcher, asked the way the server asks: after each
 //! read of a first message split into reads by the input, then once more when nothing
-//! more will come. It must not panic, must decide once the message is complete, and
-//! every matcher whose answer is monotone (all but min/max_length, and regexes without
-//! end anchors) must keep an answer once it has given one.
+//! more will come; once with `on_unparsed = "default"` and once with `"reset"`. It must
+//! not panic, must decide once the message is complete (forward, or reset when the
+//! table resets unparsed messages), and every matcher whose answer is monotone (all but
+//! min/max_length, and regexes without end anchors) must keep an answer once it has
+//! given one.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -11,7 +13,9 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use splice_proxy::config::Config;
-use splice_proxy::route::{Decision, FirstMessage, Matcher, RouteTable, Router, Verdict};
+use splice_proxy::route::{
+    Decision, FirstMessage, Matcher, OnUnparsed, RouteTable, Router, Verdict,
+};
 
 const ROUTES: &str = r#"
 first_message_max = 4096
@@ -50,6 +54,12 @@ static CONFIG: LazyLock<Config> = LazyLock::new(|| {
     Config::parse(ROUTES, Path::new("fuzz-routes.toml")).expect("the fuzz routes parse")
 });
 static TABLE: LazyLock<RouteTable> = LazyLock::new(|| RouteTable::new(&CONFIG));
+static RESETTING: LazyLock<RouteTable> = LazyLock::new(|| {
+    RouteTable::new(&Config {
+        on_unparsed: OnUnparsed::Reset,
+        ..CONFIG.clone()
+    })
+});
 const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
 
 fuzz_target!(|input: &[u8]| {
@@ -58,27 +68,16 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let step = usize::from(step % 64) + 1;
-    let mut len = 0;
-    let mut decided = false;
-    while len < message.len() {
-        len = (len + step).min(message.len());
-        let decision = TABLE.decide(&FirstMessage {
-            bytes: &message[..len],
-            complete: false,
-            client: CLIENT,
-        });
-        if decision != Decision::NeedMore {
-            decided = true;
-            break;
-        }
-    }
-    if !decided {
-        let decision = TABLE.decide(&FirstMessage {
-            bytes: message,
-            complete: true,
-            client: CLIENT,
-        });
-        assert!(matches!(decision, Decision::Forward(_)), "{decision:?}");
+    let lenient = decide_in_steps(&TABLE, message, step);
+    assert!(matches!(lenient, Decision::Forward(_)), "{lenient:?}");
+    let strict = decide_in_steps(&RESETTING, message, step);
+    assert!(
+        matches!(strict, Decision::Forward(_) | Decision::Reset),
+        "{strict:?}"
+    );
+    // Resetting only ever takes from the default route what it would have had.
+    if let Decision::Forward(forward) = &strict {
+        assert_eq!(strict, lenient, "{}", forward.route);
     }
 
     for route in &CONFIG.routes {
@@ -95,3 +94,25 @@ fuzz_target!(|input: &[u8]| {
         }
     }
 });
+
+/// What the server ends up with: asks after every `step` bytes, then once more with the
+/// message complete if nothing was decided.
+fn decide_in_steps(table: &RouteTable, message: &[u8], step: usize) -> Decision {
+    let mut len = 0;
+    while len < message.len() {
+        len = (len + step).min(message.len());
+        let decision = table.decide(&FirstMessage {
+            bytes: &message[..len],
+            complete: false,
+            client: CLIENT,
+        });
+        if decision != Decision::NeedMore {
+            return decision;
+        }
+    }
+    table.decide(&FirstMessage {
+        bytes: message,
+        complete: true,
+        client: CLIENT,
+    })
+}

@@ -30,10 +30,11 @@ pub struct Request<'a> {
 ///
 /// [`Parsed::Done`] once the whole head (request line and headers, up to the empty line)
 /// has arrived; what follows is not read. [`Parsed::Other`] as soon as the bytes cannot
-/// be an HTTP/1.0 or 1.1 request line; [`Parsed::Malformed`] when the request line is
-/// one but the headers break the grammar, or name two hosts; [`Parsed::Incomplete`]
-/// before any of that can be told. Once the answer is not `Incomplete`, more bytes never
-/// change it. Never panics, whatever the bytes.
+/// be the start of a request line; [`Parsed::Malformed`] when they start one (a method,
+/// blanks, and a target starting with `/` or `scheme://`) but it is not a strict
+/// HTTP/1.0 or 1.1 one, or the headers break the grammar, or name two hosts;
+/// [`Parsed::Incomplete`] before any of that can be told. Once the answer is not
+/// `Incomplete`, more bytes never change it. Never panics, whatever the bytes.
 pub fn parse_request(first: &[u8]) -> Parsed<Request<'_>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
@@ -41,10 +42,18 @@ pub fn parse_request(first: &[u8]) -> Parsed<Request<'_>> {
     let (method, target, version) = match (request.method, request.path, request.version) {
         (Some(method), Some(target), Some(version)) => (method, target, version),
         // httparse reads the request line from the start and fails at the first byte
-        // that cannot continue it: a request line that breaks off is another protocol
-        // that happens to start with a word ("SSH-2.0-...", "SET key value").
-        _ if status.is_err() => return Parsed::Other,
-        _ => return Parsed::Incomplete,
+        // that cannot continue a strict one. A line that never looked like a request is
+        // another protocol that happens to start with a word ("SSH-2.0-...", "SET key
+        // value"); one that did is HTTP that lenient servers still take (nginx reads
+        // "GET  /admin/ HTTP/1.1" with two spaces, and HTTP/0.9's "GET /admin/"), so
+        // it must not pass for "not HTTP" and slip past the HTTP routes.
+        _ => {
+            return match (status, request_line_start(first)) {
+                (Ok(_), _) | (Err(_), LineStart::NotYet) => Parsed::Incomplete,
+                (Err(_), LineStart::No) => Parsed::Other,
+                (Err(error), LineStart::Yes) => Parsed::Malformed(describe(error)),
+            };
+        }
     };
     match status {
         Ok(httparse::Status::Complete(_)) => {}
@@ -76,6 +85,68 @@ pub fn parse_request(first: &[u8]) -> Parsed<Request<'_>> {
         version,
         host,
     })
+}
+
+/// How far the bytes go towards the start of a request line as the most lenient servers
+/// read one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineStart {
+    /// A method, one or more blanks, and a target that starts with `/` or `scheme://`.
+    Yes,
+    /// Something else.
+    No,
+    /// Agrees so far.
+    NotYet,
+}
+
+/// Whether `first` starts like a request line, after the empty lines servers skip
+/// before one: decided at the first byte that tells, so more bytes never change a `Yes`
+/// or a `No`. `*` targets (`OPTIONS *`, HTTP/2's `PRI *` preface) are `No`: they carry
+/// no path to route on.
+fn request_line_start(first: &[u8]) -> LineStart {
+    let start = first
+        .iter()
+        .position(|&byte| byte != b'\r' && byte != b'\n')
+        .unwrap_or(first.len());
+    let line = first.get(start..).unwrap_or_default();
+    let method_len = line.iter().take_while(|&&byte| is_token(byte)).count();
+    let blanks = line.get(method_len..).unwrap_or_default();
+    let blanks_len = (blanks.iter())
+        .take_while(|&&byte| byte == b' ' || byte == b'\t')
+        .count();
+    let target = blanks.get(blanks_len..).unwrap_or_default();
+    match (method_len, blanks_len, target.first()) {
+        (_, _, _) if method_len == line.len() => LineStart::NotYet,
+        (0, _, _) | (_, 0, _) => LineStart::No,
+        (_, _, None) => LineStart::NotYet,
+        (_, _, Some(b'/')) => LineStart::Yes,
+        (_, _, Some(_)) => absolute_form_start(target),
+    }
+}
+
+/// Whether `target` starts `scheme://` (RFC 3986: a letter, then letters, digits, `+`,
+/// `-` or `.`).
+fn absolute_form_start(target: &[u8]) -> LineStart {
+    let is_scheme = |byte: u8| byte.is_ascii_alphanumeric() || b"+-.".contains(&byte);
+    if !target.first().is_some_and(u8::is_ascii_alphabetic) {
+        return LineStart::No;
+    }
+    let scheme_len = target.iter().take_while(|&&byte| is_scheme(byte)).count();
+    let after = target.get(scheme_len..).unwrap_or_default();
+    let wanted = b"://";
+    let compared = after.len().min(wanted.len());
+    if after.get(..compared) != wanted.get(..compared) {
+        LineStart::No
+    } else if compared < wanted.len() {
+        LineStart::NotYet
+    } else {
+        LineStart::Yes
+    }
+}
+
+/// An RFC 9110 token character, what a method is made of.
+fn is_token(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 /// The authority (if the target has one) and the path of a request target.
@@ -227,10 +298,12 @@ mod tests {
             b"*1\r\n$4\r\nPING\r\n",
             b"SET key value\r\n",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            b"GET / HTTP/2\r\n",
-            b"GET /\r\n",
+            b"OPTIONS  * HTTP/1.1\r\n",
             b"\x00",
             b"hello world\n",
+            b"GET\r\n",
+            b"GET  ftp:/x HTTP/1.1\r\n",
+            b"GET  1http://x/ HTTP/1.1\r\n",
         ] {
             assert_eq!(
                 parse_request(other),
@@ -247,6 +320,11 @@ mod tests {
             b"GET /a",
             b"GET /a HTTP/1.",
             b"\r\n",
+            // httparse has refused these already, but whether they are HTTP a lenient
+            // server would take, or another protocol, the next bytes tell.
+            b"GET  ",
+            b"GET\t",
+            b"GET  http:/",
         ] {
             assert_eq!(
                 parse_request(so_far),
@@ -277,6 +355,29 @@ mod tests {
                 b"GET / HTTP/1.1\r\nHost: \xff\r\n\r\n",
                 "Host header is not UTF-8",
             ),
+            (
+                b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+                "invalid HTTP header name",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+                "invalid HTTP header name",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+                "invalid HTTP header value",
+            ),
+            // Request lines lenient servers take (nginx: several blanks, HTTP/0.9) and
+            // httparse does not: HTTP all the same, and broken.
+            (b"GET  /admin/ HTTP/1.1\r\n", "invalid HTTP request line"),
+            (b"GET\t/admin/ HTTP/1.1\r\n", "invalid HTTP request line"),
+            (
+                b"GET \thttp://a.example/ HTTP/1.1\r\n",
+                "invalid HTTP request line",
+            ),
+            (b"\r\nGET /\r\n", "invalid HTTP request line"),
+            (b"GET / HTTP/2\r\n", "not HTTP/1.0 or HTTP/1.1"),
+            (b"get /a\x01 HTTP/1.1\r\n", "invalid HTTP request line"),
         ] {
             assert_eq!(
                 parse_request(head),

@@ -11,13 +11,16 @@
 //! decision however many routes ask, and [`regex`](MessageRegex) searches it. A message
 //! that claims a protocol but breaks its rules, or stops short of a whole ClientHello or
 //! request head, matches none of that protocol's matchers, and the route table logs why
-//! with the client's address, once per connection, when it decides.
+//! with the client's address, once per connection, when it decides. Where such a
+//! message goes then, the default route or a reset, is the table's [`OnUnparsed`].
 
 pub mod host;
 pub mod http;
+pub mod path;
 mod regex;
 pub mod tls;
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::fmt;
 use std::net::SocketAddr;
@@ -28,6 +31,7 @@ use crate::config::Config;
 use crate::proxy_protocol::ProxyProtocol;
 
 pub use self::host::{HostPattern, HostPatternError};
+pub use self::path::PathForm;
 pub use self::regex::{MessageRegex, RegexError};
 
 /// One test on a first message. A route holds one or more; all must hold.
@@ -49,9 +53,10 @@ pub enum Matcher {
     /// The message is an HTTP/1.x request for a host that fits the pattern: the
     /// authority of an absolute-form target, else the Host header, port ignored.
     HttpHost(HostPattern),
-    /// The message is an HTTP/1.x request whose path (as sent, query included) starts
-    /// with these bytes. Like `HttpHost`, decided once the whole head has arrived.
-    HttpPathPrefix(String),
+    /// The message is an HTTP/1.x request whose path (query included), read as `form`
+    /// says, starts with `prefix`. Like `HttpHost`, decided once the whole head has
+    /// arrived.
+    HttpPathPrefix { prefix: String, form: PathForm },
     /// The regex matches somewhere in the message (see [`MessageRegex`]).
     Regex(MessageRegex),
 }
@@ -119,9 +124,13 @@ impl Matcher {
             Matcher::HttpHost(pattern) => inspection.http().verdict(|request| {
                 (request.host).is_some_and(|host| pattern.matches(host.as_bytes()))
             }),
-            Matcher::HttpPathPrefix(prefix) => inspection
-                .http()
-                .verdict(|request| request.path.starts_with(prefix.as_str())),
+            Matcher::HttpPathPrefix { prefix, form } => inspection.http().verdict(|request| {
+                match form {
+                    PathForm::Normalized => inspection.normalized_path(request.path),
+                    PathForm::AsSent => request.path,
+                }
+                .starts_with(prefix.as_str())
+            }),
             Matcher::Regex(regex) => regex.check(first),
         }
     }
@@ -155,6 +164,40 @@ struct Inspection<'a> {
     bytes: &'a [u8],
     tls: OnceCell<Parsed<tls::ClientHello>>,
     http: OnceCell<Parsed<http::Request<'a>>>,
+    /// The HTTP request's path after [`path::normalize`].
+    normalized_path: OnceCell<Cow<'a, str>>,
+}
+
+/// What became of the protocol a first message claimed by its first bytes, for
+/// [`OnUnparsed::Reset`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// It is neither TLS nor HTTP, or a whole and valid ClientHello or request head.
+    Kept,
+    /// It still reads as the start of one: only more bytes can tell.
+    Pending,
+    /// It started as TLS or HTTP and then broke the protocol's rules, or stopped short
+    /// (at first_message_max, first_message_timeout or the client's FIN).
+    Broken,
+}
+
+impl Claim {
+    fn of<T>(parsed: &Parsed<T>, complete: bool) -> Claim {
+        match parsed {
+            Parsed::Done(_) | Parsed::Other => Claim::Kept,
+            Parsed::Incomplete if !complete => Claim::Pending,
+            Parsed::Incomplete | Parsed::Malformed(_) => Claim::Broken,
+        }
+    }
+
+    /// The worse of the two: one broken protocol is enough.
+    fn or(self, other: Claim) -> Claim {
+        match (self, other) {
+            (Claim::Broken, _) | (_, Claim::Broken) => Claim::Broken,
+            (Claim::Pending, _) | (_, Claim::Pending) => Claim::Pending,
+            (Claim::Kept, Claim::Kept) => Claim::Kept,
+        }
+    }
 }
 
 impl<'a> Inspection<'a> {
@@ -163,6 +206,7 @@ impl<'a> Inspection<'a> {
             bytes,
             tls: OnceCell::new(),
             http: OnceCell::new(),
+            normalized_path: OnceCell::new(),
         }
     }
 
@@ -174,6 +218,18 @@ impl<'a> Inspection<'a> {
         self.http.get_or_init(|| http::parse_request(self.bytes))
     }
 
+    /// `path` (the parsed request's) normalized, once however many routes compare it.
+    fn normalized_path(&self, path: &'a str) -> &str {
+        self.normalized_path.get_or_init(|| path::normalize(path))
+    }
+
+    /// Whether the message kept the TLS or HTTP it claimed. Runs both parsers, whether
+    /// a route asked for them or not: a route table without TLS routes must still not
+    /// hand a broken ClientHello to the default route in reset mode.
+    fn claim(&self, complete: bool) -> Claim {
+        Claim::of(self.tls(), complete).or(Claim::of(self.http(), complete))
+    }
+
     /// Logs, once the route is decided, what the protocol parsers found: at info a
     /// message that claimed a protocol but was malformed, or stopped short of a whole
     /// ClientHello or request head; at debug what a good one asked for, and that a
@@ -183,7 +239,7 @@ impl<'a> Inspection<'a> {
         let bytes = first.bytes.len();
         let route = match decision {
             Decision::Forward(forward) => &*forward.route,
-            Decision::Reject | Decision::NeedMore => "(none)",
+            Decision::Reject | Decision::Reset | Decision::NeedMore => "(none)",
         };
         let other = |protocol: &str| {
             if !matched {
@@ -278,8 +334,12 @@ impl fmt::Display for Matcher {
                 write!(f, "alpn [{}]", quoted.join(", "))
             }
             Matcher::HttpHost(pattern) => write!(f, "http_host \"{pattern}\""),
-            Matcher::HttpPathPrefix(prefix) => {
-                write!(f, "http_path_prefix \"{}\"", prefix.escape_default())
+            Matcher::HttpPathPrefix { prefix, form } => {
+                write!(f, "http_path_prefix \"{}\"", prefix.escape_default())?;
+                match form {
+                    PathForm::Normalized => Ok(()),
+                    PathForm::AsSent => write!(f, " ({form})"),
+                }
             }
             Matcher::Regex(regex) => {
                 let pattern = regex.as_str();
@@ -313,6 +373,37 @@ pub enum Decision {
     NeedMore,
     /// Close the connection.
     Reject,
+    /// Reset the connection: its first message started as a protocol and then broke its
+    /// rules or stopped short, so the router will not guess where it belongs (the route
+    /// table does this for [`OnUnparsed::Reset`]).
+    Reset,
+}
+
+/// What a [`RouteTable`] does with a first message that claimed TLS or HTTP by its first
+/// bytes and then could not be parsed: garbled, or cut short by `first_message_max`,
+/// `first_message_timeout` or the client's FIN. Such a message matches no TLS or HTTP
+/// route, so without this it would take the default route, whatever the part that was
+/// read (a request line for `/admin/`) says. One setting for the whole table, not per
+/// route: the parts that would tell which route such a message belongs to (its Host,
+/// its server name, the rest of its head) are exactly the parts that could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUnparsed {
+    /// The default route takes it (closed if there is none), as any unmatched message.
+    #[default]
+    Default,
+    /// It is reset, and the table waits for a message that could still become a whole
+    /// ClientHello or request head until it does or cannot.
+    Reset,
+}
+
+/// As routes.toml writes it.
+impl fmt::Display for OnUnparsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnUnparsed::Default => "default",
+            OnUnparsed::Reset => "reset",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,6 +463,7 @@ pub struct RouteTable {
     /// The routes with matchers, in file order.
     routes: Vec<TableRoute>,
     default: Option<TableRoute>,
+    on_unparsed: OnUnparsed,
 }
 
 #[derive(Debug)]
@@ -401,7 +493,11 @@ impl RouteTable {
                 default = Some(table_route);
             }
         }
-        RouteTable { routes, default }
+        RouteTable {
+            routes,
+            default,
+            on_unparsed: config.on_unparsed,
+        }
     }
 
     fn fall_back(&self, client: SocketAddr) -> Decision {
@@ -462,7 +558,15 @@ impl Router for RouteTable {
             }
         }
         let was_matched = matched.is_some();
-        let decision = matched.unwrap_or_else(|| self.fall_back(first.client));
+        let decision = match matched {
+            Some(decision) => decision,
+            None if self.on_unparsed == OnUnparsed::Default => self.fall_back(first.client),
+            None => match inspection.claim(first.complete) {
+                Claim::Kept => self.fall_back(first.client),
+                Claim::Pending => return Decision::NeedMore,
+                Claim::Broken => Decision::Reset,
+            },
+        };
         inspection.log(first, &decision, was_matched);
         decision
     }
@@ -516,6 +620,10 @@ mod tests {
     }
 
     fn table(routes: Vec<RouteConfig>) -> RouteTable {
+        table_on_unparsed(OnUnparsed::Default, routes)
+    }
+
+    fn table_on_unparsed(on_unparsed: OnUnparsed, routes: Vec<RouteConfig>) -> RouteTable {
         RouteTable::new(&Config {
             first_message_timeout: Duration::from_secs(3),
             first_message_max: 16384,
@@ -523,6 +631,7 @@ mod tests {
             health: HealthCheck::OFF,
             max_connections: None,
             idle_timeout: None,
+            on_unparsed,
             routes,
         })
     }
@@ -549,6 +658,7 @@ mod tests {
             Decision::Forward(forward) => forward.route.to_string(),
             Decision::NeedMore => "NeedMore".to_owned(),
             Decision::Reject => "Reject".to_owned(),
+            Decision::Reset => "Reset".to_owned(),
         }
     }
 
@@ -780,7 +890,17 @@ mod tests {
     }
 
     fn path_prefix(prefix: &str) -> Matcher {
-        Matcher::HttpPathPrefix(prefix.to_owned())
+        Matcher::HttpPathPrefix {
+            prefix: prefix.to_owned(),
+            form: PathForm::Normalized,
+        }
+    }
+
+    fn path_prefix_as_sent(prefix: &str) -> Matcher {
+        Matcher::HttpPathPrefix {
+            prefix: prefix.to_owned(),
+            form: PathForm::AsSent,
+        }
     }
 
     fn regex(pattern: &str) -> Matcher {
@@ -922,6 +1042,189 @@ mod tests {
         assert_eq!(outcome(host_only.decide(&partial(head))), "NeedMore");
         let head = b"GET / HTTP/1.1\r\nHost: b.example.com\r\n\r\n";
         assert_eq!(outcome(host_only.decide(&partial(head))), "b");
+    }
+
+    /// The access-control table of routes.toml's docs: the admin host's /admin/, a deny
+    /// route for /admin/ from anyone else, TLS for one name, and a catch-all.
+    fn admin_table(on_unparsed: OnUnparsed) -> RouteTable {
+        table_on_unparsed(
+            on_unparsed,
+            vec![
+                route(
+                    "admin",
+                    vec![http_host("admin.example.com"), path_prefix("/admin/")],
+                    &[9001],
+                ),
+                route("deny", vec![path_prefix("/admin/")], &[9002]),
+                route("ssh", vec![prefix(b"SSH-")], &[9003]),
+                default_route("public", &[9009]),
+            ],
+        )
+    }
+
+    /// Heads whose request line asks for /admin/ and that the HTTP parser refuses or
+    /// never finishes, with what is wrong.
+    const UNPARSED_ADMIN_HEADS: [(&str, &[u8]); 8] = [
+        (
+            "duplicate Host",
+            b"GET /admin/ HTTP/1.1\r\nHost: admin.example.com\r\nHost: public.example.com\r\n\r\n",
+        ),
+        (
+            "obs-fold",
+            b"GET /admin/ HTTP/1.1\r\nHost: public.example.com\r\nX-A: a\r\n folded\r\n\r\n",
+        ),
+        (
+            "space before the colon",
+            b"GET /admin/ HTTP/1.1\r\nHost : admin.example.com\r\n\r\n",
+        ),
+        (
+            "bare CR",
+            b"GET /admin/ HTTP/1.1\rHost: public.example.com\r\n\r\n",
+        ),
+        (
+            "bare CR in a header",
+            b"GET /admin/ HTTP/1.1\r\nHost: public.example.com\rX: y\r\n\r\n",
+        ),
+        (
+            "two spaces in the request line",
+            b"GET  /admin/ HTTP/1.1\r\nHost: public.example.com\r\n\r\n",
+        ),
+        ("HTTP/0.9", b"GET /admin/\r\n\r\n"),
+        (
+            "head cut short",
+            b"GET /admin/ HTTP/1.1\r\nHost: public.example.com\r\n",
+        ),
+    ];
+
+    #[test]
+    fn normalized_paths_reach_the_routes_their_backend_would_serve() {
+        let routes = admin_table(OnUnparsed::Default);
+        for path in [
+            "/admin/",
+            "/%61dmin/",
+            "//admin/",
+            "/./admin/",
+            "/api/../admin/",
+            "/%2E%2e/admin/x",
+            "/admin//x?y",
+        ] {
+            for (host, expected) in [("admin.example.com", "admin"), ("www.example.com", "deny")] {
+                let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+                assert_eq!(
+                    fed_in_steps(&routes, head.as_bytes(), 7).0,
+                    expected,
+                    "{head:?}"
+                );
+            }
+        }
+        for path in [
+            "/",
+            "/administrator",
+            "/%2Fadmin/",
+            "/admin%2F",
+            "/x/admin/",
+        ] {
+            let head = format!("GET {path} HTTP/1.1\r\nHost: www.example.com\r\n\r\n");
+            assert_eq!(outcome(routes.decide(&partial(head.as_bytes()))), "public");
+        }
+        // As sent: only the bytes count.
+        let as_sent = table(vec![
+            route("deny", vec![path_prefix_as_sent("/admin/")], &[9002]),
+            default_route("public", &[9009]),
+        ]);
+        let head = b"GET /%61dmin/ HTTP/1.1\r\n\r\n";
+        assert_eq!(outcome(as_sent.decide(&partial(head))), "public");
+        let head = b"GET /admin/ HTTP/1.1\r\n\r\n";
+        assert_eq!(outcome(as_sent.decide(&partial(head))), "deny");
+    }
+
+    #[test]
+    fn unparsed_messages_take_the_default_route_unless_the_table_resets_them() {
+        let lenient = admin_table(OnUnparsed::Default);
+        let strict = admin_table(OnUnparsed::Reset);
+        for (what, head) in UNPARSED_ADMIN_HEADS {
+            assert_eq!(outcome(lenient.decide(&complete(head))), "public", "{what}");
+            assert_eq!(outcome(strict.decide(&complete(head))), "Reset", "{what}");
+            // Fed as a client sends it: the same answer, and no earlier than the
+            // broken part shows (or the message ends).
+            assert_eq!(fed_in_steps(&strict, head, 1).0, "Reset", "{what}");
+        }
+
+        let hello = client_hello(Some("a.example.com"), &["h2"]);
+        let mut garbled = hello.clone();
+        garbled[43] = 0xff; // the session id's length
+        let truncated = &hello[..hello.len() - 1];
+        // No route asks for TLS, and still a broken ClientHello is not the default's.
+        assert_eq!(outcome(lenient.decide(&partial(&garbled))), "public");
+        assert_eq!(outcome(strict.decide(&partial(&garbled))), "Reset");
+        assert_eq!(outcome(strict.decide(&partial(truncated))), "NeedMore");
+        assert_eq!(outcome(strict.decide(&complete(truncated))), "Reset");
+        assert_eq!(fed_in_steps(&strict, &hello, 5).0, "public");
+
+        // What did not claim TLS or HTTP, or kept to it, is served as before.
+        for (message, expected) in [
+            (
+                &b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n"[..],
+                "public",
+            ),
+            (
+                b"GET /admin/ HTTP/1.1\r\nHost: admin.example.com\r\n\r\n",
+                "admin",
+            ),
+            (b"hello\n", "public"),
+            (b"SET key value\r\n", "public"),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "public"),
+            (b"SSH-2.0-OpenSSH_9.2\r\n", "ssh"),
+            (b"", "public"),
+        ] {
+            assert_eq!(
+                outcome(strict.decide(&complete(message))),
+                expected,
+                "{}",
+                message.escape_ascii()
+            );
+        }
+        // A route whose own matchers take a message keeps it, parsed or not.
+        let head = b"SSH-2.0 /admin/ HTTP/1.1\r\nHost : x\r\n\r\n";
+        assert_eq!(outcome(strict.decide(&complete(head))), "ssh");
+        // A message that could still become a request head waits for it, where the
+        // lenient table would hand it to the default route at once.
+        let lenient_tls = table_on_unparsed(
+            OnUnparsed::Default,
+            vec![
+                route("a", vec![sni("a.example.com")], &[9001]),
+                default_route("public", &[9009]),
+            ],
+        );
+        let strict_tls = table_on_unparsed(
+            OnUnparsed::Reset,
+            vec![
+                route("a", vec![sni("a.example.com")], &[9001]),
+                default_route("public", &[9009]),
+            ],
+        );
+        let line = b"GET /admin/ HTTP/1.1\r\n";
+        assert_eq!(outcome(lenient_tls.decide(&partial(line))), "public");
+        assert_eq!(outcome(strict_tls.decide(&partial(line))), "NeedMore");
+        assert_eq!(outcome(strict_tls.decide(&complete(line))), "Reset");
+        assert_eq!(outcome(strict_tls.decide(&complete(b"G"))), "Reset");
+
+        // Without a default route: closed either way, reset when asked.
+        let no_default = |on_unparsed| {
+            table_on_unparsed(
+                on_unparsed,
+                vec![route("a", vec![sni("a.example.com")], &[9001])],
+            )
+        };
+        let head = UNPARSED_ADMIN_HEADS[0].1;
+        assert_eq!(
+            outcome(no_default(OnUnparsed::Default).decide(&complete(head))),
+            "Reject"
+        );
+        assert_eq!(
+            outcome(no_default(OnUnparsed::Reset).decide(&complete(head))),
+            "Reset"
+        );
     }
 
     #[test]

@@ -581,9 +581,12 @@ impl Backend {
 impl ProxyProcess {
     /// As [`ProxyProcess::start`], for a command the caller built around the binary (its
     /// stdout and stderr are taken over): e.g. the binary run by `setpriv` as nobody.
+    /// Logs at info unless the command sets RUST_LOG.
     pub fn spawn(command: &mut Command) -> ProxyProcess {
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
-            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
