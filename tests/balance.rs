@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -30,13 +30,13 @@ struct Redis {
 
 impl Redis {
     fn start(port: u16) -> Redis {
-        let child = Command::new("redis-server")
+        let child = external("redis-server", "redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server (Debian's redis-server package) starts");
+            .expect("redis-server starts");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         wait_listening(addr);
         Redis { child, addr }
@@ -58,14 +58,14 @@ impl Drop for Redis {
 
 /// Runs redis-cli against `addr` with `args`, `stdin` piped in; returns its stdout.
 fn redis_cli(addr: SocketAddr, args: &[&str], stdin: &[u8]) -> Vec<u8> {
-    let mut child = Command::new("redis-cli")
+    let mut child = external("redis-cli", "redis-tools")
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("redis-cli (Debian's redis-tools package) runs");
+        .expect("redis-cli runs");
     let mut input = child.stdin.take().unwrap();
     let stdin = stdin.to_vec();
     let writer = thread::spawn(move || {

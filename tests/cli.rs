@@ -321,7 +321,7 @@ fn unprivileged(args: &[&str]) -> Command {
         }
         copy
     };
-    let mut command = Command::new("setpriv");
+    let mut command = external("setpriv", "util-linux");
     command
         .args([
             "--reuid=65534",

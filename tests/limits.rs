@@ -12,7 +12,6 @@ mod support;
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpStream},
-    process::Command,
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -202,7 +201,7 @@ fn refusals_are_logged_and_a_reload_changes_the_limit() {
         .and_then(|rest| rest.split('/').next())
         .expect("the metrics address");
     let scrape = output_within(
-        Command::new("curl").args(["-sS", &format!("http://{metrics}/metrics")]),
+        external("curl", "curl").args(["-sS", &format!("http://{metrics}/metrics")]),
         WAIT,
     );
     let text = String::from_utf8_lossy(&scrape.stdout);
@@ -614,7 +613,7 @@ fn a_proxy_out_of_descriptors_does_not_take_the_backend_down() {
         ),
     );
     // prlimit execs the proxy: the same process, with both limits at LIMIT.
-    let mut command = Command::new("prlimit");
+    let mut command = external("prlimit", "util-linux");
     command
         .arg(format!("--nofile={LIMIT}:{LIMIT}"))
         .arg(binary())

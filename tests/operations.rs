@@ -79,7 +79,7 @@ struct Scrape {
 impl Scrape {
     fn get(addr: SocketAddr) -> Scrape {
         let output = output_within(
-            Command::new("curl").args([
+            external("curl", "curl").args([
                 "-sS",
                 "--fail",
                 "--max-time",
@@ -296,7 +296,7 @@ fn metrics_label_copied_connections_and_serve_only_get_metrics() {
 
     let status = |args: &[&str]| {
         let output = output_within(
-            Command::new("curl")
+            external("curl", "curl")
                 .args([
                     "-sS",
                     "--max-time",
@@ -620,7 +620,9 @@ fn the_systemd_unit_is_valid_and_its_capabilities_suffice() {
     let path = dir.join("splice-proxy.service");
     std::fs::write(&path, &unit).unwrap();
     let verify = output_within(
-        Command::new("systemd-analyze").arg("verify").arg(&path),
+        external("systemd-analyze", "systemd")
+            .arg("verify")
+            .arg(&path),
         Duration::from_secs(30),
     );
     assert!(
@@ -654,7 +656,7 @@ fn the_systemd_unit_is_valid_and_its_capabilities_suffice() {
     let routes = routes("ops-unit", echo.addr, refused_addr());
     readable_by_all(&routes);
     let proxy = ProxyProcess::spawn(
-        Command::new("setpriv")
+        external("setpriv", "util-linux")
             .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
             .args(["--inh-caps=-all", "--no-new-privs"])
             .arg(binary())

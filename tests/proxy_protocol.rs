@@ -10,8 +10,8 @@ mod support;
 use std::{
     io::{Read, Write},
     net::{IpAddr, Shutdown, SocketAddr},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -49,15 +49,22 @@ fn nginx(ports: &[u16]) -> Daemon {
             )
         })
         .collect();
+    // Debian's nginx has the stream module as a separate package; without it nginx would
+    // exit at once, its complaint sent to /dev/null, and the test fail on a port that
+    // nothing listens on.
+    let module = "/usr/lib/nginx/modules/ngx_stream_module.so";
+    if !Path::new(module).is_file() {
+        not_installed(module, "libnginx-mod-stream");
+    }
     let conf = format!(
-        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+        "load_module {module};\n\
          daemon off;\nmaster_process off;\nerror_log stderr;\npid {dir}/nginx.pid;\n\
          events {{}}\nstream {{\n{servers}}}\n",
         dir = dir.display()
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).unwrap();
-    let child = Command::new("nginx")
+    let child = external("nginx", "nginx")
         .args(["-e", "stderr", "-p"])
         .arg(&dir)
         .arg("-c")
@@ -65,7 +72,7 @@ fn nginx(ports: &[u16]) -> Daemon {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("nginx (Debian's nginx with libnginx-mod-stream) starts");
+        .expect("nginx starts");
     let daemon = Daemon(child);
     for &port in ports {
         wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -93,14 +100,14 @@ fn haproxy(ports: &[u16]) -> Daemon {
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, conf).unwrap();
-    let child = Command::new("haproxy")
+    let child = external("haproxy", "haproxy")
         .arg("-db")
         .arg("-f")
         .arg(&path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("haproxy (Debian's haproxy package) starts");
+        .expect("haproxy starts");
     let daemon = Daemon(child);
     for &port in ports {
         wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -266,7 +273,7 @@ fn haproxy_accept_proxy_reads_the_client_address_from_v1_and_v2() {
         for version in ["v1", "v2"] {
             let url = format!("http://{host}:{}/{version}/who", addr.port());
             let output = output_within(
-                Command::new("curl").args(["-sS", "-w", "%{local_ip} %{local_port}", &url]),
+                external("curl", "curl").args(["-sS", "-w", "%{local_ip} %{local_port}", &url]),
                 Duration::from_secs(20),
             );
             assert!(

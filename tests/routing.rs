@@ -14,14 +14,14 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use splice_proxy::route::Parsed;
 use splice_proxy::route::tls::parse_client_hello;
 use support::{
-    Backend, IO_TIMEOUT, Proxy, SPLICE, free_addr, output_within, sha256, wait_listening,
+    Backend, IO_TIMEOUT, Proxy, SPLICE, external, free_addr, output_within, sha256, wait_listening,
 };
 
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
@@ -70,7 +70,7 @@ impl TlsBackend {
         let dir = TempDir::new(common_name);
         let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
         let output = output_within(
-            Command::new("openssl")
+            external("openssl", "openssl")
                 .args([
                     "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                 ])
@@ -91,7 +91,7 @@ impl TlsBackend {
 
         let addr = free_addr();
         let server = ChildGuard(
-            Command::new("openssl")
+            external("openssl", "openssl")
                 .args(["s_server", "-WWW", "-accept", &addr.to_string()])
                 .arg("-cert")
                 .arg(&cert)
@@ -128,7 +128,7 @@ struct Fetched {
 /// `curl` for `url` with `args`; fails the test unless it succeeds.
 fn curl(args: &[&str], url: &str) -> Fetched {
     let output = output_within(
-        Command::new("curl")
+        external("curl", "curl")
             .args(["-sS", "-v", "--max-time", "20"])
             .args(args)
             .arg(url),
@@ -155,7 +155,7 @@ fn curl_tls(proxy: SocketAddr, host: &str, extra: &[&str]) -> Fetched {
 /// prints the session and leaves. Returns what it printed.
 fn s_client(proxy: SocketAddr, args: &[&str]) -> String {
     let output = output_within(
-        Command::new("openssl")
+        external("openssl", "openssl")
             .args(["s_client", "-connect", &proxy.to_string()])
             .args(args),
         COMMAND_LIMIT,
@@ -206,7 +206,7 @@ fn captured_client_hello(server_name: &str) -> Vec<u8> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let client = ChildGuard(
-        Command::new("openssl")
+        external("openssl", "openssl")
             .args(["s_client", "-connect", &addr.to_string()])
             .args(["-servername", server_name, "-alpn", "h2,http/1.1"])
             .stdin(Stdio::null())

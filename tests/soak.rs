@@ -785,7 +785,7 @@ fn settled_rss(baseline: u64) -> u64 {
 /// machine's other work moves.
 fn socket_memory(ports: &[u16]) -> u64 {
     let output = output_within(
-        std::process::Command::new("ss").args(["-tmnHO"]),
+        external("ss", "iproute2").args(["-tmnHO"]),
         Duration::from_secs(10),
     );
     assert!(output.status.success(), "ss -tmnHO: {output:?}");

@@ -814,3 +814,35 @@ impl ProxyProcess {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The programs the tests run as real peers and tools (redis, HAProxy, nginx, openssl,
+// curl, ...). scripts/test installs them; a test that finds one missing fails, never skips.
+
+/// A command for `program`, which Debian's `package` installs. The program is looked up
+/// first, so that a missing one fails the test with what to install, where the spawn would
+/// fail with only "No such file or directory". The sbin directories are searched too: a
+/// root shell from `su` without `-` does not have them on PATH, and nginx and HAProxy
+/// live there.
+#[track_caller]
+pub fn external(program: &str, package: &str) -> Command {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file());
+    match found {
+        Some(found) => Command::new(found),
+        None => not_installed(program, package),
+    }
+}
+
+/// Fails the test, at its caller's line: `what` is missing, and Debian's `package`
+/// installs it.
+#[track_caller]
+pub fn not_installed(what: &str, package: &str) -> ! {
+    panic!(
+        "{what} is not installed: the tests need Debian's {package} package \
+         (apt-get install {package}; scripts/test installs everything the tests use)"
+    )
+}
