@@ -545,9 +545,9 @@ fn every_ordering(mode: Moving, test: u8) {
     );
     assert_all_ended(&bench.proxy, &fds_before);
     let mut spliced = 0;
-    for index in 0..cases.len() {
+    for (index, events) in cases.iter().enumerate() {
         let lines = access_lines(client_ip(test, index));
-        assert_eq!(lines.len(), 1, "{:?}: {lines:?}", cases[index]);
+        assert_eq!(lines.len(), 1, "{events:?}: {lines:?}");
         spliced += usize::from(lines[0]["mode"] == "splice");
     }
     if bench.proxy.is_splicing() {
