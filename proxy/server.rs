@@ -410,19 +410,27 @@ async fn serve(
     let (router, limits) = (routing.router.as_ref(), &routing.limits);
     let metrics = engine.metrics();
     let accepted = Instant::now();
-    let Ok(client_addr) = client.peer_addr() else {
-        // Reset before we looked: no address to log.
-        metrics.refused(Refusal::ClientGone);
-        return;
-    };
     let mut unserved = Unserved {
         metrics,
-        client: client_addr,
+        client: None,
         accepted,
         route: None,
         backend: None,
         bytes_up: 0,
     };
+    let client_addr = match client.peer_addr() {
+        Ok(addr) => addr,
+        // Reset before we looked. The kernel keeps no peer address for a closed socket
+        // and glommio's accept does not return the one it had, so the line has none;
+        // it still gets one, as every accepted connection does.
+        Err(e) => {
+            return unserved.close(
+                Refusal::ClientGone,
+                format_args!("the client was gone before its address was read: getpeername: {e}"),
+            );
+        }
+    };
+    unserved.client = Some(client_addr);
     let read = read_first_message(&client, client_addr, router, limits, accepted).await;
     let (first, decision) = match read {
         Ok(read) => read,
@@ -546,7 +554,8 @@ async fn serve(
 /// its refusal is counted.
 struct Unserved<'a> {
     metrics: &'a Metrics,
-    client: SocketAddr,
+    /// None only for a client that was gone before its address was read.
+    client: Option<SocketAddr>,
     accepted: Instant,
     route: Option<Arc<str>>,
     backend: Option<SocketAddr>,
@@ -557,6 +566,7 @@ struct Unserved<'a> {
 impl Unserved<'_> {
     fn close(self, reason: Refusal, why: impl Display) {
         self.metrics.refused(reason);
+        let client = self.client.map(tracing::field::display);
         let route = self.route.as_deref().map(tracing::field::display);
         let backend = self.backend.map(tracing::field::display);
         let duration_ms = crate::splice::millis(self.accepted.elapsed());
@@ -565,16 +575,28 @@ impl Unserved<'_> {
         // backend that fails is the operator's.
         match reason {
             Refusal::ClientGone | Refusal::NoRoute | Refusal::Unparsed => tracing::info!(
-                client = %self.client, route, backend, bytes_up = self.bytes_up,
-                bytes_down = 0u64, duration_ms, end, "connection: {why}"
+                client,
+                route,
+                backend,
+                bytes_up = self.bytes_up,
+                bytes_down = 0u64,
+                duration_ms,
+                end,
+                "connection: {why}"
             ),
             Refusal::NoBackend
             | Refusal::BackendWrite
             | Refusal::Setup
             | Refusal::MaxConnections
             | Refusal::RouteMaxConnections => tracing::warn!(
-                client = %self.client, route, backend, bytes_up = self.bytes_up,
-                bytes_down = 0u64, duration_ms, end, "connection: {why}"
+                client,
+                route,
+                backend,
+                bytes_up = self.bytes_up,
+                bytes_down = 0u64,
+                duration_ms,
+                end,
+                "connection: {why}"
             ),
         }
     }

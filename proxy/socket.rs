@@ -58,6 +58,18 @@ pub struct TcpInfo {
     pub bytes_received: u64,
 }
 
+/// `TCP_CLOSE` of include/net/tcp_states.h, which libc does not export for Linux.
+const TCP_CLOSE: u8 = 7;
+
+impl TcpInfo {
+    /// The connection is over: reset, timed out, or closed both ways. A socket whose
+    /// write side the proxy has not shut can only get here by a reset or an error, and
+    /// then it can never send again.
+    pub fn is_closed(&self) -> bool {
+        self.state == TCP_CLOSE
+    }
+}
+
 /// The kernel's identity for this socket: stable for its life, never reused.
 pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
@@ -82,8 +94,14 @@ pub fn unacked_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// yet sent. Reads `bytes_acked` first so that an ACK arriving between the two calls can
 /// only make the sum smaller than the truth, never larger.
 pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let acked = tcp_info(fd)?.bytes_acked;
-    Ok(acked + unacked_bytes(fd)?)
+    written_and_info(fd).map(|(written, _)| written)
+}
+
+/// [`bytes_written`] and the `TCP_INFO` it was computed from, for a caller that also
+/// needs the socket's state: one getsockopt instead of two.
+pub fn written_and_info(fd: BorrowedFd<'_>) -> io::Result<(u64, TcpInfo)> {
+    let info = tcp_info(fd)?;
+    Ok((info.bytes_acked + unacked_bytes(fd)?, info))
 }
 
 /// Setting the low-water mark makes the kernel call the socket's data_ready, which runs

@@ -740,3 +740,48 @@ fn metrics_show_each_backends_health_and_connections() {
         s.sum("splice_proxy_backend_connections", &[("backend", &echo)]) == 0.0
     });
 }
+
+/// Every accepted connection gets its access line, even one whose client reset before
+/// the proxy read its address: the proxy is stopped while the clients connect and
+/// reset, so that it accepts them already closed, when the kernel has no address left.
+#[test]
+fn a_client_reset_before_its_address_was_read_still_gets_a_line() {
+    const CLIENTS: usize = 5;
+    let echo = Backend::echo();
+    let routes = routes("ops-gone", echo.addr, refused_addr());
+    let proxy = ProxyProcess::serve(&routes, "splice", &["--log-format", "json"]);
+    proxy.signal(libc::SIGSTOP);
+    for _ in 0..CLIENTS {
+        close_with_reset(connect(proxy.addr()));
+    }
+    proxy.signal(libc::SIGCONT);
+    let deadline = Instant::now() + LOG_LIMIT;
+    let lines = loop {
+        let lines: Vec<serde_json::Value> = proxy
+            .log_lines("\"end\":\"client_gone\"")
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        if lines.len() >= CLIENTS {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {CLIENTS} reset clients logged within {LOG_LIMIT:?}; stderr:\n{}",
+            lines.len(),
+            proxy.stderr()
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(lines.len(), CLIENTS, "{lines:?}");
+    for line in &lines {
+        let message = line["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(
+                "connection: the client was gone before its address was read: getpeername: "
+            ) && message.ends_with("(os error 107)"),
+            "{line}"
+        );
+        assert!(line.get("client").is_none(), "{line}");
+    }
+}

@@ -70,6 +70,8 @@ struct CopyBuffer {
 
 /// One direction: bytes received on `src` go out of `dst`.
 struct Direction {
+    /// The side `dst` is, for the log line of a pair that ends because it cannot send.
+    to: Side,
     mover: Mover,
     /// Bytes this process read from the source (the first message, then any copying).
     consumed: u64,
@@ -119,6 +121,15 @@ pub(super) enum Side {
     Upstream,
 }
 
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
 impl Pair {
     pub fn new(
         client: Endpoint,
@@ -131,8 +142,8 @@ impl Pair {
         Pair {
             client,
             upstream,
-            to_upstream: Direction::copied(first_message_len),
-            to_client: Direction::copied(0),
+            to_upstream: Direction::copied(Side::Upstream, first_message_len),
+            to_client: Direction::copied(Side::Client, 0),
             info,
             lease,
             in_maps: false,
@@ -255,6 +266,11 @@ impl Pair {
                 Ok(Some(e)) | Err(e) => return Next::Reset(e),
             }
         }
+        if events & (poll::ERROR | poll::HANG_UP) != 0
+            && let Some(error) = self.unsendable(side)
+        {
+            return Next::Reset(error);
+        }
         let closed = events & (poll::READ_CLOSED | poll::HANG_UP) != 0;
         match side {
             Side::Client => {
@@ -269,6 +285,27 @@ impl Pair {
             }
         }
         self.advance()
+    }
+
+    /// Why `side` can never take the bytes still owed to it, if it cannot: the
+    /// connection ended under it while the direction into it is open. Its reset need not
+    /// show as an error: once the kernel's redirect fails to send to a reset socket, its
+    /// pending error is that send's EPIPE, which is ignored above, and every byte
+    /// redirected to it after that is dropped. Waiting for the next FIN would wait for a
+    /// drain that cannot happen.
+    fn unsendable(&self, side: Side) -> Option<io::Error> {
+        let (fd, into) = match side {
+            Side::Client => (self.client.fd(), &self.to_client),
+            Side::Upstream => (self.upstream.fd(), &self.to_upstream),
+        };
+        if into.closed {
+            return None;
+        }
+        match socket::tcp_info(fd) {
+            Ok(info) if info.is_closed() => Some(into.cannot_send(None)),
+            Ok(_) => None,
+            Err(e) => Some(named("getsockopt(TCP_INFO)", into.to, e)),
+        }
     }
 
     /// Moves whatever can move now in both directions and passes on finished closes.
@@ -321,8 +358,9 @@ impl Pair {
 }
 
 impl Direction {
-    fn copied(consumed: u64) -> Direction {
+    fn copied(to: Side, consumed: u64) -> Direction {
         Direction {
+            to,
             mover: Mover::Copy(CopyBuffer {
                 bytes: Box::default(),
                 start: 0,
@@ -367,7 +405,7 @@ impl Direction {
             }
         };
         if self.eof && drained {
-            socket::shutdown_write(dst)?;
+            socket::shutdown_write(dst).map_err(|e| named("shutdown(SHUT_WR)", self.to, e))?;
             self.closed = true;
         }
         Ok(Next::Wait)
@@ -398,9 +436,15 @@ impl Direction {
             // how far the kernel got.
             return Ok(true);
         }
-        let moved = socket::bytes_written(dst)?.saturating_sub(base);
+        let (written, info) = socket::written_and_info(dst)?;
+        let moved = written.saturating_sub(base);
         if moved >= owed {
             return Ok(true);
+        }
+        // A reset destination keeps its unacknowledged bytes counted (SIOCOUTQ) for good,
+        // so the stall below would never give up on it.
+        if info.is_closed() {
+            return Err(self.cannot_send(Some(owed - moved)));
         }
         let now = Instant::now();
         match self.drain_progress {
@@ -418,6 +462,30 @@ impl Direction {
         }
         Ok(false)
     }
+
+    /// The error that ends a pair whose destination `self.to` was reset or failed while
+    /// this direction was open; `missing` is what it still owed, when known.
+    fn cannot_send(&self, missing: Option<u64>) -> io::Error {
+        let owed = match missing {
+            Some(missing) => format!(", {missing} bytes still to send"),
+            None => String::new(),
+        };
+        io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!(
+                "the {} connection was reset or failed before the proxy closed it (getsockopt(TCP_INFO): state CLOSE){owed}",
+                self.to.as_str()
+            ),
+        )
+    }
+}
+
+/// `error` from `call` on the `side` socket, saying so.
+fn named(call: &str, side: Side, error: io::Error) -> io::Error {
+    io::Error::new(
+        error.kind(),
+        format!("{call} on the {}: {error}", side.as_str()),
+    )
 }
 
 /// What one read into a [`CopyBuffer`] found.
