@@ -12,7 +12,9 @@
 //!    withholds CAP_SYS_RESOURCE may keep it at 20,000), it holds as many as fit, and says
 //!    why;
 //! 2. while they are held, 100,000 connections churned by 32 clients, each a hash-checked
-//!    echo, with garbage (no route), empty, and immediately-reset connections mixed in;
+//!    echo, with garbage (no route), empty, and immediately-reset connections mixed in,
+//!    and ones whose backend answers and closes while the client still writes (an HTTP
+//!    server's keep-alive timeout: such pairs once outlived both peers);
 //! 3. the held ones exchange again, then close.
 //!
 //! Afterwards the process has no more fds than before, the maps are empty, no connection
@@ -121,13 +123,15 @@ fn soak() {
     let started = Instant::now();
     let (report, fds_peak) = with_fd_peak(|| churn(proxy.addr, CHURNED, 2));
     eprintln!(
-        "soak: {CHURNED} churned in {:?} ({} echoed, {} garbage, {} empty, {} reset), \
-         RSS {} MiB; at most {fds_peak} fds, {} more than held alone, {} short of the limit",
+        "soak: {CHURNED} churned in {:?} ({} echoed, {} garbage, {} empty, {} reset, \
+         {} closed by the backend mid-exchange), RSS {} MiB; at most {fds_peak} fds, {} more \
+         than held alone, {} short of the limit",
         started.elapsed(),
         report.served,
         report.garbage,
         report.empty,
         report.reset,
+        report.backend_closed,
         rss() / MIB as u64,
         fds_peak.saturating_sub(fds_held),
         nofile.saturating_sub(fds_peak)
@@ -320,6 +324,10 @@ impl EchoPool {
                     stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
                     while let Ok(n @ 1..) = stream.read(&mut buf) {
                         if stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        // Answered: closes, whatever the client sends after.
+                        if buf.starts_with(CLOSES_AFTER_ANSWER) {
                             break;
                         }
                     }
@@ -622,10 +630,17 @@ enum Kind {
     Empty,
     /// Connect and reset at once.
     Reset,
+    /// The backend answers the first message and closes; the client, not yet knowing,
+    /// writes twice more, then reads to the end.
+    BackendCloses,
 }
+
+/// The first message that makes the echo pool answer and close.
+const CLOSES_AFTER_ANSWER: &[u8] = b"aclose";
 
 fn kind(index: usize) -> Kind {
     match index % 20 {
+        16 => Kind::BackendCloses,
         17 => Kind::Garbage,
         18 => Kind::Empty,
         19 => Kind::Reset,
@@ -639,6 +654,7 @@ struct ChurnReport {
     garbage: usize,
     empty: usize,
     reset: usize,
+    backend_closed: usize,
     /// The first failures, with the connection they happened on.
     failures: Vec<String>,
     failed: usize,
@@ -650,6 +666,7 @@ impl ChurnReport {
         self.garbage += other.garbage;
         self.empty += other.empty;
         self.reset += other.reset;
+        self.backend_closed += other.backend_closed;
         self.failed += other.failed;
         for failure in other.failures {
             if self.failures.len() < 10 {
@@ -693,6 +710,7 @@ fn churn(proxy: SocketAddr, total: usize, seed: u64) -> ChurnReport {
                             Kind::Garbage => report.garbage += 1,
                             Kind::Empty => report.empty += 1,
                             Kind::Reset => report.reset += 1,
+                            Kind::BackendCloses => report.backend_closed += 1,
                         },
                         Err(e) => {
                             report.failed += 1;
@@ -737,6 +755,20 @@ fn one_connection(proxy: SocketAddr, kind: Kind, seed: u64, echo: &mut [u8]) -> 
         Kind::Reset => {
             close_with_reset(stream);
             Ok(())
+        }
+        Kind::BackendCloses => {
+            stream.write_all(CLOSES_AFTER_ANSWER)?;
+            let mut answer = [0u8; CLOSES_AFTER_ANSWER.len()];
+            stream.read_exact(&mut answer)?;
+            if answer != CLOSES_AFTER_ANSWER {
+                return Err(io::Error::other("the answer differs"));
+            }
+            // The backend has closed or is about to: these may be reset, which is fine.
+            for _ in 0..2 {
+                let _ = stream.write_all(b"one more request\r\n");
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+            expect_end(&mut stream, true)
         }
     }
 }
