@@ -170,7 +170,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Attach::Verdict => AttachMode::Verdict,
         Attach::Parser => AttachMode::ParserAndVerdict,
     };
-    let probe = match args.mode {
+    let mut probe = match args.mode {
         Mode::Copy => None,
         Mode::Splice => Some(Probe::load(attach, args.map_capacity).map_err(|e| {
             anyhow!(
@@ -192,7 +192,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     raise_fd_limit();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let or_cpus = |n: usize| if n == 0 { cpus } else { n };
-    let mode = if probe.is_some() { "splice" } else { "copy" };
     let listeners = Listeners::bind(args.listen, or_cpus(args.executors))
         .with_context(|| format!("listening on {}", args.listen))?;
     let metrics_listener = args
@@ -214,10 +213,31 @@ fn run(args: Args) -> anyhow::Result<()> {
             identity.uid,
             identity.gid
         );
-        if mode == "splice" {
+        // Kernels before 5.11 (Debian 11's 5.10 among them) refuse every bpf() command,
+        // on maps already open too, to a process without CAP_BPF or CAP_SYS_ADMIN while
+        // unprivileged BPF is disabled: then the maps are useless from here on.
+        if let Some(loaded) = &probe
+            && let Err(e) = loaded.counters()
+        {
+            let why = format!(
+                "--user: this kernel refuses the probe's maps to a process without capabilities ({}), so it cannot splice after dropping them",
+                with_root_cause(&e)
+            );
+            match args.mode {
+                Mode::Splice => {
+                    return Err(anyhow!("{why}; run without --user, or with --mode copy"));
+                }
+                _ => {
+                    tracing::warn!("{why}: every connection is copied in userspace");
+                    probe = None;
+                }
+            }
+        }
+        if probe.is_some() {
             warn_if_send_buffers_capped();
         }
     }
+    let mode = if probe.is_some() { "splice" } else { "copy" };
 
     let engine = Arc::new(
         SpliceEngine::new(probe.map(Arc::new), or_cpus(args.splice_workers))

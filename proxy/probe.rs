@@ -50,7 +50,7 @@ impl fmt::Display for AttachMode {
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error(
-        "loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN)"
+        "loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN; kernels before 5.11 also need RLIMIT_MEMLOCK to cover the maps)"
     )]
     Load(#[from] aya::EbpfError),
     #[error("the probe object has no {kind} named {name}: it was built from other sources")]
