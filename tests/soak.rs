@@ -327,7 +327,7 @@ impl EchoPool {
                             break;
                         }
                         // Answered: closes, whatever the client sends after.
-                        if buf.starts_with(CLOSES_AFTER_ANSWER) {
+                        if buf[..n].starts_with(CLOSES_AFTER_ANSWER) {
                             break;
                         }
                     }
