@@ -508,17 +508,7 @@ fn user_nobody_keeps_splicing_with_no_capabilities_left() {
     let echo = Backend::echo();
     let routes = routes("ops-user", echo.addr, refused_addr());
     readable_by_all(&routes);
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--mode",
-        "splice",
-        "--executors",
-        "2",
-        "--splice-workers",
-        "2",
+    let extra = [
         "--user",
         "nobody",
         "--group",
@@ -527,10 +517,9 @@ fn user_nobody_keeps_splicing_with_no_capabilities_left() {
         "127.0.0.1:0",
     ];
     if bpf_needs_capabilities() {
-        return assert_refuses_to_splice_as_user(ProxyProcess::start(&args));
+        return assert_refuses_to_splice_as_user(ProxyProcess::launch(&routes, "splice", &extra));
     }
-    let proxy = ProxyProcess::start(&args);
-    proxy.addr();
+    let proxy = ProxyProcess::serve(&routes, "splice", &extra);
     proxy.wait_for_log("running as nobody:nogroup", LOG_LIMIT);
     let metrics = metrics_addr(&proxy);
     let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")

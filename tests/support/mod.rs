@@ -314,6 +314,14 @@ impl ProxyProcess {
     /// tests use on this 2-core machine (2 executors, 2 splice workers), then `extra`;
     /// fails the test unless it listens.
     pub fn serve(routes: &Path, mode: &str, extra: &[&str]) -> ProxyProcess {
+        let proxy = ProxyProcess::launch(routes, mode, extra);
+        proxy.addr();
+        proxy
+    }
+
+    /// As [`ProxyProcess::serve`], for a test that expects the binary may refuse to
+    /// start: it does not wait for it to listen.
+    pub fn launch(routes: &Path, mode: &str, extra: &[&str]) -> ProxyProcess {
         let routes = routes.to_str().expect("routes path is UTF-8");
         let mut args = vec![
             "--listen",
@@ -328,9 +336,7 @@ impl ProxyProcess {
             "2",
         ];
         args.extend_from_slice(extra);
-        let proxy = ProxyProcess::start(&args);
-        proxy.addr();
-        proxy
+        ProxyProcess::start(&args)
     }
 
     pub fn addr(&self) -> SocketAddr {
