@@ -319,6 +319,21 @@ impl Collector for ProbeCounters {
                 "Bytes in the messages counted by splice_proxy_redirect_failures_total.",
                 counters.dropped_bytes,
             ),
+            (
+                "resent_bytes_cut",
+                "Retransmitted bytes the kernel handed the verdict again and it cut, so that the peer got them once.",
+                counters.resent_bytes_cut,
+            ),
+            (
+                "resent_bytes_passed",
+                "Retransmitted bytes the verdict could not cut: the peer got them twice (should stay 0).",
+                counters.resent_bytes_passed,
+            ),
+            (
+                "untracked_messages",
+                "Messages the verdict could not check for retransmitted bytes (its sequence map was full, or the kernel gave it no sequence numbers).",
+                counters.untracked_messages,
+            ),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(

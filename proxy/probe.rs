@@ -10,13 +10,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, MapError, PerCpuArray, SockHash},
+    maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use proxy_probe::{
     COUNTER_DROPPED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
-    COUNTER_REDIRECTED_MESSAGES, COUNTERS_MAP, PARSER_PROGRAM, PEER_OF_MAP, SPLICED_MAP,
-    VERDICT_PROGRAM,
+    COUNTER_REDIRECTED_MESSAGES, COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED,
+    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, NEXT_SEQ_MAP, PARSED_VERDICT_PROGRAM, PARSER_PROGRAM,
+    PEER_OF_MAP, SPLICED_MAP, VERDICT_PROGRAM,
 };
 
 use crate::socket;
@@ -85,6 +86,13 @@ pub struct Counters {
     pub redirected_messages: u64,
     pub redirect_failures: u64,
     pub dropped_bytes: u64,
+    /// Retransmitted bytes the verdict cut because the socket had handled them already.
+    pub resent_bytes_cut: u64,
+    /// Retransmitted bytes it could not cut, which reached the peer a second time.
+    pub resent_bytes_passed: u64,
+    /// Skbs whose overlap with earlier bytes the verdict could not check (`NEXT_SEQ` was
+    /// full, or the kernel did not give it their sequence numbers).
+    pub untracked_messages: u64,
 }
 
 pub struct Probe {
@@ -92,6 +100,7 @@ pub struct Probe {
     _ebpf: Ebpf,
     spliced: SockHash<MapData, u64>,
     peer_of: SockHash<MapData, u64>,
+    next_seq: HashMap<MapData, u64, u32>,
     counters: PerCpuArray<MapData, u64>,
     attach: AttachMode,
 }
@@ -103,9 +112,11 @@ impl Probe {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SPLICED_MAP, capacity)
             .map_max_entries(PEER_OF_MAP, capacity)
+            .map_max_entries(NEXT_SEQ_MAP, capacity)
             .load(PROBE_OBJECT)?;
         let spliced = sock_hash(take_map(&mut ebpf, SPLICED_MAP)?, SPLICED_MAP)?;
         let peer_of = sock_hash(take_map(&mut ebpf, PEER_OF_MAP)?, PEER_OF_MAP)?;
+        let next_seq = next_seq(take_map(&mut ebpf, NEXT_SEQ_MAP)?)?;
         let counters =
             PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?).map_err(|source| {
                 ProbeError::Map {
@@ -114,10 +125,10 @@ impl Probe {
                 }
             })?;
 
-        let mut programs = vec![VERDICT_PROGRAM];
-        if attach == AttachMode::ParserAndVerdict {
-            programs.push(PARSER_PROGRAM);
-        }
+        let programs = match attach {
+            AttachMode::Verdict => vec![VERDICT_PROGRAM],
+            AttachMode::ParserAndVerdict => vec![PARSED_VERDICT_PROGRAM, PARSER_PROGRAM],
+        };
         for name in programs {
             let program: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -137,6 +148,7 @@ impl Probe {
             _ebpf: ebpf,
             spliced,
             peer_of,
+            next_seq,
             counters,
             attach,
         })
@@ -152,6 +164,10 @@ impl Probe {
         Ok(SpliceMaps {
             spliced: duplicate_sock_hash(&self.spliced, SPLICED_MAP)?,
             peer_of: duplicate_sock_hash(&self.peer_of, PEER_OF_MAP)?,
+            next_seq: next_seq(Map::HashMap(duplicate(
+                self.next_seq.map().fd().as_fd(),
+                NEXT_SEQ_MAP,
+            )?))?,
         })
     }
 
@@ -171,6 +187,9 @@ impl Probe {
             redirected_messages: sum(COUNTER_REDIRECTED_MESSAGES)?,
             redirect_failures: sum(COUNTER_REDIRECT_FAILURES)?,
             dropped_bytes: sum(COUNTER_DROPPED_BYTES)?,
+            resent_bytes_cut: sum(COUNTER_RESENT_BYTES_CUT)?,
+            resent_bytes_passed: sum(COUNTER_RESENT_BYTES_PASSED)?,
+            untracked_messages: sum(COUNTER_UNTRACKED_MESSAGES)?,
         })
     }
 
@@ -178,6 +197,12 @@ impl Probe {
     /// spliced, which is how tests prove that teardown left nothing behind.
     pub fn entries(&self) -> (usize, usize) {
         (self.spliced.keys().count(), self.peer_of.keys().count())
+    }
+
+    /// Sockets whose sequence the verdict tracks (`NEXT_SEQ`): 0 once every pair that
+    /// joined the maps has ended.
+    pub fn tracked_sequences(&self) -> usize {
+        self.next_seq.keys().count()
     }
 }
 
@@ -263,6 +288,7 @@ pub struct ByteCounts {
 pub struct SpliceMaps {
     spliced: SockHash<MapData, u64>,
     peer_of: SockHash<MapData, u64>,
+    next_seq: HashMap<MapData, u64, u32>,
 }
 
 impl SpliceMaps {
@@ -333,6 +359,15 @@ impl SpliceMaps {
             let _ = self.spliced.remove(&cookie);
         }
         self.forget(&[client, upstream]);
+        self.ended(client, upstream);
+    }
+
+    /// Forgets the sequence the verdict tracked for a pair's sockets, once they are
+    /// closed or out of `SPLICED`: unlike the SockHashes, nothing removes it by itself.
+    pub fn ended(&mut self, client: u64, upstream: u64) {
+        for cookie in [client, upstream] {
+            let _ = self.next_seq.remove(&cookie);
+        }
     }
 
     fn forget(&mut self, cookies: &[u64]) {
@@ -355,11 +390,19 @@ fn duplicate_sock_hash(
     map: &SockHash<MapData, u64>,
     name: &'static str,
 ) -> Result<SockHash<MapData, u64>, ProbeError> {
-    let fd = map
-        .fd()
-        .as_fd()
+    sock_hash(Map::SockHash(duplicate(map.fd().as_fd(), name)?), name)
+}
+
+fn duplicate(fd: BorrowedFd<'_>, name: &'static str) -> Result<MapData, ProbeError> {
+    let fd = fd
         .try_clone_to_owned()
         .map_err(|source| ProbeError::Duplicate { name, source })?;
-    let data = MapData::from_fd(fd).map_err(|source| ProbeError::Map { name, source })?;
-    sock_hash(Map::SockHash(data), name)
+    MapData::from_fd(fd).map_err(|source| ProbeError::Map { name, source })
+}
+
+fn next_seq(map: Map) -> Result<HashMap<MapData, u64, u32>, ProbeError> {
+    HashMap::try_from(map).map_err(|source| ProbeError::Map {
+        name: NEXT_SEQ_MAP,
+        source,
+    })
 }

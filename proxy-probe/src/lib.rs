@@ -18,11 +18,21 @@ pub const PEER_OF_MAP: &str = "PEER_OF";
 /// Per-CPU array of `u64` counters, indexed by the `COUNTER_*` slots.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
+/// Hash from a socket's cookie to the TCP sequence number just past the last byte the
+/// verdict handled for it (verdict-only mode). Created by the verdict on a socket's first
+/// skb; userspace deletes it when the pair ends.
+pub const NEXT_SEQ_MAP: &str = "NEXT_SEQ";
+
 /// The `stream_parser` program: every skb is one message.
 pub const PARSER_PROGRAM: &str = "splice_parser";
 
-/// The `stream_verdict` program: redirect to the peer's egress.
+/// The `stream_verdict` program of verdict-only mode: cut what the socket has already
+/// handled off the front of an skb, then redirect the rest to the peer's egress.
 pub const VERDICT_PROGRAM: &str = "splice_verdict";
+
+/// The `stream_verdict` program behind the stream parser: redirect to the peer's egress.
+/// The parser reads through `tcp_read_sock`, which skips bytes already read by itself.
+pub const PARSED_VERDICT_PROGRAM: &str = "splice_parsed_verdict";
 
 /// Bytes handed to a peer's egress.
 pub const COUNTER_REDIRECTED_BYTES: u32 = 0;
@@ -32,8 +42,16 @@ pub const COUNTER_REDIRECTED_MESSAGES: u32 = 1;
 pub const COUNTER_REDIRECT_FAILURES: u32 = 2;
 /// Bytes in those dropped messages.
 pub const COUNTER_DROPPED_BYTES: u32 = 3;
+/// Bytes cut off the front of skbs because the socket had handled them already: a
+/// retransmission that overlapped what had arrived before it.
+pub const COUNTER_RESENT_BYTES_CUT: u32 = 4;
+/// Bytes of such overlaps that could not be cut and went to the peer a second time.
+pub const COUNTER_RESENT_BYTES_PASSED: u32 = 5;
+/// Skbs whose overlap with what came before could not be seen: their socket had no
+/// room in `NEXT_SEQ`, or the kernel did not give the verdict their sequence numbers.
+pub const COUNTER_UNTRACKED_MESSAGES: u32 = 6;
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 7;
 
 /// Entries each SockHash holds unless the loader asks for another size: two per spliced
 /// connection.

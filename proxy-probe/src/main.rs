@@ -5,19 +5,29 @@
 //! Userspace fills `PEER_OF` before `SPLICED`, so by the time a socket's bytes reach the
 //! verdict its peer is already a valid redirect target: a redirect to an empty slot would
 //! drop bytes TCP has already acknowledged (KERNEL-NOTES pitfall 6).
+//!
+//! In verdict-only mode the kernel hands the verdict each skb whole as TCP queued it, and
+//! TCP queues a retransmission that starts before what it has already received (but ends
+//! after it) whole too: `tcp_read_skb` does not skip the part the socket has handled, so
+//! without [`cut_resent_bytes`] those bytes would reach the peer twice (docs/kernel.md,
+//! "Retransmissions in verdict-only mode").
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_parser, stream_verdict},
-    maps::{PerCpuArray, SockHash},
+    maps::{HashMap, PerCpuArray, SockHash},
     programs::SkBuffContext,
 };
 use proxy_probe::{
     COUNTER_DROPPED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
-    COUNTER_REDIRECTED_MESSAGES, COUNTER_SLOTS, DEFAULT_MAP_CAPACITY,
+    COUNTER_REDIRECTED_MESSAGES, COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED,
+    COUNTER_SLOTS, COUNTER_UNTRACKED_MESSAGES, DEFAULT_MAP_CAPACITY,
 };
 
 #[map]
@@ -29,6 +39,16 @@ static PEER_OF: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAP_CAPACITY,
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+/// Per socket cookie, the TCP sequence number just past the last byte the verdict
+/// handled. Entries are allocated as sockets first receive, not up front.
+#[map]
+static NEXT_SEQ: HashMap<u64, u32> =
+    HashMap::with_max_entries(DEFAULT_MAP_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// The most `bpf_skb_adjust_room` removes from an sk_skb in one call. The verdict calls
+/// it up to 32 times per skb, 128 KiB: more than a loopback or GSO skb holds.
+const MAX_CUT: u32 = 0xfff;
+
 /// Only used in parser + verdict mode: each skb is a whole message, so the strparser
 /// never waits for more bytes before the verdict runs.
 #[stream_parser]
@@ -38,12 +58,32 @@ fn splice_parser(ctx: SkBuffContext) -> u32 {
 
 #[stream_verdict]
 fn splice_verdict(ctx: SkBuffContext) -> u32 {
+    let cookie = cookie_of(&ctx);
+    if !cut_resent_bytes(&ctx, cookie) {
+        // Every byte of it was handled before: nothing to send, and dropping an empty
+        // skb reads nothing more off the socket.
+        return SK_DROP;
+    }
+    redirect(&ctx, cookie)
+}
+
+#[stream_verdict]
+fn splice_parsed_verdict(ctx: SkBuffContext) -> u32 {
+    redirect(&ctx, cookie_of(&ctx))
+}
+
+#[inline(always)]
+fn cookie_of(ctx: &SkBuffContext) -> u64 {
     // SAFETY: the helper only reads the socket the skb belongs to; `ctx.skb.skb` is the
     // context pointer the kernel passed to this program.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) }
+}
+
+#[inline(always)]
+fn redirect(ctx: &SkBuffContext, cookie: u64) -> u32 {
     let len = u64::from(ctx.len());
     // Flags 0: out of the peer's egress, not into its receive queue (BPF_F_INGRESS).
-    let verdict = PEER_OF.redirect_skb(&ctx, cookie, 0);
+    let verdict = PEER_OF.redirect_skb(ctx, cookie, 0);
     if verdict == i64::from(SK_PASS) {
         count(COUNTER_REDIRECTED_BYTES, len);
         count(COUNTER_REDIRECTED_MESSAGES, 1);
@@ -52,6 +92,78 @@ fn splice_verdict(ctx: SkBuffContext) -> u32 {
         count(COUNTER_DROPPED_BYTES, len);
     }
     verdict as u32
+}
+
+/// Cuts off the front of the skb the bytes this socket's verdict has handled before;
+/// false if nothing is left. In verdict-only mode an sk_skb program's `cb` is the start
+/// of the kernel's `skb->cb`, where TCP keeps the skb's sequence numbers
+/// (`TCP_SKB_CB(skb)->seq` and `->end_seq`).
+#[inline(always)]
+fn cut_resent_bytes(ctx: &SkBuffContext, cookie: u64) -> bool {
+    let cb = ctx.cb();
+    let (seq, end_seq) = (cb[0], cb[1]);
+    // A kernel that maps `cb` elsewhere (older ones map it past the start of `skb->cb`)
+    // does not give the span of the skb's bytes (one more with a FIN): leave it whole.
+    let span = end_seq.wrapping_sub(seq);
+    if span != ctx.len() && span != ctx.len() + 1 {
+        count(COUNTER_UNTRACKED_MESSAGES, 1);
+        return true;
+    }
+    let Some(next) = NEXT_SEQ.get_ptr_mut(cookie) else {
+        // The socket's first skb since it joined: userspace read up to a whole skb's end
+        // before the join (pair.rs, settle_client_queue), so this one starts fresh.
+        if NEXT_SEQ
+            .insert(cookie, end_seq, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            count(COUNTER_UNTRACKED_MESSAGES, 1);
+        }
+        return true;
+    };
+    // SAFETY: `next` points into this socket's entry, which only this program writes, and
+    // the kernel runs it for one socket at a time (under the socket's lock).
+    let handled_to = unsafe { *next };
+    if (end_seq.wrapping_sub(handled_to) as i32) > 0 {
+        // SAFETY: as above.
+        unsafe { *next = end_seq };
+    }
+    let overlap = handled_to.wrapping_sub(seq) as i32;
+    if overlap <= 0 {
+        return true;
+    }
+    let resent = (overlap as u32).min(ctx.len());
+    let mut left = resent;
+    // Unrolled: a loop whose counter the compiler rewrites is one the verifier cannot
+    // bound without CAP_PERFMON ("the sequence of 8193 jumps is too complex").
+    macro_rules! cut {
+        () => {
+            if left > 0 {
+                let cut = left.min(MAX_CUT);
+                if ctx.adjust_room(-(cut as i32), 0, 0).is_ok() {
+                    left -= cut;
+                }
+            }
+        };
+    }
+    macro_rules! cut_8 {
+        () => {
+            cut!();
+            cut!();
+            cut!();
+            cut!();
+            cut!();
+            cut!();
+            cut!();
+            cut!();
+        };
+    }
+    cut_8!();
+    cut_8!();
+    cut_8!();
+    cut_8!();
+    count(COUNTER_RESENT_BYTES_CUT, u64::from(resent - left));
+    count(COUNTER_RESENT_BYTES_PASSED, u64::from(left));
+    ctx.len() > 0
 }
 
 #[inline(always)]

@@ -460,9 +460,14 @@ impl Worker {
         drop(std::mem::take(&mut pair.ticket));
         self.live.fetch_sub(1, Ordering::Relaxed);
 
-        // No map deletes: closing the sockets, when `pair` drops at the end of this
-        // function, takes them out of both maps (the kernel's sock_map_close), which
-        // spares four bpf() calls per connection.
+        // Closing the sockets, when `pair` drops at the end of this function, takes them
+        // out of both SockHashes (the kernel's sock_map_close), which spares four bpf()
+        // calls per connection; only the verdict's sequence entries need deleting.
+        if pair.in_maps
+            && let Some(maps) = &mut self.maps
+        {
+            maps.ended(pair.client.cookie, pair.upstream.cookie);
+        }
         let (sent_up, sent_down) = pair.bytes_sent();
         let mode = pair.mode();
         let info = &pair.info;

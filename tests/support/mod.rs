@@ -115,13 +115,15 @@ impl Proxy {
         let deadline = Instant::now() + limit;
         loop {
             let live = self.engine.live();
-            let entries = self.probe.as_ref().map_or((0, 0), |p| p.entries());
-            if live == 0 && entries == (0, 0) {
+            let entries = self.probe.as_ref().map_or((0, 0, 0), |p| {
+                (p.entries().0, p.entries().1, p.tracked_sequences())
+            });
+            if live == 0 && entries == (0, 0, 0) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "after {limit:?}: {live} connections still live, map entries (SPLICED, PEER_OF) = {entries:?}"
+                "after {limit:?}: {live} connections still live, map entries (SPLICED, PEER_OF, NEXT_SEQ) = {entries:?}"
             );
             thread::sleep(Duration::from_millis(10));
         }
@@ -851,4 +853,40 @@ pub fn not_installed(what: &str, package: &str) -> ! {
         "{what} is not installed: the tests need Debian's {package} package \
          (apt-get install {package}; scripts/test installs everything the tests use)"
     )
+}
+
+/// Runs `test` on a thread in a network namespace of its own, whose loopback behaves like
+/// a congested link to a peer without SACK: a 1500-byte MTU, a token bucket that drops
+/// what overflows its 100 KB queue, and `tcp_sack` off, so that TCP recovers by
+/// retransmitting from the first lost byte and re-segments what it sends again (it may
+/// merge segments the receiver already has into the retransmission). Everything the test
+/// starts (proxy, backends, clients) runs in that namespace: threads inherit it.
+pub fn on_a_lossy_loopback<T: Send + 'static>(test: impl FnOnce() -> T + Send + 'static) -> T {
+    thread::spawn(move || {
+        // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread.
+        let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            unshared,
+            0,
+            "unshare(CLONE_NEWNET) (needs root): {}",
+            io::Error::last_os_error()
+        );
+        for (program, args) in [
+            ("ip", &["link", "set", "lo", "mtu", "1500", "up"][..]),
+            (
+                "tc",
+                &[
+                    "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1gbit", "burst", "64kb",
+                    "limit", "100kb",
+                ][..],
+            ),
+        ] {
+            let status = external(program, "iproute2").args(args).status().unwrap();
+            assert!(status.success(), "{program} {args:?}: {status}");
+        }
+        std::fs::write("/proc/sys/net/ipv4/tcp_sack", "0").unwrap();
+        test()
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
