@@ -594,7 +594,11 @@ fn every_ordering(mode: Moving, test: u8) {
             cases.len()
         );
     }
-    eprintln!("{} orderings in {:?}", cases.len(), started.elapsed());
+    eprintln!(
+        "{} orderings in {:?}, {spliced} spliced",
+        cases.len(),
+        started.elapsed()
+    );
 }
 
 #[test]
