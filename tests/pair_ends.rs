@@ -13,7 +13,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Mutex, MutexGuard,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     thread,
@@ -419,18 +419,55 @@ struct Bench {
     proxy: Proxy,
     backend: Mutex<TcpListener>,
     test: u8,
+    /// A case waited [`WAIT`] for its pair's setup in vain.
+    setup_stalled: AtomicBool,
+}
+
+impl Bench {
+    /// Waits until the engine has set up one pair more than `before`, which it had set
+    /// up when the caller took the connect lock: the caller's, since cases connect one
+    /// at a time. Until then a case's events would race the hand-off, and the slower
+    /// the machine the more of them would find the pair not yet spliced (under
+    /// emulation, most). Bounded by [`WAIT`], so that a stuck engine fails the case
+    /// instead of hanging it; once a case has waited in vain the others only look, so
+    /// that the test still ends in seconds.
+    fn wait_set_up(&self, before: u64) -> Result<(), String> {
+        let deadline = if self.setup_stalled.load(Ordering::Relaxed) {
+            Instant::now()
+        } else {
+            Instant::now() + WAIT
+        };
+        loop {
+            if self.proxy.set_up().total() > before {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.setup_stalled.store(true, Ordering::Relaxed);
+                return Err(format!(
+                    "the engine did not set the pair up within {WAIT:?}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// Drives `events` on a new connection, closes what is left, and checks how it ended;
 /// returns the problems found (none when all is well).
 fn run_case(bench: &Bench, index: usize, events: &[Event]) -> Vec<String> {
     let ip = client_ip(bench.test, index);
+    let mut problems = Vec::new();
     let (mut client, mut backend) = {
-        // One case connects at a time, so that the connection accepted is its own.
+        // One case connects at a time, so that the connection accepted, and the pair the
+        // engine sets up next, are its own.
         let listener = bench.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let before = bench.proxy.set_up().total();
         let mut client = End::new(connect_from(ip, bench.proxy.addr));
         client.act(Act::Data, FIRST);
         let mut backend = End::new(accept_within(&listener, WAIT));
+        // The events still run after a setup that never came: how the pair ends is
+        // checked all the same.
+        problems.extend(bench.wait_set_up(before).err());
         drop(listener);
         let first = backend
             .stream
@@ -439,15 +476,14 @@ fn run_case(bench: &Bench, index: usize, events: &[Event]) -> Vec<String> {
         match first {
             Some(Ok(first)) => backend.received = first,
             other => {
-                return vec![format!(
+                problems.push(format!(
                     "the backend did not get the first message: {other:?}"
-                )];
+                ));
+                return problems;
             }
         }
         (client, backend)
     };
-    // Mostly after the hand-off: events that race it are cases of their own.
-    thread::sleep(Duration::from_millis(20));
     for (step, &(who, act)) in events.iter().enumerate() {
         let data = payload(200 + 37 * step, (index * 8 + step) as u64);
         match who {
@@ -462,7 +498,6 @@ fn run_case(bench: &Bench, index: usize, events: &[Event]) -> Vec<String> {
     backend.fin_if_open();
     client.read_to_end();
     backend.read_to_end();
-    let mut problems = Vec::new();
     for (name, end) in [("client", &client), ("backend", &backend)] {
         if end.stream.is_some() && !end.ended {
             problems.push(format!("the {name} saw no EOF or reset within {BOUND:?}"));
@@ -509,6 +544,7 @@ fn every_ordering(mode: Moving, test: u8) {
         proxy: Proxy::start(&routes, mode),
         backend: Mutex::new(listener),
         test,
+        setup_stalled: AtomicBool::new(false),
     };
     let fds_before = settled_fds(Duration::from_millis(100), WAIT);
     let cases = sequences(DEPTH);
@@ -558,7 +594,11 @@ fn every_ordering(mode: Moving, test: u8) {
             cases.len()
         );
     }
-    eprintln!("{} orderings in {:?}", cases.len(), started.elapsed());
+    eprintln!(
+        "{} orderings in {:?}, {spliced} spliced",
+        cases.len(),
+        started.elapsed()
+    );
 }
 
 #[test]

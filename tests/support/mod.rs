@@ -890,3 +890,46 @@ pub fn on_a_lossy_loopback<T: Send + 'static>(test: impl FnOnce() -> T + Send + 
     .join()
     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
+
+// ---------------------------------------------------------------------------------------
+// Added for tests/pair_ends.rs: which pairs the engine has set up, and how.
+
+/// Pairs an engine has set up since it started, by how it moves their bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SetUp {
+    /// In the maps (both sockets, or the upstream alone when the client closed during
+    /// the hand-off): the pairs the access log says `mode = "splice"` of at their end.
+    pub spliced: u64,
+    pub copied: u64,
+}
+
+impl SetUp {
+    pub fn total(self) -> u64 {
+        self.spliced + self.copied
+    }
+}
+
+impl Proxy {
+    /// The pairs the engine has set up so far, from its metrics: a pair counts once it
+    /// is in the maps or registered for copying, never before, and never stops counting.
+    pub fn set_up(&self) -> SetUp {
+        let mut set_up = SetUp::default();
+        for line in self.engine.metrics().encode().lines() {
+            let Some(sample) = line.strip_prefix("splice_proxy_connections_total{") else {
+                continue;
+            };
+            let (labels, count) = sample
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample: {line:?}"));
+            let count: u64 = count
+                .parse()
+                .unwrap_or_else(|e| panic!("not a count ({e}): {line:?}"));
+            if labels.contains("mode=\"splice\"") {
+                set_up.spliced += count;
+            } else {
+                set_up.copied += count;
+            }
+        }
+        set_up
+    }
+}
