@@ -1,8 +1,8 @@
 //! The splice-proxy benchmark: one run measures each target side by side on 127.0.0.1:
 //!
 //! - `direct`: the client talks to the backend with no proxy (the limit),
-//! - `splice-verdict` and `splice-parser`: splice-proxy in splice mode with each attach
-//!   mode, `copy`: splice-proxy copying in userspace,
+//! - `splice-verdict`: splice-proxy in splice mode, `copy`: splice-proxy copying in
+//!   userspace,
 //! - `haproxy`: HAProxy in `mode tcp` with `option splice-auto`,
 //! - `nginx`: the nginx `stream` module,
 //!
@@ -98,8 +98,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     repeats: Option<usize>,
 
-    /// Only these targets, comma-separated: direct, splice-verdict, splice-parser, copy,
-    /// haproxy, nginx [default: all].
+    /// Only these targets, comma-separated: direct, splice-verdict, copy, haproxy, nginx
+    /// [default: all].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     targets: Vec<String>,
 
@@ -542,7 +542,6 @@ fn print_summary(
     targets: &[Target],
     elapsed: Duration,
 ) {
-    print_attach_comparison(settings, results);
     print_splice_counts(targets);
     let cells: Vec<&Cell> = results.iter().flat_map(|(_, cells)| cells).collect();
     let disturbed = cells.iter().filter(|cell| cell.disturbed()).count();
@@ -554,44 +553,6 @@ fn print_summary(
         elapsed.as_secs_f64(),
         if settings.quick { " (quick mode)" } else { "" }
     );
-}
-
-/// splice-proxy attaches the stream verdict alone by default because it measured faster
-/// than parser + verdict: this is the measurement.
-fn print_attach_comparison(settings: &Settings, results: &[(Workload, Vec<Cell>)]) {
-    let mut lines = Vec::new();
-    for (workload, cells) in results {
-        let rate = |kind| cells.iter().find(|c| c.kind == kind).and_then(Cell::rate);
-        let (Some(verdict), Some(parser)) = (rate(Kind::SpliceVerdict), rate(Kind::SpliceParser))
-        else {
-            continue;
-        };
-        if !matches!(workload, Workload::Bulk { .. }) {
-            continue;
-        }
-        let overlap = if settings.repeats < 2 {
-            "one run each: no ranges to compare"
-        } else if verdict.min > parser.max || parser.min > verdict.max {
-            "the ranges do not overlap"
-        } else {
-            "the ranges overlap: within the noise"
-        };
-        lines.push(format!(
-            "  {:<24} verdict {:.2} ({:.2}-{:.2}), parser {:.2} ({:.2}-{:.2}) Gbit/s: {:.2}x, {overlap}",
-            workload.title(),
-            verdict.median,
-            verdict.min,
-            verdict.max,
-            parser.median,
-            parser.min,
-            parser.max,
-            verdict.median / parser.median,
-        ));
-    }
-    if !lines.is_empty() {
-        println!("\nsplice attach modes, bulk throughput (verdict / parser):");
-        println!("{}", lines.join("\n"));
-    }
 }
 
 /// Whether splice-proxy spliced what it was asked to: a connection it copies instead

@@ -28,17 +28,15 @@ const PROXY_THREADS: usize = 2;
 pub enum Kind {
     Direct,
     SpliceVerdict,
-    SpliceParser,
     Copy,
     Haproxy,
     Nginx,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Direct,
         Kind::SpliceVerdict,
-        Kind::SpliceParser,
         Kind::Copy,
         Kind::Haproxy,
         Kind::Nginx,
@@ -48,7 +46,6 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::SpliceVerdict => "splice-verdict",
-            Kind::SpliceParser => "splice-parser",
             Kind::Copy => "copy",
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
@@ -58,8 +55,7 @@ impl Kind {
     pub fn describe(self) -> &'static str {
         match self {
             Kind::Direct => "client to backend, no proxy: the limit",
-            Kind::SpliceVerdict => "splice-proxy --mode splice --attach verdict (the default)",
-            Kind::SpliceParser => "splice-proxy --mode splice --attach parser",
+            Kind::SpliceVerdict => "splice-proxy --mode splice (stream verdict only)",
             Kind::Copy => "splice-proxy --mode copy (userspace copy)",
             Kind::Haproxy => "HAProxy, mode tcp, option splice-auto",
             Kind::Nginx => "nginx stream proxy_pass",
@@ -67,7 +63,7 @@ impl Kind {
     }
 
     fn is_splice_proxy(self) -> bool {
-        matches!(self, Kind::SpliceVerdict | Kind::SpliceParser | Kind::Copy)
+        matches!(self, Kind::SpliceVerdict | Kind::Copy)
     }
 
     pub fn parse(name: &str) -> Option<Kind> {
@@ -93,9 +89,7 @@ pub enum Program {
 pub fn locate(kind: Kind) -> Result<Option<Program>, String> {
     let program = match kind {
         Kind::Direct => return Ok(None),
-        Kind::SpliceVerdict | Kind::SpliceParser | Kind::Copy => {
-            Program::SpliceProxy(splice_proxy_binary()?)
-        }
+        Kind::SpliceVerdict | Kind::Copy => Program::SpliceProxy(splice_proxy_binary()?),
         Kind::Haproxy => Program::Haproxy(
             find_program("haproxy")
                 .ok_or_else(|| "haproxy is not installed: apt-get install haproxy".to_owned())?,
@@ -394,8 +388,7 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
         .max(proxy_probe::DEFAULT_MAP_CAPACITY as usize);
     fs::write(&routes, config).with_context(|| format!("writing {}", routes.display()))?;
     let mode: &[&str] = match kind {
-        Kind::SpliceVerdict => &["--mode", "splice", "--attach", "verdict"],
-        Kind::SpliceParser => &["--mode", "splice", "--attach", "parser"],
+        Kind::SpliceVerdict => &["--mode", "splice"],
         _ => &["--mode", "copy"],
     };
     let mut command = Command::new(binary);
