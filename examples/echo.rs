@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use splice_proxy::probe::{AttachMode, MapSocket, Probe, SpliceMaps};
+use splice_proxy::probe::{MapSocket, Probe, SpliceMaps};
 
 /// Echoes every byte back inside the kernel (needs root, or CAP_BPF and CAP_NET_ADMIN).
 #[derive(Parser)]
@@ -40,7 +40,7 @@ const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let probe = Arc::new(Probe::load(AttachMode::Verdict, 1 << 16)?);
+    let probe = Arc::new(Probe::load(1 << 16)?);
     let listener =
         TcpListener::bind(args.listen).with_context(|| format!("bind {}", args.listen))?;
     println!("echo: listening on {}", listener.local_addr()?);

@@ -22,7 +22,7 @@ use splice_proxy::{
     config::Config,
     metrics,
     privileges::{self, Identity},
-    probe::{AttachMode, Probe},
+    probe::Probe,
     route::RouteTable,
     server::{Limits, Listeners, Server},
     splice::{SPLICED_SEND_BUFFER, SpliceEngine},
@@ -58,11 +58,6 @@ struct Args {
     /// How bytes move after the first message.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
-
-    /// Which programs the probe attaches: the stream verdict alone (one kernel stage
-    /// fewer, and no slower in BENCHMARKS.md), or the stream parser and the verdict.
-    #[arg(long, value_enum, default_value_t = Attach::Verdict)]
-    attach: Attach,
 
     /// Executors accepting connections (one SO_REUSEPORT listener each); 0 = one per CPU.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -118,14 +113,6 @@ enum Mode {
     Copy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Attach {
-    /// stream_verdict only.
-    Verdict,
-    /// stream_parser + stream_verdict.
-    Parser,
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     // tracing-subscriber itself only looks at NO_COLOR, not at where the lines go.
@@ -166,19 +153,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let attach = match args.attach {
-        Attach::Verdict => AttachMode::Verdict,
-        Attach::Parser => AttachMode::ParserAndVerdict,
-    };
     let mut probe = match args.mode {
         Mode::Copy => None,
-        Mode::Splice => Some(Probe::load(attach, args.map_capacity).map_err(|e| {
+        Mode::Splice => Some(Probe::load(args.map_capacity).map_err(|e| {
             anyhow!(
                 "--mode splice: the probe could not be loaded: {}",
                 with_root_cause(&e)
             )
         })?),
-        Mode::Auto => match Probe::load(attach, args.map_capacity) {
+        Mode::Auto => match Probe::load(args.map_capacity) {
             Ok(probe) => Some(probe),
             Err(e) => {
                 tracing::warn!(
@@ -257,13 +240,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let server = Server::start(listeners, router, limits, Arc::clone(&engine))
         .context("starting the executors")?;
     tracing::info!(
-        "listening on {} ({mode} mode{}, {} routes from {})",
+        "listening on {} ({mode} mode, {} routes from {})",
         server.local_addr(),
-        if mode == "splice" {
-            format!(", {attach}")
-        } else {
-            String::new()
-        },
         config.routes.len(),
         args.routes.display()
     );

@@ -1,5 +1,5 @@
-//! The loaded eBPF probe: its two programs attached to the `SPLICED` SockHash, and typed
-//! handles on its maps. [`Probe`] owns the programs (dropping it detaches them, and every
+//! The loaded eBPF probe: its stream verdict attached to the `SPLICED` SockHash, and typed
+//! handles on its maps. [`Probe`] owns the program (dropping it detaches it, and every
 //! spliced connection then stops moving: KERNEL-NOTES pitfall 8); [`SpliceMaps`] are
 //! per-thread handles that carry out the order in which a pair joins and leaves the maps.
 
@@ -16,35 +16,14 @@ use aya::{
 use proxy_probe::{
     COUNTER_DROPPED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
     COUNTER_REDIRECTED_MESSAGES, COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED,
-    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, NEXT_SEQ_MAP, PARSED_VERDICT_PROGRAM, PARSER_PROGRAM,
-    PEER_OF_MAP, SPLICED_MAP, VERDICT_PROGRAM,
+    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, NEXT_SEQ_MAP, PEER_OF_MAP, SPLICED_MAP,
+    VERDICT_PROGRAM,
 };
 
 use crate::socket;
 
 /// The object built from proxy-probe/ by build.rs (from source, or the checked prebuilt).
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-probe"));
-
-/// Whether the kernel runs a stream parser before the verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AttachMode {
-    /// Verdict only: the kernel hands each received skb straight to the verdict, skipping
-    /// the strparser. The default: it measured as fast as the parser path here (within
-    /// the noise, download slightly ahead; BENCHMARKS.md) with one kernel stage fewer.
-    #[default]
-    Verdict,
-    /// `stream_parser` + `stream_verdict`: the classic strparser path (kernel 4.14+).
-    ParserAndVerdict,
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AttachMode::Verdict => "verdict",
-            AttachMode::ParserAndVerdict => "parser+verdict",
-        })
-    }
-}
 
 /// Each variant's cause is its `source()`, not repeated in its message: print the chain
 /// (anyhow's `{:#}`) to see both.
@@ -96,19 +75,19 @@ pub struct Counters {
 }
 
 pub struct Probe {
-    /// Owns the programs and their attachment to `SPLICED`.
+    /// Owns the program and its attachment to `SPLICED`.
     _ebpf: Ebpf,
     spliced: SockHash<MapData, u64>,
     peer_of: SockHash<MapData, u64>,
     next_seq: HashMap<MapData, u64, u32>,
     counters: PerCpuArray<MapData, u64>,
-    attach: AttachMode,
 }
 
 impl Probe {
-    /// Loads the programs and attaches them to `SPLICED`. `capacity` is the number of
-    /// sockets each SockHash can hold: two per spliced connection.
-    pub fn load(attach: AttachMode, capacity: u32) -> Result<Probe, ProbeError> {
+    /// Loads the stream verdict and attaches it to `SPLICED`, with no stream parser in
+    /// front of it (docs/kernel.md, "Why there is no stream-parser mode"). `capacity` is
+    /// the number of sockets each SockHash can hold: two per spliced connection.
+    pub fn load(capacity: u32) -> Result<Probe, ProbeError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SPLICED_MAP, capacity)
             .map_max_entries(PEER_OF_MAP, capacity)
@@ -125,24 +104,19 @@ impl Probe {
                 }
             })?;
 
-        let programs = match attach {
-            AttachMode::Verdict => vec![VERDICT_PROGRAM],
-            AttachMode::ParserAndVerdict => vec![PARSED_VERDICT_PROGRAM, PARSER_PROGRAM],
-        };
-        for name in programs {
-            let program: &mut SkSkb = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            program
-                .load()
-                .and_then(|()| program.attach(spliced.fd()))
-                .map_err(|source| ProbeError::Program { name, source })?;
-        }
+        let name = VERDICT_PROGRAM;
+        let program: &mut SkSkb = ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name, source })?;
+        program
+            .load()
+            .and_then(|()| program.attach(spliced.fd()))
+            .map_err(|source| ProbeError::Program { name, source })?;
 
         Ok(Probe {
             _ebpf: ebpf,
@@ -150,12 +124,7 @@ impl Probe {
             peer_of,
             next_seq,
             counters,
-            attach,
         })
-    }
-
-    pub fn attach_mode(&self) -> AttachMode {
-        self.attach
     }
 
     /// Handles on the maps for one thread: inserts need `&mut`, and separate handles

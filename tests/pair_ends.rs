@@ -225,11 +225,6 @@ fn keep_alive_close_race_splice() {
 }
 
 #[test]
-fn keep_alive_close_race_splice_parser() {
-    keep_alive_close_race(SPLICE_PARSER, 2);
-}
-
-#[test]
 fn keep_alive_close_race_copy() {
     keep_alive_close_race(COPY, 3);
 }
@@ -604,11 +599,6 @@ fn every_ordering(mode: Moving, test: u8) {
 #[test]
 fn every_ordering_splice() {
     every_ordering(SPLICE, 11);
-}
-
-#[test]
-fn every_ordering_splice_parser() {
-    every_ordering(SPLICE_PARSER, 12);
 }
 
 #[test]

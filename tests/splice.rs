@@ -1,9 +1,9 @@
-//! Through the proxy, in splice (verdict) mode, splice with the stream parser, and copy
-//! mode, checking every byte with a hash: sizes from 1 byte to 64 MiB in each direction
-//! and both at once, first messages split or pipelined, a backend that speaks first,
-//! readers that pause, half-closes and resets from either side, refused backends,
-//! connection churn, the proof that spliced bytes never reach userspace, and bytes queued
-//! on either socket before the hand-off (KERNEL-NOTES pitfall 1).
+//! Through the proxy, in splice and copy mode, checking every byte with a hash: sizes
+//! from 1 byte to 64 MiB in each direction and both at once, first messages split or
+//! pipelined, a backend that speaks first, readers that pause, half-closes and resets from
+//! either side, refused backends, connection churn, the proof that spliced bytes never
+//! reach userspace, and bytes queued on either socket before the hand-off (KERNEL-NOTES
+//! pitfall 1).
 //!
 //! Each scenario is one function taking the mode; `in_modes!` makes a #[test] per mode,
 //! named `scenario::mode`, so a failure names both.
@@ -45,14 +45,14 @@ fn alone() -> RwLockWriteGuard<'static, ()> {
 }
 
 /// `in_modes!(name, |mode| scenario(mode, args..))` makes `mod name` with a #[test] for
-/// each of `splice`, `splice_parser` and `copy`; `; modes..` at the end picks modes, and
-/// `alone` in front runs the tests under the write lock of [`MEASURING`].
+/// each of `splice` and `copy`; `; modes..` at the end picks modes, and `alone` in front
+/// runs the tests under the write lock of [`MEASURING`].
 macro_rules! in_modes {
     (alone $name:ident, |$m:ident| $body:expr) => {
-        in_modes!(alone $name, |$m| $body; splice, splice_parser, copy);
+        in_modes!(alone $name, |$m| $body; splice, copy);
     };
     ($name:ident, |$m:ident| $body:expr) => {
-        in_modes!($name, |$m| $body; splice, splice_parser, copy);
+        in_modes!($name, |$m| $body; splice, copy);
     };
     (alone $name:ident, |$m:ident| $body:expr; $($mode:ident),+) => {
         in_modes!(@mod alone, $name, |$m| $body; $($mode),+);
@@ -74,7 +74,6 @@ macro_rules! in_modes {
         }
     };
     (@splice) => { SPLICE };
-    (@splice_parser) => { SPLICE_PARSER };
     (@copy) => { COPY };
 }
 

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use splice_proxy::{
     admission::Admission,
     config::Config,
-    probe::{AttachMode, Probe},
+    probe::Probe,
     route::RouteTable,
     server::{Limits, Listeners, Server},
     splice::SpliceEngine,
@@ -33,12 +33,11 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
 /// How a test proxy moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moving {
-    Splice(AttachMode),
+    Splice,
     Copy,
 }
 
-pub const SPLICE: Moving = Moving::Splice(AttachMode::Verdict);
-pub const SPLICE_PARSER: Moving = Moving::Splice(AttachMode::ParserAndVerdict);
+pub const SPLICE: Moving = Moving::Splice;
 pub const COPY: Moving = Moving::Copy;
 
 /// A proxy in this process: the library's server, engine and probe, exactly as the
@@ -64,8 +63,8 @@ impl Proxy {
         let config =
             Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
         let probe = match moving {
-            Moving::Splice(attach) => Some(Arc::new(
-                Probe::load(attach, map_capacity)
+            Moving::Splice => Some(Arc::new(
+                Probe::load(map_capacity)
                     .expect("the probe must load: tests run as root on a kernel with sockmap"),
             )),
             Moving::Copy => None,
@@ -398,7 +397,7 @@ pub fn routes_file(name: &str, text: &str) -> PathBuf {
 // stream, reply after EOF or report how a read ended, and abortive closes.
 
 impl Proxy {
-    /// Whether this proxy loaded the probe (splice or splice-with-parser mode).
+    /// Whether this proxy loaded the probe (splice mode).
     pub fn is_splicing(&self) -> bool {
         self.probe.is_some()
     }
