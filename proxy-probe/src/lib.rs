@@ -6,8 +6,8 @@
 //! finds the probe through cargo metadata.
 #![no_std]
 
-/// SockHash keyed by a socket's own cookie. The stream programs are attached to this map,
-/// so a socket's received bytes go through the verdict once it is a member.
+/// SockHash keyed by a socket's own cookie. The stream verdict is attached to this map,
+/// so a socket's received bytes go through it once the socket is a member.
 pub const SPLICED_MAP: &str = "SPLICED";
 
 /// SockHash keyed by a socket's cookie whose value is that socket's *peer*: the verdict
@@ -19,20 +19,14 @@ pub const PEER_OF_MAP: &str = "PEER_OF";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
 /// Hash from a socket's cookie to the TCP sequence number just past the last byte the
-/// verdict handled for it (verdict-only mode). Created by the verdict on a socket's first
-/// skb; userspace deletes it when the pair ends.
+/// verdict handled for it. Created by the verdict on a socket's first skb; userspace
+/// deletes it when the pair ends.
 pub const NEXT_SEQ_MAP: &str = "NEXT_SEQ";
 
-/// The `stream_parser` program: every skb is one message.
-pub const PARSER_PROGRAM: &str = "splice_parser";
-
-/// The `stream_verdict` program of verdict-only mode: cut what the socket has already
-/// handled off the front of an skb, then redirect the rest to the peer's egress.
+/// The `stream_verdict` program, attached with no stream parser in front of it: cut what
+/// the socket has already handled off the front of an skb, then redirect the rest to the
+/// peer's egress.
 pub const VERDICT_PROGRAM: &str = "splice_verdict";
-
-/// The `stream_verdict` program behind the stream parser: redirect to the peer's egress.
-/// The parser reads through `tcp_read_sock`, which skips bytes already read by itself.
-pub const PARSED_VERDICT_PROGRAM: &str = "splice_parsed_verdict";
 
 /// Bytes handed to a peer's egress.
 pub const COUNTER_REDIRECTED_BYTES: u32 = 0;

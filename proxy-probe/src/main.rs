@@ -6,10 +6,11 @@
 //! verdict its peer is already a valid redirect target: a redirect to an empty slot would
 //! drop bytes TCP has already acknowledged (KERNEL-NOTES pitfall 6).
 //!
-//! In verdict-only mode the kernel hands the verdict each skb whole as TCP queued it, and
-//! TCP queues a retransmission that starts before what it has already received (but ends
-//! after it) whole too: `tcp_read_skb` does not skip the part the socket has handled, so
-//! without [`cut_resent_bytes`] those bytes would reach the peer twice (docs/kernel.md,
+//! With no stream parser attached (docs/kernel.md, "Why there is no stream-parser mode")
+//! the kernel hands the verdict each skb whole as TCP queued it, and TCP queues a
+//! retransmission that starts before what it has already received (but ends after it)
+//! whole too: `tcp_read_skb` does not skip the part the socket has handled, so without
+//! [`cut_resent_bytes`] those bytes would reach the peer twice (docs/kernel.md,
 //! "Retransmissions in verdict-only mode").
 #![no_std]
 #![no_main]
@@ -20,7 +21,7 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::bpf_get_socket_cookie,
-    macros::{map, stream_parser, stream_verdict},
+    macros::{map, stream_verdict},
     maps::{HashMap, PerCpuArray, SockHash},
     programs::SkBuffContext,
 };
@@ -49,13 +50,6 @@ static NEXT_SEQ: HashMap<u64, u32> =
 /// it up to 32 times per skb, 128 KiB: more than a loopback or GSO skb holds.
 const MAX_CUT: u32 = 0xfff;
 
-/// Only used in parser + verdict mode: each skb is a whole message, so the strparser
-/// never waits for more bytes before the verdict runs.
-#[stream_parser]
-fn splice_parser(ctx: SkBuffContext) -> u32 {
-    ctx.len()
-}
-
 #[stream_verdict]
 fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let cookie = cookie_of(&ctx);
@@ -65,11 +59,6 @@ fn splice_verdict(ctx: SkBuffContext) -> u32 {
         return SK_DROP;
     }
     redirect(&ctx, cookie)
-}
-
-#[stream_verdict]
-fn splice_parsed_verdict(ctx: SkBuffContext) -> u32 {
-    redirect(&ctx, cookie_of(&ctx))
 }
 
 #[inline(always)]
@@ -95,8 +84,8 @@ fn redirect(ctx: &SkBuffContext, cookie: u64) -> u32 {
 }
 
 /// Cuts off the front of the skb the bytes this socket's verdict has handled before;
-/// false if nothing is left. In verdict-only mode an sk_skb program's `cb` is the start
-/// of the kernel's `skb->cb`, where TCP keeps the skb's sequence numbers
+/// false if nothing is left. With no stream parser attached an sk_skb program's `cb` is
+/// the start of the kernel's `skb->cb`, where TCP keeps the skb's sequence numbers
 /// (`TCP_SKB_CB(skb)->seq` and `->end_seq`).
 #[inline(always)]
 fn cut_resent_bytes(ctx: &SkBuffContext, cookie: u64) -> bool {
