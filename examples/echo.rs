@@ -10,13 +10,19 @@
 //! Each accepted socket joins the probe's maps as its own peer
 //! ([`SpliceMaps::loop_back`]): `PEER_OF[cookie]` is the socket itself, so the verdict
 //! program redirects what it receives to its own egress. A thread per connection then
-//! only waits for the close. When the client half-closes, the kernel may not have echoed
-//! everything that came before the FIN yet (the redirect is asynchronous: KERNEL-NOTES
-//! pitfall 2), so the thread waits until it has, sends its own FIN, takes the socket out
-//! of the maps, and prints one line.
+//! keeps the echo bounded and waits for the close. The probe redirects only within a
+//! credit (a client that sends and never reads must not fill the host's memory), so
+//! every 10 ms the thread grants credit up to a backlog past what the kernel has really
+//! sent back, and if the client got that far ahead the verdict parks its bytes in the
+//! socket, where the thread echoes them itself once the kernel has caught up (the
+//! engine does the same with an event-driven loop: proxy/splice/flow.rs). When the
+//! client half-closes, the kernel may not have echoed everything that came before the
+//! FIN yet (the redirect is asynchronous: KERNEL-NOTES pitfall 2), so the thread waits
+//! until it has, sends its own FIN, takes the socket out of the maps, and prints one
+//! line.
 
 use std::{
-    io,
+    io::{self, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd},
     sync::Arc,
@@ -26,7 +32,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use splice_proxy::probe::{MapSocket, Probe, SpliceMaps};
+use splice_proxy::probe::{Backlog, Credit, FLOWING, MapSocket, Probe, SpliceMaps};
 
 /// Echoes every byte back inside the kernel (needs root, or CAP_BPF and CAP_NET_ADMIN).
 #[derive(Parser)]
@@ -40,7 +46,7 @@ const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let probe = Arc::new(Probe::load(1 << 16)?);
+    let probe = Arc::new(Probe::load(1 << 16, Backlog::default())?);
     let listener =
         TcpListener::bind(args.listen).with_context(|| format!("bind {}", args.listen))?;
     println!("echo: listening on {}", listener.local_addr()?);
@@ -77,42 +83,125 @@ fn echo(stream: TcpStream, mut maps: SpliceMaps) -> io::Result<String> {
         stream.shutdown(Shutdown::Write)?;
         return Ok(format!("echoed {echoed} bytes in userspace ({refused})"));
     }
+    let mut echo = Echo {
+        stream: &stream,
+        socket,
+        base,
+        unparked: 0,
+    };
     let echoed = socket
         .kick_receive_queue()
-        .and_then(|()| wait_for_close(&stream, socket, base));
+        .and_then(|()| echo.wait_for_close(&mut maps));
     maps.leave(socket.cookie, socket.cookie);
-    Ok(format!("echoed {} bytes in the kernel", echoed?))
+    maps.forget_flows(&[socket.cookie]);
+    let echoed = echoed?;
+    Ok(match echo.unparked {
+        0 => format!("echoed {echoed} bytes in the kernel"),
+        copied => format!("echoed {echoed} bytes, {copied} of them parked and copied here"),
+    })
 }
 
-/// Sleeps until the client half-closes, waits for the kernel to echo everything before
-/// its FIN, then passes the close on.
-fn wait_for_close(stream: &TcpStream, socket: MapSocket<'_>, base: u64) -> io::Result<u64> {
-    loop {
-        let events = poll(stream, libc::POLLRDHUP, None)?;
-        check(stream, events)?;
-        if events & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
-            break;
+struct Echo<'a> {
+    stream: &'a TcpStream,
+    socket: MapSocket<'a>,
+    /// The socket's `bytes_written` when it joined the maps.
+    base: u64,
+    /// Parked bytes this thread has read and written back.
+    unparked: u64,
+}
+
+impl Echo<'_> {
+    /// Keeps the echo going until the client half-closes, waits for everything before
+    /// its FIN to be echoed, then passes the close on.
+    fn wait_for_close(&mut self, maps: &mut SpliceMaps) -> io::Result<u64> {
+        let stream = self.stream;
+        loop {
+            let events = poll(stream, libc::POLLRDHUP, Some(Duration::from_millis(10)))?;
+            check(stream, events)?;
+            self.keep_flowing(maps)?;
+            if events & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
+                break;
+            }
+        }
+        let mut progress = (0, Instant::now());
+        loop {
+            self.keep_flowing(maps)?;
+            let counts = self.socket.byte_counts()?;
+            // The received count includes the FIN.
+            let (owed, echoed) = (counts.received.saturating_sub(1), counts.written - self.base);
+            if echoed >= owed {
+                stream.shutdown(Shutdown::Write)?;
+                return Ok(echoed);
+            }
+            if echoed != progress.0 {
+                progress = (echoed, Instant::now());
+            } else if progress.1.elapsed() > STALL_LIMIT {
+                return Err(io::Error::other(format!(
+                    "the kernel stopped echoing with {} bytes owed",
+                    owed - echoed
+                )));
+            }
+            // Sleeps a millisecond, or less if the client resets.
+            check(stream, poll(stream, 0, Some(Duration::from_millis(1)))?)?;
         }
     }
-    let mut progress = (0, Instant::now());
-    loop {
-        let counts = socket.byte_counts()?;
-        // The received count includes the FIN.
-        let (owed, echoed) = (counts.received.saturating_sub(1), counts.written - base);
-        if echoed >= owed {
-            stream.shutdown(Shutdown::Write)?;
-            return Ok(echoed);
+
+    /// Grants credit from what the kernel has echoed; if the verdict parked bytes, echoes
+    /// them here once the kernel has sent everything it redirected before them.
+    fn keep_flowing(&mut self, maps: &mut SpliceMaps) -> io::Result<()> {
+        let flow = maps.flow(self.socket.cookie).map_err(io::Error::other)?;
+        let sent_back = self.socket.byte_counts()?.written - self.base;
+        let moved = sent_back - self.unparked;
+        let backlog = maps.backlog();
+        if flow.state != FLOWING && flow.parked > self.unparked {
+            if moved < flow.redirected {
+                return Ok(());
+            }
+            // Blocking writes: a client that does not read holds this thread, not memory.
+            let mut buffer = [0; 64 * 1024];
+            while self.unparked < flow.parked {
+                let n = match (&*self.stream).read_queued(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                };
+                (&*self.stream).write_all(&buffer[..n])?;
+                self.unparked += n as u64;
+            }
+            let credit = Credit {
+                limit: flow.redirected + backlog.bytes,
+                ask_at: u64::MAX,
+                unparked: self.unparked,
+            };
+            return maps.grant(self.socket.cookie, credit).map_err(io::Error::other);
         }
-        if echoed != progress.0 {
-            progress = (echoed, Instant::now());
-        } else if progress.1.elapsed() > STALL_LIMIT {
-            return Err(io::Error::other(format!(
-                "the kernel stopped echoing with {} bytes owed",
-                owed - echoed
-            )));
-        }
-        // Sleeps a millisecond, or less if the client resets.
-        check(stream, poll(stream, 0, Some(Duration::from_millis(1)))?)?;
+        let credit = Credit {
+            limit: flow.redirected.max(moved + backlog.bytes),
+            ask_at: u64::MAX,
+            unparked: self.unparked,
+        };
+        maps.grant(self.socket.cookie, credit).map_err(io::Error::other)
+    }
+}
+
+/// Reads what is queued without waiting, though the socket blocks.
+trait ReadQueued {
+    fn read_queued(&mut self, buffer: &mut [u8]) -> io::Result<usize>;
+}
+
+impl ReadQueued for &TcpStream {
+    fn read_queued(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the kernel writes at most `buffer.len()` bytes into `buffer`.
+        let n = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }
 

@@ -25,7 +25,7 @@ use std::{
 
 use clap::Parser;
 use splice_proxy::{
-    probe::Probe,
+    probe::{Backlog, Probe},
     route::{Decision, FirstMessage, Forward},
     server::{Limits, Listeners, Server},
     splice::SpliceEngine,
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<ExitCode> {
         })
     };
 
-    let probe = match Probe::load(1 << 12) {
+    let probe = match Probe::load(1 << 12, Backlog::default()) {
         Ok(probe) => Some(Arc::new(probe)),
         Err(e) => {
             println!("embed: the probe could not be loaded, so bytes are copied: {e}");

@@ -33,7 +33,7 @@ use anyhow::Context;
 use clap::Parser;
 use splice_proxy::{
     config::Config,
-    probe::Probe,
+    probe::{Backlog, Probe},
     route::RouteTable,
     server::{Limits, Listeners, Server},
     splice::SpliceEngine,
@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<ExitCode> {
         start_tagged_echo(backend)?;
     }
 
-    let probe = match Probe::load(1 << 12) {
+    let probe = match Probe::load(1 << 12, Backlog::default()) {
         Ok(probe) => Some(Arc::new(probe)),
         Err(e) => {
             println!("mplex: the probe could not be loaded, so bytes are copied: {e}");

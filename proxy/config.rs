@@ -39,6 +39,14 @@ const HEALTH_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// Every connection holds a buffer this large until it is routed.
 const FIRST_MESSAGE_MAX_LIMIT: usize = 1024 * 1024;
 
+/// `splice_backlog_max` when the file has none; BENCHMARKS.md, "The backlog bound", has
+/// the measurements it was chosen from.
+pub const DEFAULT_SPLICE_BACKLOG_MAX: u64 = 16 << 20;
+
+/// Below this a spliced direction would ask for credit every few packets; above it one
+/// connection could hold a gigabyte of the host's memory.
+const SPLICE_BACKLOG_MAX_RANGE: (usize, usize) = (64 * 1024, 1 << 30);
+
 /// Longer timeouts let silent clients hold connections for hours: a typo, not a wish.
 const TIMEOUT_LIMIT: Duration = Duration::from_hours(1);
 
@@ -70,6 +78,9 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// What a first message that claimed TLS or HTTP but could not be parsed gets.
     pub on_unparsed: OnUnparsed,
+    /// The most bytes the kernel holds for one spliced direction beyond its two sockets'
+    /// buffers: redirected from the source and not yet in the destination's send queue.
+    pub splice_backlog_max: u64,
     /// In file order, which is the order they are tried in.
     pub routes: Vec<RouteConfig>,
 }
@@ -313,6 +324,7 @@ struct RawConfig {
     idle_timeout: Option<Spanned<DurationText>>,
     on_unparsed: Option<Spanned<String>>,
     http_path_normalize: Option<Spanned<bool>>,
+    splice_backlog_max: Option<Spanned<i64>>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -477,6 +489,15 @@ impl Source<'_> {
             })?,
             None => DEFAULT_FIRST_MESSAGE_MAX,
         };
+        let splice_backlog_max = match &raw.splice_backlog_max {
+            Some(value) => {
+                let (min, max) = SPLICE_BACKLOG_MAX_RANGE;
+                integer_in(value, min, max).map_err(|problem| {
+                    self.invalid(value.span(), Place::key("splice_backlog_max"), problem)
+                })? as u64
+            }
+            None => DEFAULT_SPLICE_BACKLOG_MAX,
+        };
 
         let interval = (raw.health_interval)
             .map(|value| self.health_interval(value, Place::key("health_interval")))
@@ -574,6 +595,7 @@ impl Source<'_> {
             max_connections,
             idle_timeout,
             on_unparsed,
+            splice_backlog_max,
             routes,
         })
     }
@@ -1161,6 +1183,9 @@ impl fmt::Display for Config {
         if let Some(max) = self.max_connections {
             writeln!(f, "max_connections {max}")?;
         }
+        if self.splice_backlog_max != DEFAULT_SPLICE_BACKLOG_MAX {
+            writeln!(f, "splice_backlog_max {} bytes", self.splice_backlog_max)?;
+        }
         if let Some(idle) = self.idle_timeout {
             writeln!(f, "idle_timeout {}", humantime::format_duration(idle))?;
         }
@@ -1581,6 +1606,25 @@ mod tests {
             r#"key "idle_timeout": "#,
             "is not a duration",
         );
+    }
+
+    #[test]
+    fn splice_backlog_max_is_bytes_within_its_range() {
+        let route = "[[route]]\nname = \"all\"\ndefault = true\nbackends = [\"127.0.0.1:9001\"]\n";
+        let default = Config::parse(route, Path::new("routes.toml")).unwrap();
+        assert_eq!(default.splice_backlog_max, DEFAULT_SPLICE_BACKLOG_MAX);
+        let text = format!("splice_backlog_max = 262144\n{route}");
+        let set = Config::parse(&text, Path::new("routes.toml")).unwrap();
+        assert_eq!(set.splice_backlog_max, 262_144);
+        assert!(set.to_string().contains("splice_backlog_max 262144 bytes\n"));
+        for value in ["65535", "1073741825", "-1"] {
+            assert_refused(
+                &[&format!("splice_backlog_max = {value}")],
+                1,
+                r#"key "splice_backlog_max": "#,
+                &format!("{value} is out of range: must be 65536..=1073741824"),
+            );
+        }
     }
 
     #[test]

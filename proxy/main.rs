@@ -22,7 +22,7 @@ use splice_proxy::{
     config::Config,
     metrics,
     privileges::{self, Identity},
-    probe::Probe,
+    probe::{Backlog, Probe},
     route::RouteTable,
     server::{Limits, Listeners, Server},
     splice::{SPLICED_SEND_BUFFER, SpliceEngine},
@@ -153,15 +153,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let backlog = Backlog {
+        bytes: config.splice_backlog_max,
+    };
     let mut probe = match args.mode {
         Mode::Copy => None,
-        Mode::Splice => Some(Probe::load(args.map_capacity).map_err(|e| {
+        Mode::Splice => Some(Probe::load(args.map_capacity, backlog).map_err(|e| {
             anyhow!(
                 "--mode splice: the probe could not be loaded: {}",
                 with_root_cause(&e)
             )
         })?),
-        Mode::Auto => match Probe::load(args.map_capacity) {
+        Mode::Auto => match Probe::load(args.map_capacity, backlog) {
             Ok(probe) => Some(probe),
             Err(e) => {
                 tracing::warn!(
@@ -247,7 +250,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     for signal in signals.forever() {
         match signal {
-            SIGHUP => reload(&server, &args.routes),
+            SIGHUP => reload(&server, &engine, &args.routes),
             _ => break,
         }
     }
@@ -257,12 +260,20 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 /// Replaces the routes and limits of new connections with the file's, if it is valid.
 /// Connections already accepted keep the routing they started with.
-fn reload(server: &Server, routes: &Path) {
+fn reload(server: &Server, engine: &SpliceEngine, routes: &Path) {
     match Config::load(routes) {
         Ok(config) => {
             server
                 .routing()
                 .replace(Arc::new(RouteTable::new(&config)), Limits::from(&config));
+            let backlog = Backlog {
+                bytes: config.splice_backlog_max,
+            };
+            if let Some(probe) = engine.probe()
+                && let Err(e) = probe.set_backlog(backlog)
+            {
+                tracing::warn!("reload: setting splice_backlog_max failed, keeping the old one: {e}");
+            }
             tracing::info!(
                 "reloaded {} routes from {}",
                 config.routes.len(),

@@ -117,6 +117,8 @@ pub struct Metrics {
     first_message: Histogram,
     connect: HistogramFamily<BackendLabels>,
     connect_failures: Family<BackendLabels, Counter>,
+    held: Gauge,
+    throttled: Counter,
 }
 
 impl Metrics {
@@ -133,6 +135,8 @@ impl Metrics {
             first_message: latency_histogram(),
             connect: Family::new_with_constructor(latency_histogram),
             connect_failures: Family::default(),
+            held: Gauge::default(),
+            throttled: Counter::default(),
         };
         metrics.registered(probe)
     }
@@ -187,11 +191,32 @@ impl Metrics {
             "Connects to a backend that failed or timed out, by backend",
             self.connect_failures.clone(),
         );
+        registry.register_with_unit(
+            "splice_held",
+            "Bytes the kernel holds for spliced directions beyond their sockets' buffers (redirected, not yet in the destination's send queue), as the engine last measured them; each direction holds at most splice_backlog_max",
+            Unit::Bytes,
+            self.held.clone(),
+        );
+        registry.register(
+            "splice_throttles",
+            "Times a spliced direction ran out of credit and parked its bytes, because its reader was slower than its sender by more than splice_backlog_max",
+            self.throttled.clone(),
+        );
         registry.register_collector(Box::new(BackendHealth));
         if let Some(probe) = probe {
             registry.register_collector(Box::new(ProbeCounters(probe)));
         }
         self
+    }
+
+    /// The bytes the kernel holds for spliced directions changed by `delta`.
+    pub fn held(&self, delta: i64) {
+        self.held.inc_by(delta);
+    }
+
+    /// Spliced directions parked `times` more times.
+    pub fn throttled(&self, times: u64) {
+        self.throttled.inc_by(times);
     }
 
     /// A client connected; it counts as routing until [`Metrics::routed`].
@@ -330,8 +355,28 @@ impl Collector for ProbeCounters {
                 counters.resent_bytes_passed,
             ),
             (
+                "unsequenced_messages",
+                "Messages the kernel gave the verdict without sequence numbers, so it could not check them for retransmitted bytes (0 on the kernels tested).",
+                counters.unsequenced_messages,
+            ),
+            (
+                "parked_bytes",
+                "Bytes the kernel parked in their own socket because their direction had no credit left; the engine copies them.",
+                counters.parked_bytes,
+            ),
+            (
+                "credit_asks",
+                "Times the kernel asked the engine for more credit for a spliced direction.",
+                counters.asks,
+            ),
+            (
+                "credit_asks_refused",
+                "Credit requests lost to a full ring (the kernel asks again, or the engine finds the park at the close).",
+                counters.asks_refused,
+            ),
+            (
                 "untracked_messages",
-                "Messages the verdict could not check for retransmitted bytes (its sequence map was full, or the kernel gave it no sequence numbers).",
+                "Messages redirected without a bound because the flow map was full (raise --map-capacity).",
                 counters.untracked_messages,
             ),
         ] {

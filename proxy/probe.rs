@@ -1,24 +1,34 @@
-//! The loaded eBPF probe: its stream verdict attached to the `SPLICED` SockHash, and typed
+//! The loaded eBPF probe: its verdict program attached to the `SPLICED` SockHash, and typed
 //! handles on its maps. [`Probe`] owns the program (dropping it detaches it, and every
 //! spliced connection then stops moving: KERNEL-NOTES pitfall 8); [`SpliceMaps`] are
-//! per-thread handles that carry out the order in which a pair joins and leaves the maps.
+//! per-thread handles that carry out the order in which a pair joins and leaves the maps,
+//! and read and grant each direction's flow-control credit; [`Asks`] is the ring on which
+//! the verdict asks for more.
 
 use std::{
     fmt, io,
     os::fd::{AsFd, BorrowedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    Ebpf, EbpfLoader, Pod,
+    maps::{
+        Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash,
+    },
     programs::{ProgramError, SkSkb},
 };
 use proxy_probe::{
-    COUNTER_DROPPED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
-    COUNTER_REDIRECTED_MESSAGES, COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED,
-    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, NEXT_SEQ_MAP, PEER_OF_MAP, SPLICED_MAP,
-    VERDICT_PROGRAM,
+    ASKS_MAP, COUNTER_ASKS, COUNTER_ASKS_REFUSED, COUNTER_DROPPED_BYTES, COUNTER_PARKED_BYTES,
+    COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES, COUNTER_REDIRECTED_MESSAGES,
+    COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED, COUNTER_UNSEQUENCED_MESSAGES,
+    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, CREDIT_MAP, DEFAULT_CREDIT_MAP, FLOW_MAP,
+    PEER_OF_MAP, SPLICED_MAP, VERDICT_PROGRAM,
 };
+pub use proxy_probe::{Credit, FLOWING, Flow};
 
 use crate::socket;
 
@@ -65,13 +75,57 @@ pub struct Counters {
     pub redirected_messages: u64,
     pub redirect_failures: u64,
     pub dropped_bytes: u64,
+    /// Bytes the verdict parked in their own socket for want of credit.
+    pub parked_bytes: u64,
+    /// Credit requests the verdict put in the ring.
+    pub asks: u64,
+    /// Credit requests a full ring refused (the verdict asks again).
+    pub asks_refused: u64,
+    /// Messages of sockets `FLOW` had no room for, redirected without a bound.
+    pub untracked_messages: u64,
     /// Retransmitted bytes the verdict cut because the socket had handled them already.
     pub resent_bytes_cut: u64,
     /// Retransmitted bytes it could not cut, which reached the peer a second time.
     pub resent_bytes_passed: u64,
-    /// Skbs whose overlap with earlier bytes the verdict could not check (`NEXT_SEQ` was
-    /// full, or the kernel did not give it their sequence numbers).
-    pub untracked_messages: u64,
+    /// Messages the kernel gave the verdict without sequence numbers, unchecked for
+    /// retransmitted bytes.
+    pub unsequenced_messages: u64,
+}
+
+/// How far each spliced direction may run ahead of its peer: the bytes the verdict may
+/// have redirected that the peer's kworker has not yet written into the peer's socket.
+/// Until userspace grants a direction its own [`Credit`], it has [`Backlog::first_credit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub bytes: u64,
+}
+
+impl Default for Backlog {
+    /// routes.toml's default `splice_backlog_max`.
+    fn default() -> Backlog {
+        Backlog {
+            bytes: crate::config::DEFAULT_SPLICE_BACKLOG_MAX,
+        }
+    }
+}
+
+impl Backlog {
+    /// Credit that lets the direction run `bytes` past `moved` (what the peer has really
+    /// sent of it), and asks for more once a quarter of that is used: early, so that the
+    /// engine can pause a direction whose reader fell behind before it reaches the limit
+    /// and parks.
+    pub fn credit_from(self, moved: u64, unparked: u64) -> Credit {
+        Credit {
+            limit: moved + self.bytes,
+            ask_at: moved + self.bytes / 4,
+            unparked,
+        }
+    }
+
+    /// The credit of a direction that has moved nothing yet.
+    pub fn first_credit(self) -> Credit {
+        self.credit_from(0, 0)
+    }
 }
 
 pub struct Probe {
@@ -79,30 +133,39 @@ pub struct Probe {
     _ebpf: Ebpf,
     spliced: SockHash<MapData, u64>,
     peer_of: SockHash<MapData, u64>,
-    next_seq: HashMap<MapData, u64, u32>,
+    flow: HashMap<MapData, u64, FlowRecord>,
+    credit: HashMap<MapData, u64, CreditRecord>,
+    default_credit: Mutex<Array<MapData, CreditRecord>>,
+    asks: Mutex<Option<RingBuf<MapData>>>,
     counters: PerCpuArray<MapData, u64>,
+    /// [`Backlog::bytes`], shared with every [`SpliceMaps`] so that a reload reaches
+    /// the workers' grants.
+    backlog: Arc<AtomicU64>,
 }
 
 impl Probe {
-    /// Loads the stream verdict and attaches it to `SPLICED`, with no stream parser in
-    /// front of it (docs/kernel.md, "Why there is no stream-parser mode"). `capacity` is
-    /// the number of sockets each SockHash can hold: two per spliced connection.
-    pub fn load(capacity: u32) -> Result<Probe, ProbeError> {
+    /// Loads the verdict program and attaches it to `SPLICED`. `capacity` is the number
+    /// of sockets each SockHash can hold: two per spliced connection. `backlog` bounds
+    /// every spliced direction (see [`Backlog`]).
+    ///
+    /// The verdict runs alone, without the stream parser (kernel 5.13 or later): a
+    /// direction whose reader falls behind parks its bytes in its own receive queue, and
+    /// behind a strparser those bytes did not reliably reach it (README, "Flow control
+    /// of the spliced path").
+    pub fn load(capacity: u32, backlog: Backlog) -> Result<Probe, ProbeError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SPLICED_MAP, capacity)
             .map_max_entries(PEER_OF_MAP, capacity)
-            .map_max_entries(NEXT_SEQ_MAP, capacity)
+            .map_max_entries(FLOW_MAP, capacity)
+            .map_max_entries(CREDIT_MAP, capacity)
             .load(PROBE_OBJECT)?;
         let spliced = sock_hash(take_map(&mut ebpf, SPLICED_MAP)?, SPLICED_MAP)?;
         let peer_of = sock_hash(take_map(&mut ebpf, PEER_OF_MAP)?, PEER_OF_MAP)?;
-        let next_seq = next_seq(take_map(&mut ebpf, NEXT_SEQ_MAP)?)?;
-        let counters =
-            PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?).map_err(|source| {
-                ProbeError::Map {
-                    name: COUNTERS_MAP,
-                    source,
-                }
-            })?;
+        let flow = typed(take_map(&mut ebpf, FLOW_MAP)?, FLOW_MAP)?;
+        let credit = typed(take_map(&mut ebpf, CREDIT_MAP)?, CREDIT_MAP)?;
+        let default_credit = typed(take_map(&mut ebpf, DEFAULT_CREDIT_MAP)?, DEFAULT_CREDIT_MAP)?;
+        let asks = typed(take_map(&mut ebpf, ASKS_MAP)?, ASKS_MAP)?;
+        let counters = typed(take_map(&mut ebpf, COUNTERS_MAP)?, COUNTERS_MAP)?;
 
         let name = VERDICT_PROGRAM;
         let program: &mut SkSkb = ebpf
@@ -118,25 +181,56 @@ impl Probe {
             .and_then(|()| program.attach(spliced.fd()))
             .map_err(|source| ProbeError::Program { name, source })?;
 
-        Ok(Probe {
+        let probe = Probe {
             _ebpf: ebpf,
             spliced,
             peer_of,
-            next_seq,
+            flow,
+            credit,
+            default_credit: Mutex::new(default_credit),
+            asks: Mutex::new(Some(asks)),
             counters,
-        })
+            backlog: Arc::new(AtomicU64::new(backlog.bytes)),
+        };
+        probe.set_backlog(backlog)?;
+        Ok(probe)
+    }
+
+    /// Bounds every direction that has not been granted credit of its own yet, from its
+    /// next message on (a reload changes it this way).
+    pub fn set_backlog(&self, backlog: Backlog) -> Result<(), ProbeError> {
+        let mut default_credit = self
+            .default_credit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.backlog.store(backlog.bytes, Ordering::Relaxed);
+        default_credit
+            .set(0, CreditRecord(backlog.first_credit()), 0)
+            .map_err(|source| ProbeError::Map {
+                name: DEFAULT_CREDIT_MAP,
+                source,
+            })
+    }
+
+    /// The ring of credit requests. It has one reader: the first call takes it, later
+    /// calls get `None`.
+    pub fn take_asks(&self) -> Option<Asks> {
+        self.asks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .map(|ring| Asks { ring })
     }
 
     /// Handles on the maps for one thread: inserts need `&mut`, and separate handles
     /// (over duplicated descriptors of the same maps) let threads insert without a lock.
     pub fn maps(&self) -> Result<SpliceMaps, ProbeError> {
         Ok(SpliceMaps {
-            spliced: duplicate_sock_hash(&self.spliced, SPLICED_MAP)?,
-            peer_of: duplicate_sock_hash(&self.peer_of, PEER_OF_MAP)?,
-            next_seq: next_seq(Map::HashMap(duplicate(
-                self.next_seq.map().fd().as_fd(),
-                NEXT_SEQ_MAP,
-            )?))?,
+            spliced: duplicate(self.spliced.fd().as_fd(), SPLICED_MAP)?,
+            peer_of: duplicate(self.peer_of.fd().as_fd(), PEER_OF_MAP)?,
+            flow: duplicate(map_data(&self.flow).fd().as_fd(), FLOW_MAP)?,
+            credit: duplicate(map_data(&self.credit).fd().as_fd(), CREDIT_MAP)?,
+            backlog: Arc::clone(&self.backlog),
         })
     }
 
@@ -156,9 +250,13 @@ impl Probe {
             redirected_messages: sum(COUNTER_REDIRECTED_MESSAGES)?,
             redirect_failures: sum(COUNTER_REDIRECT_FAILURES)?,
             dropped_bytes: sum(COUNTER_DROPPED_BYTES)?,
+            parked_bytes: sum(COUNTER_PARKED_BYTES)?,
+            asks: sum(COUNTER_ASKS)?,
+            asks_refused: sum(COUNTER_ASKS_REFUSED)?,
+            untracked_messages: sum(COUNTER_UNTRACKED_MESSAGES)?,
             resent_bytes_cut: sum(COUNTER_RESENT_BYTES_CUT)?,
             resent_bytes_passed: sum(COUNTER_RESENT_BYTES_PASSED)?,
-            untracked_messages: sum(COUNTER_UNTRACKED_MESSAGES)?,
+            unsequenced_messages: sum(COUNTER_UNSEQUENCED_MESSAGES)?,
         })
     }
 
@@ -168,10 +266,45 @@ impl Probe {
         (self.spliced.keys().count(), self.peer_of.keys().count())
     }
 
-    /// Sockets whose sequence the verdict tracks (`NEXT_SEQ`): 0 once every pair that
-    /// joined the maps has ended.
-    pub fn tracked_sequences(&self) -> usize {
-        self.next_seq.keys().count()
+    /// Entries in `FLOW` and in `CREDIT`: 0 when no connection is spliced.
+    pub fn flow_entries(&self) -> (usize, usize) {
+        (self.flow.keys().count(), self.credit.keys().count())
+    }
+}
+
+/// The records the probe shares with userspace, as aya copies them: `Flow` and `Credit`
+/// are plain `repr(C)` integers, valid for any bytes.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct FlowRecord(Flow);
+// SAFETY: a repr(C) struct of integers with explicit padding: every bit pattern is valid.
+unsafe impl Pod for FlowRecord {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct CreditRecord(Credit);
+// SAFETY: a repr(C) struct of three u64: every bit pattern is valid.
+unsafe impl Pod for CreditRecord {}
+
+/// The ring on which the verdict asks for credit: each record is the cookie of a source
+/// socket that used part of its credit or started parking. Wait for it to become readable
+/// (its fd polls like a socket), then [`drain`](Asks::drain) it.
+pub struct Asks {
+    ring: RingBuf<MapData>,
+}
+
+impl Asks {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
+    }
+
+    /// Calls `ask` with each cookie in the ring, oldest first, until it is empty.
+    pub fn drain(&mut self, mut ask: impl FnMut(u64)) {
+        while let Some(record) = self.ring.next() {
+            if let Ok(bytes) = <[u8; 8]>::try_from(&record[..]) {
+                ask(u64::from_ne_bytes(bytes));
+            }
+        }
     }
 }
 
@@ -253,14 +386,23 @@ pub struct ByteCounts {
     pub written: u64,
 }
 
-/// One thread's handles on `SPLICED` and `PEER_OF`.
+/// One thread's handles on `SPLICED`, `PEER_OF`, `FLOW` and `CREDIT`.
 pub struct SpliceMaps {
     spliced: SockHash<MapData, u64>,
     peer_of: SockHash<MapData, u64>,
-    next_seq: HashMap<MapData, u64, u32>,
+    flow: HashMap<MapData, u64, FlowRecord>,
+    credit: HashMap<MapData, u64, CreditRecord>,
+    backlog: Arc<AtomicU64>,
 }
 
 impl SpliceMaps {
+    /// How far each direction may run ahead of its destination now.
+    pub fn backlog(&self) -> Backlog {
+        Backlog {
+            bytes: self.backlog.load(Ordering::Relaxed),
+        }
+    }
+
     /// Splices `client` and `upstream`. Both become redirect targets (`PEER_OF`) before
     /// either's ingress goes through the verdict (`SPLICED`), so no byte is ever
     /// redirected to an empty slot. The caller must have written the first message to the
@@ -328,20 +470,48 @@ impl SpliceMaps {
             let _ = self.spliced.remove(&cookie);
         }
         self.forget(&[client, upstream]);
-        self.ended(client, upstream);
-    }
-
-    /// Forgets the sequence the verdict tracked for a pair's sockets, once they are
-    /// closed or out of `SPLICED`: unlike the SockHashes, nothing removes it by itself.
-    pub fn ended(&mut self, client: u64, upstream: u64) {
-        for cookie in [client, upstream] {
-            let _ = self.next_seq.remove(&cookie);
-        }
     }
 
     fn forget(&mut self, cookies: &[u64]) {
         for cookie in cookies {
             let _ = self.peer_of.remove(cookie);
+        }
+    }
+
+    /// Stops the verdict on `cookie`'s socket: what it receives from now on stays in its
+    /// TCP receive queue, where its receive window bounds it, and its peer's bytes still
+    /// reach it (it stays in `PEER_OF`). [`resume`](SpliceMaps::resume) undoes it.
+    pub fn pause(&mut self, cookie: u64) -> Result<(), MapError> {
+        self.spliced.remove(&cookie)
+    }
+
+    /// Runs the verdict on `socket` again; the caller must kick its receive queue
+    /// afterwards. Only an ESTABLISHED socket can rejoin: one that has received or sent
+    /// a FIN since is refused (EOPNOTSUPP).
+    pub fn resume(&mut self, socket: MapSocket<'_>) -> Result<(), MapError> {
+        self.spliced.insert(socket.cookie, socket.fd, 0)
+    }
+
+    /// What the verdict has done with `cookie`'s bytes; all zero before its first message.
+    pub fn flow(&self, cookie: u64) -> Result<Flow, MapError> {
+        match self.flow.get(&cookie, 0) {
+            Ok(FlowRecord(flow)) => Ok(flow),
+            Err(MapError::KeyNotFound) => Ok(Flow::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces `cookie`'s credit; each field must be at least what it was.
+    pub fn grant(&mut self, cookie: u64, credit: Credit) -> Result<(), MapError> {
+        self.credit.insert(cookie, CreditRecord(credit), 0)
+    }
+
+    /// Removes `cookies`' flow records. Call after their sockets are closed: a socket
+    /// still in `SPLICED` would get a new record with its next message.
+    pub fn forget_flows(&mut self, cookies: &[u64]) {
+        for cookie in cookies {
+            let _ = self.flow.remove(cookie);
+            let _ = self.credit.remove(cookie);
         }
     }
 }
@@ -355,23 +525,26 @@ fn sock_hash(map: Map, name: &'static str) -> Result<SockHash<MapData, u64>, Pro
     SockHash::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
-fn duplicate_sock_hash(
-    map: &SockHash<MapData, u64>,
-    name: &'static str,
-) -> Result<SockHash<MapData, u64>, ProbeError> {
-    sock_hash(Map::SockHash(duplicate(map.fd().as_fd(), name)?), name)
+fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Result<T, ProbeError> {
+    T::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }
 
-fn duplicate(fd: BorrowedFd<'_>, name: &'static str) -> Result<MapData, ProbeError> {
+fn map_data<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> &MapData {
+    IterableMap::map(map)
+}
+
+/// A second handle on a map, for a thread of its own.
+fn duplicate<T: TryFrom<Map, Error = MapError>>(
+    fd: BorrowedFd<'_>,
+    name: &'static str,
+) -> Result<T, ProbeError> {
     let fd = fd
         .try_clone_to_owned()
         .map_err(|source| ProbeError::Duplicate { name, source })?;
-    MapData::from_fd(fd).map_err(|source| ProbeError::Map { name, source })
-}
-
-fn next_seq(map: Map) -> Result<HashMap<MapData, u64, u32>, ProbeError> {
-    HashMap::try_from(map).map_err(|source| ProbeError::Map {
-        name: NEXT_SEQ_MAP,
-        source,
-    })
+    let data = MapData::from_fd(fd).map_err(|source| ProbeError::Map { name, source })?;
+    let map = match name {
+        SPLICED_MAP | PEER_OF_MAP => Map::SockHash(data),
+        _ => Map::HashMap(data),
+    };
+    typed(map, name)
 }

@@ -31,7 +31,7 @@
 //! ```text
 //! cargo build --release && cargo run --release --example bench
 //! cargo run --release --example bench -- --quick --skip-missing   # smoke test
-//! cargo run --release --example bench -- --workloads bulk --targets splice-verdict
+//! cargo run --release --example bench -- --workloads bulk --targets splice
 //! scripts/bench-full    # waits (bounded) for a quiet machine, runs, keeps the report
 //! cargo test --release --example bench                            # the tool's own tests
 //! ```

@@ -632,6 +632,7 @@ mod tests {
             max_connections: None,
             idle_timeout: None,
             on_unparsed,
+            splice_backlog_max: crate::config::DEFAULT_SPLICE_BACKLOG_MAX,
             routes,
         })
     }

@@ -14,12 +14,15 @@
 //! each socket last sent and received data) when a pair's timeout could first expire,
 //! and not before: two getsockopt calls per pair per timeout while it is busy.
 
+mod asks;
+mod copy;
+mod flow;
 mod pair;
 mod poll;
 
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BinaryHeap, HashMap},
     io,
     net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
@@ -32,6 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use asks::Inbox;
 use pair::{Endpoint, Next, Pair, Side};
 use poll::{Epoll, Wakeup};
 
@@ -48,9 +52,8 @@ use crate::{
 /// at `net.core.wmem_max`.
 pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 
-/// How often a worker re-checks half-closes that wait for the kernel to drain. The waits
-/// measured here took 2-600 us, so a millisecond keeps the close prompt.
-const DRAIN_POLL: Duration = Duration::from_millis(1);
+/// How long a worker sleeps after epoll_wait failed, before it tries again.
+const WAIT_RETRY: Duration = Duration::from_millis(1);
 
 /// A connection whose first message has been routed and written to the upstream. Its
 /// sockets may be blocking or not: the engine never waits on them.
@@ -119,6 +122,7 @@ impl SpliceEngine {
         let closing = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(Metrics::new(probe.clone()));
         let mut handles = Vec::with_capacity(workers.max(1));
+        let mut inboxes = Vec::with_capacity(workers.max(1));
         for index in 0..workers.max(1) {
             let maps = probe
                 .as_ref()
@@ -127,14 +131,19 @@ impl SpliceEngine {
                 .map_err(io::Error::other)?;
             let (queue, incoming) = mpsc::channel();
             let wakeup = Arc::new(Wakeup::new()?);
+            let inbox = Arc::new(Inbox::default());
+            inboxes.push((Arc::clone(&inbox), Arc::clone(&wakeup)));
             let worker = Worker {
                 epoll: Epoll::new()?,
                 wakeup: Arc::clone(&wakeup),
                 incoming,
+                inbox,
+                asked: Vec::new(),
                 maps,
                 pairs: Vec::new(),
                 free: Vec::new(),
-                draining: Vec::new(),
+                sources: HashMap::new(),
+                polls: BinaryHeap::new(),
                 idle_checks: BinaryHeap::new(),
                 live: Arc::clone(&live),
                 closing: Arc::clone(&closing),
@@ -147,6 +156,9 @@ impl SpliceEngine {
                 .name(format!("splice-{index}"))
                 .spawn(move || worker.run())?;
             handles.push(WorkerHandle { queue, wakeup });
+        }
+        if let Some(asks) = probe.as_ref().and_then(|probe| probe.take_asks()) {
+            asks::spawn(asks, inboxes)?;
         }
         Ok(SpliceEngine {
             workers: handles,
@@ -228,11 +240,19 @@ struct Worker {
     epoll: Epoll,
     wakeup: Arc<Wakeup>,
     incoming: mpsc::Receiver<Connection>,
+    /// Cookies of directions the probe asked credit for, from the asks thread.
+    inbox: Arc<Inbox>,
+    /// The inbox's cookies being handled, kept to reuse the allocation.
+    asked: Vec<u64>,
     maps: Option<SpliceMaps>,
     pairs: Vec<Option<Pair>>,
     free: Vec<usize>,
-    /// Slots with a half-close waiting for the kernel to drain.
-    draining: Vec<usize>,
+    /// The slot and side of every socket whose bytes the kernel moves, by cookie.
+    sources: HashMap<u64, (usize, Side)>,
+    /// When to look at a slot without an event (a half-close waiting for the kernel,
+    /// parked bytes waiting for room), earliest first. An entry whose time is not its
+    /// pair's [`Pair::poll_due`] any more is stale and skipped.
+    polls: BinaryHeap<Reverse<(Instant, usize)>>,
     /// When to look at a slot's idleness, earliest first. An entry whose time is not
     /// its pair's [`Pair::idle_check`] any more (the pair closed, or was rescheduled) is
     /// stale and skipped.
@@ -247,18 +267,15 @@ impl Worker {
     fn run(mut self) {
         let mut events = Vec::with_capacity(256);
         loop {
-            let next_idle_check = self
-                .idle_checks
-                .peek()
-                .map(|Reverse((due, _))| due.saturating_duration_since(Instant::now()));
-            let timeout = if self.draining.is_empty() {
-                next_idle_check
-            } else {
-                Some(next_idle_check.map_or(DRAIN_POLL, |next| next.min(DRAIN_POLL)))
-            };
+            let now = Instant::now();
+            let timeout = [self.idle_checks.peek(), self.polls.peek()]
+                .into_iter()
+                .flatten()
+                .map(|Reverse((due, _))| due.saturating_duration_since(now))
+                .min();
             if let Err(e) = self.epoll.wait(&mut events, timeout) {
                 tracing::error!("epoll_wait failed in a splice worker: {e}");
-                thread::sleep(DRAIN_POLL);
+                thread::sleep(WAIT_RETRY);
                 continue;
             }
             let mut woken = false;
@@ -277,20 +294,16 @@ impl Worker {
                 let Some(Some(pair)) = self.pairs.get_mut(slot) else {
                     continue;
                 };
-                let next = pair.on_events(side, flags);
+                let next = pair.on_events(side, flags, self.maps.as_mut());
                 self.settle(slot, next);
             }
-            for slot in std::mem::take(&mut self.draining) {
-                if let Some(Some(pair)) = self.pairs.get_mut(slot) {
-                    let next = pair.advance();
-                    self.settle(slot, next);
-                }
-            }
+            self.poll_due();
             self.check_idle();
             // Only now, when no event of this batch can still name a freed slot: a new
             // pair in a reused slot must not receive its predecessor's events.
             if woken {
                 self.wakeup.clear();
+                self.answer_asks();
                 while let Ok(connection) = self.incoming.try_recv() {
                     self.adopt(connection);
                 }
@@ -319,7 +332,7 @@ impl Worker {
                     self.metrics
                         .proxy_started(&pair.info.route, pair.info.backend, pair.mode());
                     // Bytes (or a FIN) may have arrived before epoll was watching.
-                    let next = pair.advance();
+                    let next = pair.advance(self.maps.as_mut());
                     self.settle(slot, next);
                 }
             }
@@ -383,12 +396,14 @@ impl Worker {
                     token(slot, Side::Upstream),
                 )
             });
+        pair.registered = [pair.interest(Side::Client), pair.interest(Side::Upstream)];
         if let Err(e) = registered {
             self.free.push(slot);
             if pair.in_maps
                 && let Some(maps) = &mut self.maps
             {
                 maps.leave(pair.client.cookie, pair.upstream.cookie);
+                maps.forget_flows(&[pair.client.cookie, pair.upstream.cookie]);
                 pair.in_maps = false;
             }
             return Err(e);
@@ -398,8 +413,53 @@ impl Worker {
             pair.idle_check = Some((timeout, due));
             self.idle_checks.push(Reverse((due, slot)));
         }
+        for (cookie, side) in pair.kernel_sources() {
+            self.sources.insert(cookie, (slot, side));
+        }
         self.pairs[slot] = Some(pair);
         Ok(slot)
+    }
+
+    /// Grants the credit the probe asked for, or starts moving what it parked. A
+    /// cookie this worker does not know belongs to another worker, or to a pair that
+    /// has closed since it asked.
+    fn answer_asks(&mut self) {
+        let mut asked = std::mem::take(&mut self.asked);
+        self.inbox.take(&mut asked);
+        asked.sort_unstable();
+        asked.dedup();
+        for cookie in asked.drain(..) {
+            let Some(&(slot, side)) = self.sources.get(&cookie) else {
+                continue;
+            };
+            let (Some(Some(pair)), Some(maps)) = (self.pairs.get_mut(slot), self.maps.as_mut())
+            else {
+                continue;
+            };
+            let next = pair.on_ask(side, maps);
+            self.settle(slot, next);
+        }
+        self.asked = asked;
+    }
+
+    /// Advances the pairs whose look is due.
+    fn poll_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((due, slot))) = self.polls.peek() {
+            if due > now {
+                return;
+            }
+            self.polls.pop();
+            let Some(Some(pair)) = self.pairs.get_mut(slot) else {
+                continue;
+            };
+            if pair.poll_due != Some(due) {
+                continue;
+            }
+            pair.poll_due = None;
+            let next = pair.advance(self.maps.as_mut());
+            self.settle(slot, next);
+        }
     }
 
     /// Resets the pairs whose idle timeout has passed, by the kernel's clock of their
@@ -434,15 +494,45 @@ impl Worker {
     }
 
     fn settle(&mut self, slot: usize, next: Next) {
-        match next {
-            Next::Wait => {}
-            Next::Poll => {
-                if !self.draining.contains(&slot) {
-                    self.draining.push(slot);
+        let due = match next {
+            Next::Wait => None,
+            Next::Poll(due) => Some(due),
+            Next::Done => return self.finish(slot, Ending::Closed),
+            Next::Reset(e) => return self.finish(slot, Ending::Reset(e)),
+        };
+        let Some(Some(pair)) = self.pairs.get_mut(slot) else {
+            return;
+        };
+        let (held, throttles) = (pair.held(), pair.throttles());
+        if held != pair.held_reported {
+            self.metrics.held(held as i64 - pair.held_reported as i64);
+            pair.held_reported = held;
+        }
+        if throttles != pair.throttles_reported {
+            self.metrics
+                .throttled(u64::from(throttles - pair.throttles_reported));
+            pair.throttles_reported = throttles;
+        }
+        if let Some(due) = due
+            && pair.poll_due.is_none_or(|scheduled| due < scheduled)
+        {
+            pair.poll_due = Some(due);
+            self.polls.push(Reverse((due, slot)));
+        }
+        // Moving parked bytes needs readiness the spliced sockets are not watched for.
+        for side in [Side::Client, Side::Upstream] {
+            let interest = pair.interest(side);
+            let registered = &mut pair.registered[side as usize];
+            if interest != *registered {
+                let fd = match side {
+                    Side::Client => pair.client.fd(),
+                    Side::Upstream => pair.upstream.fd(),
+                };
+                if let Err(e) = self.epoll.modify(fd, interest, token(slot, side)) {
+                    return self.finish(slot, Ending::Reset(e));
                 }
+                *registered = interest;
             }
-            Next::Done => self.finish(slot, Ending::Closed),
-            Next::Reset(e) => self.finish(slot, Ending::Reset(e)),
         }
     }
 
@@ -453,23 +543,20 @@ impl Worker {
             return;
         };
         self.free.push(slot);
-        self.draining.retain(|&s| s != slot);
+        let sources: Vec<u64> = pair.kernel_sources().map(|(cookie, _)| cookie).collect();
+        for cookie in &sources {
+            self.sources.remove(cookie);
+        }
         // Before the sockets close and the connection stops counting as live: whoever
         // sees it end must find it no longer counted against its backend or its limits.
         drop(pair.lease.take());
         drop(std::mem::take(&mut pair.ticket));
         self.live.fetch_sub(1, Ordering::Relaxed);
 
-        // Closing the sockets, when `pair` drops at the end of this function, takes them
-        // out of both SockHashes (the kernel's sock_map_close), which spares four bpf()
-        // calls per connection; only the verdict's sequence entries need deleting.
-        if pair.in_maps
-            && let Some(maps) = &mut self.maps
-        {
-            maps.ended(pair.client.cookie, pair.upstream.cookie);
-        }
         let (sent_up, sent_down) = pair.bytes_sent();
         let mode = pair.mode();
+        let throttled = pair.throttles();
+        self.metrics.held(-(pair.held_reported as i64));
         let info = &pair.info;
         self.metrics
             .proxy_closed(&info.route, info.backend, mode, sent_up, sent_down);
@@ -479,22 +566,29 @@ impl Worker {
             Ending::Closed => tracing::info!(
                 client = %info.client, route = %info.route, backend = %info.backend, mode,
                 bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "closed",
-                "connection"
+                throttled, "connection"
             ),
             Ending::Reset(e) => tracing::info!(
                 client = %info.client, route = %info.route, backend = %info.backend, mode,
                 bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "reset",
-                "connection: {e}"
+                throttled, "connection: {e}"
             ),
             Ending::Idle(idle) => tracing::info!(
                 client = %info.client, route = %info.route, backend = %info.backend, mode,
                 bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "idle",
-                "connection: no byte moved for {idle:?}"
+                throttled, "connection: no byte moved for {idle:?}"
             ),
         }
-        if !matches!(ending, Ending::Closed) {
+        if matches!(ending, Ending::Closed) {
+            drop(pair);
+        } else {
             socket::close_with_reset(pair.client.fd);
             socket::close_with_reset(pair.upstream.fd);
+        }
+        // Only now that the sockets are closed: a socket still in `SPLICED` would get a
+        // new flow record with its next message.
+        if let Some(maps) = &mut self.maps {
+            maps.forget_flows(&sources);
         }
     }
 }

@@ -37,6 +37,11 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token)
     }
 
+    /// Changes what `fd`, already added, is watched for.
+    pub fn modify(&self, fd: BorrowedFd<'_>, interest: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token)
+    }
+
     /// Waits for events; `None` waits without a limit.
     pub fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let timeout_ms = timeout.map_or(-1, |t| {

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use splice_proxy::{
     admission::Admission,
     config::Config,
-    probe::Probe,
+    probe::{Backlog, Probe},
     route::RouteTable,
     server::{Limits, Listeners, Server},
     splice::SpliceEngine,
@@ -64,7 +64,7 @@ impl Proxy {
             Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
         let probe = match moving {
             Moving::Splice => Some(Arc::new(
-                Probe::load(map_capacity)
+                Probe::load(map_capacity, Backlog { bytes: config.splice_backlog_max })
                     .expect("the probe must load: tests run as root on a kernel with sockmap"),
             )),
             Moving::Copy => None,
@@ -114,15 +114,14 @@ impl Proxy {
         let deadline = Instant::now() + limit;
         loop {
             let live = self.engine.live();
-            let entries = self.probe.as_ref().map_or((0, 0, 0), |p| {
-                (p.entries().0, p.entries().1, p.tracked_sequences())
-            });
-            if live == 0 && entries == (0, 0, 0) {
+            let entries = self.probe.as_ref().map_or((0, 0), |p| p.entries());
+            let flows = self.probe.as_ref().map_or((0, 0), |p| p.flow_entries());
+            if live == 0 && entries == (0, 0) && flows == (0, 0) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "after {limit:?}: {live} connections still live, map entries (SPLICED, PEER_OF, NEXT_SEQ) = {entries:?}"
+                "after {limit:?}: {live} connections still live, map entries (SPLICED, PEER_OF) = {entries:?}, (FLOW, CREDIT) = {flows:?}"
             );
             thread::sleep(Duration::from_millis(10));
         }

@@ -1,0 +1,391 @@
+//! Flow control of one spliced direction: how far the probe may run ahead of the
+//! destination socket, and what happens when the destination falls behind.
+//!
+//! A redirect has no backpressure of its own (README, "Flow control of the spliced
+//! path"): the kernel acknowledges a redirected byte to its sender at once and queues it
+//! for the destination's kworker without limit. So the probe redirects a direction's
+//! bytes only within a [`Credit`], counted in bytes redirected since the direction joined
+//! the maps, and this module extends that credit from what the destination has really
+//! taken into its send queue (`kernel_moved`): the kernel never holds more than the
+//! backlog for the direction beyond the two sockets' own buffers.
+//!
+//! A quarter of the way through a credit the probe asks for more on its ring. If the
+//! kernel has kept up, the worker grants it here. If more than a quarter of the backlog
+//! is still queued, the destination's reader is slower than the sender, and the
+//! direction is *paused*: the
+//! source leaves `SPLICED`, so what it receives stays in its TCP receive queue, where its
+//! receive window bounds it and the sender blocks, as with a direct connection. Once the
+//! kernel has moved all but an eighth of the backlog the source rejoins `SPLICED` and
+//! the verdict takes the queue from where it stopped.
+//!
+//! A message that would go past the credit before the pause lands (the hard bound) parks
+//! in its own socket's receive queue instead, and every later message parks behind it.
+//! Once the kernel has written everything it redirected before the park, this process
+//! reads the parked bytes and writes them to the destination, then grants new credit with
+//! `unparked` equal to `parked`, and the probe redirects again: redirected bytes, parked
+//! bytes, redirected bytes, in that order on the one egress, so none overtakes another.
+//! Parking is the rare path: a parked message can wait in the source's kworker queue
+//! behind bytes redirected *to* the source, which a pause never does.
+
+use std::{
+    io,
+    os::fd::BorrowedFd,
+    time::{Duration, Instant},
+};
+
+use super::copy::CopyBuffer;
+use crate::{
+    probe::{Credit, FLOWING, MapSocket, SpliceMaps},
+    socket,
+};
+
+/// The first look at a throttled direction's destination, and the interval after
+/// progress. Its queue drains at the speed of its reader, so a look much sooner finds
+/// little done.
+const FIRST_LOOK: Duration = Duration::from_millis(1);
+
+/// The longest interval between looks at a throttled direction whose reader has stopped:
+/// the most a resumed reader can wait when no send-buffer event wakes the worker first,
+/// and a bound on the syscalls a stalled pair costs (2 per look).
+const LAST_LOOK: Duration = Duration::from_millis(64);
+
+/// Parked bytes moved per step before the worker serves its other connections; the
+/// direction is looked at again right after.
+const PARKED_BUDGET: u64 = 1 << 20;
+
+/// One direction the kernel moves.
+pub(super) struct KernelFlow {
+    /// The source socket's cookie: its key in `FLOW` and `CREDIT`.
+    cookie: u64,
+    /// The destination's `bytes_written` when the kernel took over: from then on every
+    /// byte written into it was redirected by the kernel or copied here (`copied`).
+    base: u64,
+    /// Bytes of the source this process read before the kernel took over (the first
+    /// message): every later byte it received goes through the verdict.
+    read_before: u64,
+    /// Bytes this process wrote into the destination since `base`.
+    copied: u64,
+    /// Bytes this process read from the source since the kernel took over: parked ones
+    /// ([`Credit::unparked`] once written), or a paused source's tail after its FIN.
+    unparked: u64,
+    /// The credit last granted; `None` while the probe's default applies.
+    credit: Option<Credit>,
+    /// Set while the direction is paused or moving parked bytes.
+    throttle: Option<Throttle>,
+    /// Times the direction was paused or parked, for the access log.
+    throttles: u32,
+    /// Bytes the kernel held for the direction at the last look (redirected, not yet in
+    /// the destination's send queue), for the metrics.
+    held: u64,
+}
+
+struct Throttle {
+    kind: Kind,
+    /// `Flow::redirected` when the throttle began: final until the direction flows.
+    redirected: u64,
+    buffer: CopyBuffer,
+    /// When to look again if no socket event comes first, and the interval after that.
+    next_look: Instant,
+    interval: Duration,
+    /// `kernel_moved` at the last look, to tell progress from a stopped reader.
+    last_moved: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The source is out of `SPLICED`: its bytes wait in its TCP receive queue.
+    Paused,
+    /// The probe parked bytes in the source's receive queue for this process to move.
+    Parked,
+    /// The source could not rejoin `SPLICED` (it has sent its FIN since the pause):
+    /// this process copies what is left, to the end.
+    Tail,
+}
+
+/// What a direction in the kernel needs from the worker after [`KernelFlow::unthrottle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unpark {
+    /// The bytes flow in the kernel.
+    Flowing,
+    /// The direction waits for its destination: look again at this time, or sooner when
+    /// either socket reports readiness.
+    Waiting(Instant),
+}
+
+impl KernelFlow {
+    pub fn new(cookie: u64, base: u64, read_before: u64) -> KernelFlow {
+        KernelFlow {
+            cookie,
+            base,
+            read_before,
+            copied: 0,
+            unparked: 0,
+            credit: None,
+            throttle: None,
+            throttles: 0,
+            held: 0,
+        }
+    }
+
+    pub fn throttles(&self) -> u32 {
+        self.throttles
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Whether the direction is throttled: the source must be watched for reads and the
+    /// destination for room.
+    pub fn is_throttled(&self) -> bool {
+        self.throttle.is_some()
+    }
+
+    /// Bytes the kernel's redirect has written into the destination.
+    fn kernel_moved(&self, dst: BorrowedFd<'_>) -> io::Result<u64> {
+        Ok(socket::bytes_written(dst)?
+            .saturating_sub(self.base)
+            .saturating_sub(self.copied))
+    }
+
+    /// The probe asked: a quarter of the credit is used, or the direction parked. Grants credit
+    /// from what the destination has taken, pauses the source if the destination is
+    /// behind, or starts moving the parked bytes.
+    pub fn on_ask(&mut self, maps: &mut SpliceMaps, dst: BorrowedFd<'_>) -> io::Result<()> {
+        if self.throttle.is_some() {
+            return Ok(());
+        }
+        let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+        let moved = self.kernel_moved(dst)?;
+        self.held = flow.redirected.saturating_sub(moved);
+        if flow.state != FLOWING && flow.parked > self.unparked {
+            self.throttle(Kind::Parked, flow.redirected, moved);
+            return Ok(());
+        }
+        let backlog = maps.backlog().bytes;
+        if self.held > backlog / 4 {
+            maps.pause(self.cookie).map_err(io::Error::other)?;
+            self.throttle(Kind::Paused, flow.redirected, moved);
+            return Ok(());
+        }
+        self.grant_from(maps, moved, flow.redirected)
+    }
+
+    /// Bytes the source has received that have not been through the verdict yet: what
+    /// waits in its TCP receive queue while it is paused.
+    fn queued(&self, maps: &SpliceMaps, src: BorrowedFd<'_>) -> io::Result<u64> {
+        let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+        let received = socket::tcp_info(src)?.bytes_received;
+        Ok(received
+            .saturating_sub(self.read_before)
+            .saturating_sub(flow.redirected)
+            .saturating_sub(flow.parked))
+    }
+
+    fn throttle(&mut self, kind: Kind, redirected: u64, moved: u64) {
+        self.throttles += 1;
+        self.throttle = Some(Throttle {
+            kind,
+            redirected,
+            buffer: CopyBuffer::default(),
+            next_look: Instant::now(),
+            interval: FIRST_LOOK,
+            last_moved: moved,
+        });
+    }
+
+    /// Credit for a backlog past `moved`; the probe asks again once it has redirected
+    /// another quarter of the backlog.
+    fn grant_from(&mut self, maps: &mut SpliceMaps, moved: u64, redirected: u64) -> io::Result<()> {
+        let backlog = maps.backlog().bytes;
+        let limit = moved + backlog;
+        self.grant(maps, limit, (redirected + backlog / 4).min(limit))
+    }
+
+    /// Writes a credit no field of which is below the last one's: the probe compares
+    /// against whichever it reads.
+    fn grant(&mut self, maps: &mut SpliceMaps, limit: u64, ask_at: u64) -> io::Result<()> {
+        let last = self.credit.unwrap_or_else(|| maps.backlog().first_credit());
+        let credit = Credit {
+            limit: limit.max(last.limit),
+            ask_at: ask_at.max(last.ask_at),
+            unparked: self.unparked,
+        };
+        if self.credit != Some(credit) {
+            maps.grant(self.cookie, credit).map_err(io::Error::other)?;
+            self.credit = Some(credit);
+        }
+        Ok(())
+    }
+
+    /// Moves a throttled direction on as far as it can go now.
+    pub fn unthrottle(
+        &mut self,
+        maps: &mut SpliceMaps,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+    ) -> io::Result<Unpark> {
+        let Some(mut throttle) = self.throttle.take() else {
+            return Ok(Unpark::Flowing);
+        };
+        let step = self.step(&mut throttle, maps, src, dst);
+        if !matches!(step, Ok(Unpark::Flowing)) {
+            self.throttle = Some(throttle);
+        }
+        step
+    }
+
+    fn step(
+        &mut self,
+        throttle: &mut Throttle,
+        maps: &mut SpliceMaps,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+    ) -> io::Result<Unpark> {
+        let now = Instant::now();
+        let backlog = maps.backlog().bytes;
+        loop {
+            let moved = self.kernel_moved(dst)?;
+            self.held = throttle.redirected.saturating_sub(moved);
+            // A paused source may rejoin while the kernel still holds an eighth of the
+            // backlog: its bytes queue behind. Bytes this process writes may not.
+            let allowed = match throttle.kind {
+                Kind::Paused => backlog / 8,
+                Kind::Parked | Kind::Tail => 0,
+            };
+            if self.held > allowed {
+                if moved > throttle.last_moved {
+                    throttle.interval = FIRST_LOOK;
+                } else if now >= throttle.next_look {
+                    throttle.interval = (throttle.interval * 2).min(LAST_LOOK);
+                }
+                throttle.last_moved = moved;
+                throttle.next_look = now + throttle.interval;
+                return Ok(Unpark::Waiting(throttle.next_look));
+            }
+            match throttle.kind {
+                Kind::Paused => {
+                    // The verdict takes the whole receive queue at once when the source
+                    // rejoins: credit for it too, or all of it beyond the backlog would
+                    // park. Those bytes were in the source's receive buffer already.
+                    let queued = self.queued(maps, src)?;
+                    let limit = moved + backlog + queued;
+                    let ask_at = throttle.redirected + queued + backlog / 4;
+                    self.grant(maps, limit, ask_at.min(limit))?;
+                    let rejoined = maps.resume(MapSocket {
+                        fd: src,
+                        cookie: self.cookie,
+                    });
+                    if rejoined.is_err() {
+                        // Only an ESTABLISHED socket can rejoin: this one has its FIN.
+                        throttle.kind = Kind::Tail;
+                        continue;
+                    }
+                    // What arrived while paused waits for a data_ready (pitfall 1).
+                    socket::kick_receive_queue(src)?;
+                    let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+                    if flow.state != FLOWING && flow.parked > self.unparked {
+                        throttle.kind = Kind::Parked;
+                        throttle.redirected = flow.redirected;
+                        continue;
+                    }
+                    return Ok(Unpark::Flowing);
+                }
+                Kind::Tail => {
+                    let pumped = throttle.buffer.pump(src, dst, PARKED_BUDGET)?;
+                    self.unparked += pumped.read;
+                    self.copied += pumped.written;
+                    if pumped.read >= PARKED_BUDGET {
+                        return Ok(Unpark::Waiting(Instant::now()));
+                    }
+                    // Until the worker sees the FIN through: the close path reads the
+                    // counts.
+                    return Ok(Unpark::Waiting(now + LAST_LOOK));
+                }
+                Kind::Parked => return self.move_parked(throttle, maps, src, dst, now),
+            }
+        }
+    }
+
+    /// Reads the parked bytes and writes them to the destination; once none is left,
+    /// new credit hands the direction back to the kernel.
+    fn move_parked(
+        &mut self,
+        throttle: &mut Throttle,
+        maps: &mut SpliceMaps,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        now: Instant,
+    ) -> io::Result<Unpark> {
+        let backlog = maps.backlog().bytes;
+        let mut budget = PARKED_BUDGET;
+        loop {
+            let pumped = throttle.buffer.pump(src, dst, budget)?;
+            self.unparked += pumped.read;
+            self.copied += pumped.written;
+            budget = budget.saturating_sub(pumped.read);
+            if budget == 0 {
+                return Ok(Unpark::Waiting(Instant::now()));
+            }
+            if !throttle.buffer.is_empty() {
+                // The destination is full: its next room wakes the worker.
+                return Ok(Unpark::Waiting(now + LAST_LOOK));
+            }
+            let redirected = throttle.redirected;
+            self.grant(maps, redirected + backlog, redirected + backlog / 4)?;
+            // A message may have parked after the last read: the probe keeps parking
+            // until `unparked` catches up with it, so read it too.
+            let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+            if flow.parked == self.unparked {
+                self.held = 0;
+                return Ok(Unpark::Flowing);
+            }
+            if flow.redirected != throttle.redirected {
+                // It flowed for a moment after the grant, and parked again beyond it:
+                // those redirected bytes come before the new parked ones.
+                self.throttles += 1;
+                throttle.redirected = flow.redirected;
+                throttle.interval = FIRST_LOOK;
+                throttle.next_look = now + FIRST_LOOK;
+                return Ok(Unpark::Waiting(throttle.next_look));
+            }
+            if pumped.read == 0 {
+                // Counted as parked but not yet in the receive queue: its arrival wakes
+                // the worker, and the look is a fallback.
+                return Ok(Unpark::Waiting(now + FIRST_LOOK));
+            }
+        }
+    }
+
+    /// Whether every byte the source sent after the kernel took over, `owed` in all,
+    /// is in the destination: redirected by the kernel or copied here. On a shortfall it
+    /// starts moving parked bytes the probe's ask did not announce (the ring was full).
+    pub fn delivered(
+        &mut self,
+        maps: &mut SpliceMaps,
+        dst: BorrowedFd<'_>,
+        owed: u64,
+    ) -> io::Result<bool> {
+        match &self.throttle {
+            Some(throttle) if throttle.kind != Kind::Tail => return Ok(false),
+            Some(throttle) if !throttle.buffer.is_empty() => return Ok(false),
+            _ => {}
+        }
+        let moved = self.kernel_moved(dst)?;
+        if moved + self.unparked >= owed {
+            return Ok(true);
+        }
+        if self.throttle.is_none() {
+            let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+            if flow.state != FLOWING && flow.parked > self.unparked {
+                self.throttle(Kind::Parked, flow.redirected, moved);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Bytes moved so far, redirected or copied: progress while a close waits.
+    pub fn progress(&self, dst: BorrowedFd<'_>) -> io::Result<u64> {
+        Ok(self.kernel_moved(dst)? + self.unparked)
+    }
+}
