@@ -128,7 +128,10 @@ impl Echo<'_> {
             self.keep_flowing(maps)?;
             let counts = self.socket.byte_counts()?;
             // The received count includes the FIN.
-            let (owed, echoed) = (counts.received.saturating_sub(1), counts.written - self.base);
+            let (owed, echoed) = (
+                counts.received.saturating_sub(1),
+                counts.written - self.base,
+            );
             if echoed >= owed {
                 stream.shutdown(Shutdown::Write)?;
                 return Ok(echoed);
@@ -174,14 +177,17 @@ impl Echo<'_> {
                 ask_at: u64::MAX,
                 unparked: self.unparked,
             };
-            return maps.grant(self.socket.cookie, credit).map_err(io::Error::other);
+            return maps
+                .grant(self.socket.cookie, credit)
+                .map_err(io::Error::other);
         }
         let credit = Credit {
             limit: flow.redirected.max(moved + backlog.bytes),
             ask_at: u64::MAX,
             unparked: self.unparked,
         };
-        maps.grant(self.socket.cookie, credit).map_err(io::Error::other)
+        maps.grant(self.socket.cookie, credit)
+            .map_err(io::Error::other)
     }
 }
 

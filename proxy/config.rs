@@ -1616,7 +1616,10 @@ mod tests {
         let text = format!("splice_backlog_max = 262144\n{route}");
         let set = Config::parse(&text, Path::new("routes.toml")).unwrap();
         assert_eq!(set.splice_backlog_max, 262_144);
-        assert!(set.to_string().contains("splice_backlog_max 262144 bytes\n"));
+        assert!(
+            set.to_string()
+                .contains("splice_backlog_max 262144 bytes\n")
+        );
         for value in ["65535", "1073741825", "-1"] {
             assert_refused(
                 &[&format!("splice_backlog_max = {value}")],

@@ -272,7 +272,9 @@ fn reload(server: &Server, engine: &SpliceEngine, routes: &Path) {
             if let Some(probe) = engine.probe()
                 && let Err(e) = probe.set_backlog(backlog)
             {
-                tracing::warn!("reload: setting splice_backlog_max failed, keeping the old one: {e}");
+                tracing::warn!(
+                    "reload: setting splice_backlog_max failed, keeping the old one: {e}"
+                );
             }
             tracing::info!(
                 "reloaded {} routes from {}",

@@ -16,9 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{
-        Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash,
-    },
+    maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use proxy_probe::{

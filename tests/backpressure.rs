@@ -109,7 +109,13 @@ fn mem_available() -> u64 {
     meminfo
         .lines()
         .find_map(|line| line.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .expect("MemAvailable in /proc/meminfo")
         * 1024
 }
@@ -127,7 +133,9 @@ fn stalled_reader_is_bounded(moving: Moving, upload: bool) {
     let proxy = Proxy::start(&routes(backend.addr), moving);
     let mut client = proxy.connect();
     client.write_all(b"hello\n").unwrap();
-    let mut upstream = reader_rx.recv_timeout(IO_TIMEOUT).expect("backend connection");
+    let mut upstream = reader_rx
+        .recv_timeout(IO_TIMEOUT)
+        .expect("backend connection");
     let mut first = [0; 6];
     upstream.read_exact(&mut first).unwrap();
     proxy.wait_handed_off(1, IO_TIMEOUT);
@@ -152,7 +160,8 @@ fn stalled_reader_is_bounded(moving: Moving, upload: bool) {
         "the sender got {stalled} bytes in against a reader that does not read (bound {bound})"
     );
     assert_eq!(
-        halfway, stalled,
+        halfway,
+        stalled,
         "the sender was still getting bytes in after {:?}",
         STALL / 2
     );
@@ -235,7 +244,11 @@ fn echo_without_fin_through_a_small_bound() {
         let writing = thread::spawn(move || writer.write_all(&sent));
         let back = read_exactly(&mut client, 6 + data.len()).unwrap();
         writing.join().unwrap().unwrap();
-        assert_eq!(sha256(&back), sha256_concat(&[b"hello\n", &data]), "round {round}");
+        assert_eq!(
+            sha256(&back),
+            sha256_concat(&[b"hello\n", &data]),
+            "round {round}"
+        );
     }
 }
 
@@ -290,7 +303,9 @@ fn a_reader_that_alternates_gets_every_byte() {
         let proxy = Proxy::start(&routes(backend.addr), SPLICE);
         let mut client = proxy.connect();
         client.write_all(b"hello\n").unwrap();
-        let mut upstream = reader_rx.recv_timeout(IO_TIMEOUT).expect("backend connection");
+        let mut upstream = reader_rx
+            .recv_timeout(IO_TIMEOUT)
+            .expect("backend connection");
         assert_eq!(read_exactly(&mut upstream, 6).unwrap(), b"hello\n");
         let (sender, mut reader) = if upload {
             (client, upstream)
@@ -317,9 +332,208 @@ fn a_reader_that_alternates_gets_every_byte() {
         }
         let (written, hash) = writer.finish();
         assert_eq!(read, written);
-        assert_eq!(<[u8; 32]>::from(hasher.finalize()), hash, "upload {upload}, {turns} turns");
+        assert_eq!(
+            <[u8; 32]>::from(hasher.finalize()),
+            hash,
+            "upload {upload}, {turns} turns"
+        );
         drop((sender, reader));
         proxy.wait_idle(IO_TIMEOUT);
     }
 }
 
+/// The byte at `offset` of a stream whose every 8-byte word is its own word index: a
+/// reader that finds a wrong byte can tell where the bytes it got came from.
+fn positional(offset: u64) -> u8 {
+    (offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+/// As [`a_reader_that_alternates_gets_every_byte`], with a positional stream, so that a
+/// failure says what arrived where.
+#[test]
+fn a_reader_that_alternates_gets_every_byte_in_place() {
+    for upload in [true, false] {
+        let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
+        let reader_tx = Mutex::new(reader_tx);
+        let backend = Backend::start(move |stream| {
+            let _ = reader_tx.lock().unwrap().send(stream);
+        });
+        let proxy = Proxy::start(&routes(backend.addr), SPLICE);
+        let mut client = proxy.connect();
+        client.write_all(b"hello\n").unwrap();
+        let mut upstream = reader_rx
+            .recv_timeout(IO_TIMEOUT)
+            .expect("backend connection");
+        assert_eq!(read_exactly(&mut upstream, 6).unwrap(), b"hello\n");
+        let (sender, mut reader) = if upload {
+            (client, upstream)
+        } else {
+            (upstream, client)
+        };
+        const TOTAL: u64 = 96 << 20;
+        let mut out = sender.try_clone().unwrap();
+        let writing = thread::spawn(move || -> io::Result<()> {
+            let mut pos = 0u64;
+            let mut chunk = vec![0u8; 64 << 10];
+            while pos < TOTAL {
+                for (i, byte) in chunk.iter_mut().enumerate() {
+                    *byte = positional(pos + i as u64);
+                }
+                let n = out.write(&chunk)?;
+                pos += n as u64;
+            }
+            out.shutdown(Shutdown::Write)
+        });
+        let mut buffer = vec![0; 256 << 10];
+        let mut read = 0u64;
+        while read < TOTAL {
+            let mut this_turn = 0;
+            while this_turn < 2 << 20 && read < TOTAL {
+                let n = reader.read(&mut buffer).expect("read");
+                assert!(n > 0, "EOF after {read} bytes");
+                for (i, &byte) in buffer[..n].iter().enumerate() {
+                    let at = read + i as u64;
+                    if byte != positional(at) {
+                        // Which stream offset the bytes here came from: the shift k
+                        // at which 8 bytes read as a word index close to `at`.
+                        let word = (0..8usize).find_map(|k| {
+                            let start = i.checked_sub(k)?;
+                            let w = buffer.get(start..start + 8)?;
+                            let index = u64::from_le_bytes(w.try_into().unwrap());
+                            (index < TOTAL / 8).then_some(index * 8 + k as u64)
+                        });
+                        let got = &buffer[i..(i + 32).min(n)];
+                        eprintln!("at {at}: got {got:02x?}");
+                        panic!(
+                            "upload {upload}: byte {at} is wrong; the word there came from offset {word:?}; probe {:?}",
+                            proxy.probe.as_ref().map(|p| p.counters().unwrap())
+                        );
+                    }
+                }
+                read += n as u64;
+                this_turn += n;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        writing.join().unwrap().unwrap();
+        drop((sender, reader));
+        proxy.wait_idle(IO_TIMEOUT);
+    }
+}
+
+/// Every message parks (a bound of one byte): the engine moves the whole stream through
+/// the parked path, and every byte must still arrive in place.
+#[test]
+fn everything_parked_arrives_in_place() {
+    let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
+    let reader_tx = Mutex::new(reader_tx);
+    let backend = Backend::start(move |stream| {
+        let _ = reader_tx.lock().unwrap().send(stream);
+    });
+    let proxy = Proxy::start(&routes(backend.addr), SPLICE);
+    proxy
+        .probe
+        .as_ref()
+        .unwrap()
+        .set_backlog(splice_proxy::probe::Backlog { bytes: 1 })
+        .unwrap();
+    let mut client = proxy.connect();
+    client.write_all(b"hello\n").unwrap();
+    let mut upstream = reader_rx
+        .recv_timeout(IO_TIMEOUT)
+        .expect("backend connection");
+    assert_eq!(read_exactly(&mut upstream, 6).unwrap(), b"hello\n");
+    const TOTAL: u64 = 96 << 20;
+    let mut out = upstream.try_clone().unwrap();
+    let writing = thread::spawn(move || -> io::Result<()> {
+        let mut pos = 0u64;
+        let mut chunk = vec![0u8; 64 << 10];
+        while pos < TOTAL {
+            for (i, byte) in chunk.iter_mut().enumerate() {
+                *byte = positional(pos + i as u64);
+            }
+            pos += out.write(&chunk)? as u64;
+        }
+        out.shutdown(Shutdown::Write)
+    });
+    let mut buffer = vec![0; 256 << 10];
+    let mut read = 0u64;
+    while read < TOTAL {
+        let n = client.read(&mut buffer).expect("read");
+        assert!(n > 0, "EOF after {read} bytes");
+        for (i, &byte) in buffer[..n].iter().enumerate() {
+            let at = read + i as u64;
+            if byte != positional(at) {
+                let word = (0..8usize).find_map(|k| {
+                    let start = i.checked_sub(k)?;
+                    let w = buffer.get(start..start + 8)?;
+                    let index = u64::from_le_bytes(w.try_into().unwrap());
+                    (index < TOTAL / 8).then_some(index * 8 + k as u64)
+                });
+                panic!(
+                    "byte {at} (read {n} at {read}) came from {word:?}: {:02x?}",
+                    &buffer[i..(i + 24).min(n)]
+                );
+            }
+        }
+        read += n as u64;
+    }
+    writing.join().unwrap().unwrap();
+}
+
+/// A socket whose verdict parks every message, read directly (no engine): the kernel's
+/// side of parking alone. 256 MiB, every byte checked in place.
+#[test]
+fn a_socket_that_parks_everything_reads_in_place() {
+    use std::os::fd::AsFd;
+    let probe =
+        splice_proxy::probe::Probe::load(1 << 10, splice_proxy::probe::Backlog { bytes: 1 })
+            .unwrap();
+    let mut maps = probe.maps().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut sender = TcpStream::connect(addr).unwrap();
+    let (mut receiver, _) = listener.accept().unwrap();
+    let socket = splice_proxy::probe::MapSocket::new(receiver.as_fd()).unwrap();
+    maps.loop_back(socket).unwrap();
+    receiver.set_nonblocking(true).unwrap();
+    const TOTAL: u64 = 256 << 20;
+    let writing = thread::spawn(move || -> io::Result<()> {
+        let mut pos = 0u64;
+        let mut chunk = vec![0u8; 64 << 10];
+        while pos < TOTAL {
+            for (i, byte) in chunk.iter_mut().enumerate() {
+                *byte = positional(pos + i as u64);
+            }
+            pos += sender.write(&chunk)? as u64;
+        }
+        sender.shutdown(Shutdown::Write)
+    });
+    let mut buffer = vec![0; 64 << 10];
+    let mut read = 0u64;
+    while read < TOTAL {
+        let n = match receiver.read(&mut buffer) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert!(n > 0, "EOF after {read}");
+        for (i, &byte) in buffer[..n].iter().enumerate() {
+            let at = read + i as u64;
+            if byte != positional(at) {
+                let word = (0..8usize).find_map(|k| {
+                    let start = i.checked_sub(k)?;
+                    let w = buffer.get(start..start + 8)?;
+                    let index = u64::from_le_bytes(w.try_into().unwrap());
+                    (index < TOTAL / 8).then_some(index * 8 + k as u64)
+                });
+                panic!("byte {at} (read {n} at {read}) came from {word:?}");
+            }
+        }
+        read += n as u64;
+    }
+    writing.join().unwrap().unwrap();
+}

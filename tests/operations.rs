@@ -584,12 +584,7 @@ fn user_nobody_keeps_splicing_with_no_capabilities_left() {
         "{}",
         scrape.text
     );
-    assert_eq!(
-        spliced_bytes(&scrape),
-        redirected as f64,
-        "{}",
-        scrape.text
-    );
+    assert_eq!(spliced_bytes(&scrape), redirected as f64, "{}", scrape.text);
 
     // SIGHUP re-reads the file as nobody.
     let mut text = std::fs::read_to_string(&routes).unwrap();

@@ -261,7 +261,9 @@ impl Pair {
                     direction.eof = true;
                     return Ok(false);
                 }
-                Filled::Partly(n) | Filled::Full(n) if !buffer.write_all_now(upstream, &mut 0)? => {
+                Filled::Partly(n) | Filled::Full(n)
+                    if !buffer.write_all_now(upstream, &mut 0)? =>
+                {
                     direction.consumed += n as u64;
                     return Ok(false);
                 }
@@ -518,7 +520,6 @@ impl Direction {
         }
         Ok(Next::Wait)
     }
-
 }
 
 /// The error that ends a pair whose destination `to` was reset or failed while the

@@ -64,8 +64,13 @@ impl Proxy {
             Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
         let probe = match moving {
             Moving::Splice => Some(Arc::new(
-                Probe::load(map_capacity, Backlog { bytes: config.splice_backlog_max })
-                    .expect("the probe must load: tests run as root on a kernel with sockmap"),
+                Probe::load(
+                    map_capacity,
+                    Backlog {
+                        bytes: config.splice_backlog_max,
+                    },
+                )
+                .expect("the probe must load: tests run as root on a kernel with sockmap"),
             )),
             Moving::Copy => None,
         };
