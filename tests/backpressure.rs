@@ -537,3 +537,52 @@ fn a_socket_that_parks_everything_reads_in_place() {
     }
     writing.join().unwrap().unwrap();
 }
+
+/// As [`a_socket_that_parks_everything_reads_in_place`], with credit granted as the
+/// engine grants it: after each read, `unparked` = what was read, so the verdict flips to
+/// flowing and parks again on the next message.
+#[test]
+fn a_socket_whose_credit_flips_reads_in_place() {
+    use std::os::fd::AsFd;
+    let probe =
+        splice_proxy::probe::Probe::load(1 << 10, splice_proxy::probe::Backlog { bytes: 1 })
+            .unwrap();
+    let mut maps = probe.maps().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut sender = TcpStream::connect(addr).unwrap();
+    let (mut receiver, _) = listener.accept().unwrap();
+    let socket = splice_proxy::probe::MapSocket::new(receiver.as_fd()).unwrap();
+    let cookie = socket.cookie;
+    maps.loop_back(socket).unwrap();
+    const TOTAL: u64 = 256 << 20;
+    let writing = thread::spawn(move || -> io::Result<()> {
+        let mut pos = 0u64;
+        let mut chunk = vec![0u8; 64 << 10];
+        while pos < TOTAL {
+            for (i, byte) in chunk.iter_mut().enumerate() {
+                *byte = positional(pos + i as u64);
+            }
+            pos += sender.write(&chunk)? as u64;
+        }
+        sender.shutdown(Shutdown::Write)
+    });
+    let mut buffer = vec![0; 64 << 10];
+    let mut read = 0u64;
+    while read < TOTAL {
+        let n = receiver.read(&mut buffer).expect("read");
+        assert!(n > 0, "EOF after {read}");
+        for (i, &byte) in buffer[..n].iter().enumerate() {
+            let at = read + i as u64;
+            assert_eq!(byte, positional(at), "byte {at}");
+        }
+        read += n as u64;
+        let credit = splice_proxy::probe::Credit {
+            limit: 1,
+            ask_at: 1,
+            unparked: read,
+        };
+        maps.grant(cookie, credit).unwrap();
+    }
+    writing.join().unwrap().unwrap();
+}
