@@ -476,20 +476,6 @@ impl SpliceMaps {
         }
     }
 
-    /// Stops the verdict on `cookie`'s socket: what it receives from now on stays in its
-    /// TCP receive queue, where its receive window bounds it, and its peer's bytes still
-    /// reach it (it stays in `PEER_OF`). [`resume`](SpliceMaps::resume) undoes it.
-    pub fn pause(&mut self, cookie: u64) -> Result<(), MapError> {
-        self.spliced.remove(&cookie)
-    }
-
-    /// Runs the verdict on `socket` again; the caller must kick its receive queue
-    /// afterwards. Only an ESTABLISHED socket can rejoin: one that has received or sent
-    /// a FIN since is refused (EOPNOTSUPP).
-    pub fn resume(&mut self, socket: MapSocket<'_>) -> Result<(), MapError> {
-        self.spliced.insert(socket.cookie, socket.fd, 0)
-    }
-
     /// What the verdict has done with `cookie`'s bytes; all zero before its first message.
     pub fn flow(&self, cookie: u64) -> Result<Flow, MapError> {
         match self.flow.get(&cookie, 0) {

@@ -9,23 +9,20 @@
 //! taken into its send queue (`kernel_moved`): the kernel never holds more than the
 //! backlog for the direction beyond the two sockets' own buffers.
 //!
-//! A quarter of the way through a credit the probe asks for more on its ring. If the
-//! kernel has kept up, the worker grants it here. If more than a quarter of the backlog
-//! is still queued, the destination's reader is slower than the sender, and the
-//! direction is *paused*: the
-//! source leaves `SPLICED`, so what it receives stays in its TCP receive queue, where its
-//! receive window bounds it and the sender blocks, as with a direct connection. Once the
-//! kernel has moved all but an eighth of the backlog the source rejoins `SPLICED` and
-//! the verdict takes the queue from where it stopped.
+//! A quarter of the way through a credit the probe asks for more on its ring, and the
+//! worker grants the backlog past what the destination has taken by then. A destination
+//! slower than its sender takes less than the sender sends, so the credit runs out: the
+//! next message parks in its own socket's receive queue, charged to that socket's
+//! receive buffer, and every later message parks behind it. Parked bytes are not eaten,
+//! so they close the source's TCP window and block the sender, as a direct connection
+//! would. Once the kernel has written everything it redirected before the park, this
+//! process reads the parked bytes and writes them to the destination, then grants new
+//! credit with `unparked` equal to `parked`, and the probe redirects again: redirected
+//! bytes, parked bytes, redirected bytes, in that order on the one egress, so none
+//! overtakes another.
 //!
-//! A message that would go past the credit before the pause lands (the hard bound) parks
-//! in its own socket's receive queue instead, and every later message parks behind it.
-//! Once the kernel has written everything it redirected before the park, this process
-//! reads the parked bytes and writes them to the destination, then grants new credit with
-//! `unparked` equal to `parked`, and the probe redirects again: redirected bytes, parked
-//! bytes, redirected bytes, in that order on the one egress, so none overtakes another.
-//! Parking is the rare path: a parked message can wait in the source's kworker queue
-//! behind bytes redirected *to* the source, which a pause never does.
+//! Nothing here takes a source out of `SPLICED` while its bytes flow: the kernel then
+//! drops the rest of a batch the verdict is running (docs/flow-control.md).
 
 use std::{
     io,
@@ -35,7 +32,7 @@ use std::{
 
 use super::copy::CopyBuffer;
 use crate::{
-    probe::{Credit, FLOWING, MapSocket, SpliceMaps},
+    probe::{Credit, FLOWING, SpliceMaps},
     socket,
 };
 
@@ -60,27 +57,24 @@ pub(super) struct KernelFlow {
     /// The destination's `bytes_written` when the kernel took over: from then on every
     /// byte written into it was redirected by the kernel or copied here (`copied`).
     base: u64,
-    /// Bytes of the source this process read before the kernel took over (the first
-    /// message): every later byte it received goes through the verdict.
-    read_before: u64,
     /// Bytes this process wrote into the destination since `base`.
     copied: u64,
     /// Bytes this process read from the source since the kernel took over: parked ones
-    /// ([`Credit::unparked`] once written), or a paused source's tail after its FIN.
+    /// ([`Credit::unparked`] once written).
     unparked: u64,
     /// The credit last granted; `None` while the probe's default applies.
     credit: Option<Credit>,
-    /// Set while the direction is paused or moving parked bytes.
+    /// Set while the direction moves parked bytes.
     throttle: Option<Throttle>,
-    /// Times the direction was paused or parked, for the access log.
+    /// Times the direction parked, for the access log.
     throttles: u32,
     /// Bytes the kernel held for the direction at the last look (redirected, not yet in
     /// the destination's send queue), for the metrics.
     held: u64,
 }
 
+/// A direction whose bytes parked: set until this process has moved them all.
 struct Throttle {
-    kind: Kind,
     /// `Flow::redirected` when the throttle began: final until the direction flows.
     redirected: u64,
     buffer: CopyBuffer,
@@ -89,17 +83,6 @@ struct Throttle {
     interval: Duration,
     /// `kernel_moved` at the last look, to tell progress from a stopped reader.
     last_moved: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// The source is out of `SPLICED`: its bytes wait in its TCP receive queue.
-    Paused,
-    /// The probe parked bytes in the source's receive queue for this process to move.
-    Parked,
-    /// The source could not rejoin `SPLICED` (it has sent its FIN since the pause):
-    /// this process copies what is left, to the end.
-    Tail,
 }
 
 /// What a direction in the kernel needs from the worker after [`KernelFlow::unthrottle`].
@@ -113,11 +96,10 @@ pub(super) enum Unpark {
 }
 
 impl KernelFlow {
-    pub fn new(cookie: u64, base: u64, read_before: u64) -> KernelFlow {
+    pub fn new(cookie: u64, base: u64) -> KernelFlow {
         KernelFlow {
             cookie,
             base,
-            read_before,
             copied: 0,
             unparked: 0,
             credit: None,
@@ -148,9 +130,8 @@ impl KernelFlow {
             .saturating_sub(self.copied))
     }
 
-    /// The probe asked: a quarter of the credit is used, or the direction parked. Grants credit
-    /// from what the destination has taken, pauses the source if the destination is
-    /// behind, or starts moving the parked bytes.
+    /// The probe asked: a quarter of the credit is used, or the direction parked. Grants
+    /// credit from what the destination has taken, or starts moving the parked bytes.
     pub fn on_ask(&mut self, maps: &mut SpliceMaps, dst: BorrowedFd<'_>) -> io::Result<()> {
         if self.throttle.is_some() {
             return Ok(());
@@ -159,33 +140,15 @@ impl KernelFlow {
         let moved = self.kernel_moved(dst)?;
         self.held = flow.redirected.saturating_sub(moved);
         if flow.state != FLOWING && flow.parked > self.unparked {
-            self.throttle(Kind::Parked, flow.redirected, moved);
-            return Ok(());
-        }
-        let backlog = maps.backlog().bytes;
-        if self.held > backlog / 4 {
-            maps.pause(self.cookie).map_err(io::Error::other)?;
-            self.throttle(Kind::Paused, flow.redirected, moved);
+            self.throttle(flow.redirected, moved);
             return Ok(());
         }
         self.grant_from(maps, moved, flow.redirected)
     }
 
-    /// Bytes the source has received that have not been through the verdict yet: what
-    /// waits in its TCP receive queue while it is paused.
-    fn queued(&self, maps: &SpliceMaps, src: BorrowedFd<'_>) -> io::Result<u64> {
-        let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-        let received = socket::tcp_info(src)?.bytes_received;
-        Ok(received
-            .saturating_sub(self.read_before)
-            .saturating_sub(flow.redirected)
-            .saturating_sub(flow.parked))
-    }
-
-    fn throttle(&mut self, kind: Kind, redirected: u64, moved: u64) {
+    fn throttle(&mut self, redirected: u64, moved: u64) {
         self.throttles += 1;
         self.throttle = Some(Throttle {
-            kind,
             redirected,
             buffer: CopyBuffer::default(),
             next_look: Instant::now(),
@@ -243,68 +206,20 @@ impl KernelFlow {
         dst: BorrowedFd<'_>,
     ) -> io::Result<Unpark> {
         let now = Instant::now();
-        let backlog = maps.backlog().bytes;
-        loop {
-            let moved = self.kernel_moved(dst)?;
-            self.held = throttle.redirected.saturating_sub(moved);
-            // A paused source may rejoin while the kernel still holds an eighth of the
-            // backlog: its bytes queue behind. Bytes this process writes may not.
-            let allowed = match throttle.kind {
-                Kind::Paused => backlog / 8,
-                Kind::Parked | Kind::Tail => 0,
-            };
-            if self.held > allowed {
-                if moved > throttle.last_moved {
-                    throttle.interval = FIRST_LOOK;
-                } else if now >= throttle.next_look {
-                    throttle.interval = (throttle.interval * 2).min(LAST_LOOK);
-                }
-                throttle.last_moved = moved;
-                throttle.next_look = now + throttle.interval;
-                return Ok(Unpark::Waiting(throttle.next_look));
+        let moved = self.kernel_moved(dst)?;
+        self.held = throttle.redirected.saturating_sub(moved);
+        // Bytes this process writes may not overtake what the kernel still holds.
+        if self.held > 0 {
+            if moved > throttle.last_moved {
+                throttle.interval = FIRST_LOOK;
+            } else if now >= throttle.next_look {
+                throttle.interval = (throttle.interval * 2).min(LAST_LOOK);
             }
-            match throttle.kind {
-                Kind::Paused => {
-                    // The verdict takes the whole receive queue at once when the source
-                    // rejoins: credit for it too, or all of it beyond the backlog would
-                    // park. Those bytes were in the source's receive buffer already.
-                    let queued = self.queued(maps, src)?;
-                    let limit = moved + backlog + queued;
-                    let ask_at = throttle.redirected + queued + backlog / 4;
-                    self.grant(maps, limit, ask_at.min(limit))?;
-                    let rejoined = maps.resume(MapSocket {
-                        fd: src,
-                        cookie: self.cookie,
-                    });
-                    if rejoined.is_err() {
-                        // Only an ESTABLISHED socket can rejoin: this one has its FIN.
-                        throttle.kind = Kind::Tail;
-                        continue;
-                    }
-                    // What arrived while paused waits for a data_ready (pitfall 1).
-                    socket::kick_receive_queue(src)?;
-                    let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-                    if flow.state != FLOWING && flow.parked > self.unparked {
-                        throttle.kind = Kind::Parked;
-                        throttle.redirected = flow.redirected;
-                        continue;
-                    }
-                    return Ok(Unpark::Flowing);
-                }
-                Kind::Tail => {
-                    let pumped = throttle.buffer.pump(src, dst, PARKED_BUDGET)?;
-                    self.unparked += pumped.read;
-                    self.copied += pumped.written;
-                    if pumped.read >= PARKED_BUDGET {
-                        return Ok(Unpark::Waiting(Instant::now()));
-                    }
-                    // Until the worker sees the FIN through: the close path reads the
-                    // counts.
-                    return Ok(Unpark::Waiting(now + LAST_LOOK));
-                }
-                Kind::Parked => return self.move_parked(throttle, maps, src, dst, now),
-            }
+            throttle.last_moved = moved;
+            throttle.next_look = now + throttle.interval;
+            return Ok(Unpark::Waiting(throttle.next_look));
         }
+        self.move_parked(throttle, maps, src, dst, now)
     }
 
     /// Reads the parked bytes and writes them to the destination; once none is left,
@@ -366,10 +281,8 @@ impl KernelFlow {
         dst: BorrowedFd<'_>,
         owed: u64,
     ) -> io::Result<bool> {
-        match &self.throttle {
-            Some(throttle) if throttle.kind != Kind::Tail => return Ok(false),
-            Some(throttle) if !throttle.buffer.is_empty() => return Ok(false),
-            _ => {}
+        if self.throttle.is_some() {
+            return Ok(false);
         }
         let moved = self.kernel_moved(dst)?;
         if moved + self.unparked >= owed {
@@ -378,7 +291,7 @@ impl KernelFlow {
         if self.throttle.is_none() {
             let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
             if flow.state != FLOWING && flow.parked > self.unparked {
-                self.throttle(Kind::Parked, flow.redirected, moved);
+                self.throttle(flow.redirected, moved);
             }
         }
         Ok(false)

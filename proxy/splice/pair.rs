@@ -163,19 +163,12 @@ impl Pair {
     /// Hands the client-to-upstream direction to the kernel; `upstream_written` is the
     /// upstream's `bytes_written` measured before the client joined the maps.
     pub fn kernel_moves_to_upstream(&mut self, upstream_written: u64) {
-        self.to_upstream.mover = Mover::Kernel(KernelFlow::new(
-            self.client.cookie,
-            upstream_written,
-            self.to_upstream.consumed,
-        ));
+        self.to_upstream.mover =
+            Mover::Kernel(KernelFlow::new(self.client.cookie, upstream_written));
     }
 
     pub fn kernel_moves_to_client(&mut self, client_written: u64) {
-        self.to_client.mover = Mover::Kernel(KernelFlow::new(
-            self.upstream.cookie,
-            client_written,
-            self.to_client.consumed,
-        ));
+        self.to_client.mover = Mover::Kernel(KernelFlow::new(self.upstream.cookie, client_written));
     }
 
     /// The cookies of the sockets whose bytes the kernel moves, each with its side: the
