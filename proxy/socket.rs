@@ -111,15 +111,6 @@ pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1 as libc::c_int)
 }
 
-/// Raises the low-water mark as far as the kernel lets it (half the largest receive
-/// buffer): TCP then calls the socket's data_ready, and so the verdict, only once that
-/// much is queued, the receive buffer is under pressure or the window has nearly closed.
-/// Until then received bytes wait in the TCP receive queue, not read, so the window
-/// throttles the sender. [`kick_receive_queue`] undoes it and hands the queue over.
-pub fn hold_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, libc::c_int::MAX)
-}
-
 /// Send buffer beyond `net.core.wmem_max` with CAP_NET_ADMIN, up to it without. A
 /// redirected stream can only move as fast as the peer's send buffer drains
 /// (KERNEL-NOTES pitfall 4).

@@ -9,26 +9,20 @@
 //! taken into its send queue (`kernel_moved`): the kernel never holds more than the
 //! backlog for the direction beyond the two sockets' own buffers.
 //!
-//! A quarter of the way through a credit the probe asks for more on its ring. If the
-//! kernel has kept up, the worker grants it here. If it holds more than a quarter of the
-//! backlog, the destination's reader is slower than the sender, and the worker *holds*
-//! the source's receive queue: it raises the source's `SO_RCVLOWAT`, so TCP stops
-//! handing received bytes to the verdict and they wait in the receive queue, unread,
-//! where the receive window throttles the sender as a direct connection's would. Once
-//! the kernel has moved all but an eighth of the backlog, the worker grants credit for
-//! the backlog and what waited, and lowers `SO_RCVLOWAT` again, which runs the verdict
-//! over the queue (`tcp_set_rcvlowat` calls data_ready). The source never leaves
-//! `SPLICED`: taking it out while its bytes flow drops the rest of a batch the verdict
-//! is running (docs/flow-control.md).
+//! A quarter of the way through a credit the probe asks for more on its ring, and the
+//! worker grants the backlog past what the destination has taken by then. A destination
+//! slower than its sender takes less than the sender sends, so the credit runs out: the
+//! next message parks in its own socket's receive queue, charged to that socket's
+//! receive buffer, and every later message parks behind it. Parked bytes are not eaten,
+//! so they close the source's TCP window and block the sender, as a direct connection
+//! would. Once the kernel has written everything it redirected before the park, this
+//! process reads the parked bytes and writes them to the destination, then grants new
+//! credit with `unparked` equal to `parked`, and the probe redirects again: redirected
+//! bytes, parked bytes, redirected bytes, in that order on the one egress, so none
+//! overtakes another.
 //!
-//! The hold is soft: TCP still calls the verdict when the receive buffer comes under
-//! pressure or the window has nearly closed. A message that would then go past the
-//! credit (the hard bound) parks in its own socket's receive queue, charged to that
-//! socket's receive buffer, and every later message parks behind it. Once the kernel has
-//! written everything it redirected before the park, this process reads the parked bytes
-//! and writes them to the destination, then grants new credit with `unparked` equal to
-//! `parked`, and the probe redirects again: redirected bytes, parked bytes, redirected
-//! bytes, in that order on the one egress, so none overtakes another.
+//! Nothing here takes a source out of `SPLICED` while its bytes flow: the kernel then
+//! drops the rest of a batch the verdict is running (docs/flow-control.md).
 
 use std::{
     io,
@@ -63,9 +57,6 @@ pub(super) struct KernelFlow {
     /// The destination's `bytes_written` when the kernel took over: from then on every
     /// byte written into it was redirected by the kernel or copied here (`copied`).
     base: u64,
-    /// Bytes of the source this process read before the kernel took over (the first
-    /// message): every later byte it received goes through the verdict.
-    read_before: u64,
     /// Bytes this process wrote into the destination since `base`.
     copied: u64,
     /// Bytes this process read from the source since the kernel took over: parked ones
@@ -73,18 +64,17 @@ pub(super) struct KernelFlow {
     unparked: u64,
     /// The credit last granted; `None` while the probe's default applies.
     credit: Option<Credit>,
-    /// Set while the direction's source is held or it moves parked bytes.
+    /// Set while the direction moves parked bytes.
     throttle: Option<Throttle>,
-    /// Times the direction was held or parked, for the access log.
+    /// Times the direction parked, for the access log.
     throttles: u32,
     /// Bytes the kernel held for the direction at the last look (redirected, not yet in
     /// the destination's send queue), for the metrics.
     held: u64,
 }
 
-/// A direction whose source is held, or whose bytes parked, until it flows again.
+/// A direction whose bytes parked: set until this process has moved them all.
 struct Throttle {
-    kind: Kind,
     /// `Flow::redirected` when the throttle began: final until the direction flows.
     redirected: u64,
     buffer: CopyBuffer,
@@ -93,14 +83,6 @@ struct Throttle {
     interval: Duration,
     /// `kernel_moved` at the last look, to tell progress from a stopped reader.
     last_moved: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// The source's receive queue is held: its bytes wait there, unread.
-    Held,
-    /// The probe parked bytes in the source's receive queue for this process to move.
-    Parked,
 }
 
 /// What a direction in the kernel needs from the worker after [`KernelFlow::unthrottle`].
@@ -114,11 +96,10 @@ pub(super) enum Unpark {
 }
 
 impl KernelFlow {
-    pub fn new(cookie: u64, base: u64, read_before: u64) -> KernelFlow {
+    pub fn new(cookie: u64, base: u64) -> KernelFlow {
         KernelFlow {
             cookie,
             base,
-            read_before,
             copied: 0,
             unparked: 0,
             credit: None,
@@ -150,14 +131,8 @@ impl KernelFlow {
     }
 
     /// The probe asked: a quarter of the credit is used, or the direction parked. Grants
-    /// credit from what the destination has taken, holds the source if the destination
-    /// is behind, or starts moving the parked bytes.
-    pub fn on_ask(
-        &mut self,
-        maps: &mut SpliceMaps,
-        src: BorrowedFd<'_>,
-        dst: BorrowedFd<'_>,
-    ) -> io::Result<()> {
+    /// credit from what the destination has taken, or starts moving the parked bytes.
+    pub fn on_ask(&mut self, maps: &mut SpliceMaps, dst: BorrowedFd<'_>) -> io::Result<()> {
         if self.throttle.is_some() {
             return Ok(());
         }
@@ -165,32 +140,15 @@ impl KernelFlow {
         let moved = self.kernel_moved(dst)?;
         self.held = flow.redirected.saturating_sub(moved);
         if flow.state != FLOWING && flow.parked > self.unparked {
-            self.throttle(Kind::Parked, flow.redirected, moved);
-            return Ok(());
-        }
-        if self.held > maps.backlog().bytes / 4 {
-            socket::hold_receive_queue(src)?;
-            self.throttle(Kind::Held, flow.redirected, moved);
+            self.throttle(flow.redirected, moved);
             return Ok(());
         }
         self.grant_from(maps, moved, flow.redirected)
     }
 
-    /// Bytes the source has received that have not been through the verdict yet: what
-    /// waits in its TCP receive queue while it is held.
-    fn queued(&self, maps: &SpliceMaps, src: BorrowedFd<'_>) -> io::Result<u64> {
-        let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-        let received = socket::tcp_info(src)?.bytes_received;
-        Ok(received
-            .saturating_sub(self.read_before)
-            .saturating_sub(flow.redirected)
-            .saturating_sub(flow.parked))
-    }
-
-    fn throttle(&mut self, kind: Kind, redirected: u64, moved: u64) {
+    fn throttle(&mut self, redirected: u64, moved: u64) {
         self.throttles += 1;
         self.throttle = Some(Throttle {
-            kind,
             redirected,
             buffer: CopyBuffer::default(),
             next_look: Instant::now(),
@@ -248,16 +206,10 @@ impl KernelFlow {
         dst: BorrowedFd<'_>,
     ) -> io::Result<Unpark> {
         let now = Instant::now();
-        let backlog = maps.backlog().bytes;
         let moved = self.kernel_moved(dst)?;
         self.held = throttle.redirected.saturating_sub(moved);
-        // A held source may flow again while the kernel still holds an eighth of the
-        // backlog: its bytes queue behind. Bytes this process writes may not.
-        let allowed = match throttle.kind {
-            Kind::Held => backlog / 8,
-            Kind::Parked => 0,
-        };
-        if self.held > allowed {
+        // Bytes this process writes may not overtake what the kernel still holds.
+        if self.held > 0 {
             if moved > throttle.last_moved {
                 throttle.interval = FIRST_LOOK;
             } else if now >= throttle.next_look {
@@ -266,25 +218,6 @@ impl KernelFlow {
             throttle.last_moved = moved;
             throttle.next_look = now + throttle.interval;
             return Ok(Unpark::Waiting(throttle.next_look));
-        }
-        if throttle.kind == Kind::Held {
-            // The verdict takes the whole receive queue at once when the hold ends:
-            // credit for it too, or all of it beyond the backlog would park. Those bytes
-            // were in the source's receive buffer already.
-            let queued = self.queued(maps, src)?;
-            let limit = moved + backlog + queued;
-            let ask_at = throttle.redirected + queued + backlog / 4;
-            self.grant(maps, limit, ask_at.min(limit))?;
-            socket::kick_receive_queue(src)?;
-            let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-            if flow.state == FLOWING || flow.parked == self.unparked {
-                return Ok(Unpark::Flowing);
-            }
-            // It parked under pressure while held: those bytes come after what the
-            // kernel redirected until then.
-            throttle.kind = Kind::Parked;
-            throttle.redirected = flow.redirected;
-            return self.step(throttle, maps, src, dst);
         }
         self.move_parked(throttle, maps, src, dst, now)
     }
@@ -358,7 +291,7 @@ impl KernelFlow {
         if self.throttle.is_none() {
             let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
             if flow.state != FLOWING && flow.parked > self.unparked {
-                self.throttle(Kind::Parked, flow.redirected, moved);
+                self.throttle(flow.redirected, moved);
             }
         }
         Ok(false)

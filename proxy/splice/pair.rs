@@ -163,19 +163,12 @@ impl Pair {
     /// Hands the client-to-upstream direction to the kernel; `upstream_written` is the
     /// upstream's `bytes_written` measured before the client joined the maps.
     pub fn kernel_moves_to_upstream(&mut self, upstream_written: u64) {
-        self.to_upstream.mover = Mover::Kernel(KernelFlow::new(
-            self.client.cookie,
-            upstream_written,
-            self.to_upstream.consumed,
-        ));
+        self.to_upstream.mover =
+            Mover::Kernel(KernelFlow::new(self.client.cookie, upstream_written));
     }
 
     pub fn kernel_moves_to_client(&mut self, client_written: u64) {
-        self.to_client.mover = Mover::Kernel(KernelFlow::new(
-            self.upstream.cookie,
-            client_written,
-            self.to_client.consumed,
-        ));
+        self.to_client.mover = Mover::Kernel(KernelFlow::new(self.upstream.cookie, client_written));
     }
 
     /// The cookies of the sockets whose bytes the kernel moves, each with its side: the
@@ -206,20 +199,12 @@ impl Pair {
 
     /// The probe asked for credit for the direction whose source is `source`.
     pub fn on_ask(&mut self, source: Side, maps: &mut SpliceMaps) -> Next {
-        let (direction, src, dst) = match source {
-            Side::Client => (
-                &mut self.to_upstream,
-                self.client.fd.as_fd(),
-                self.upstream.fd.as_fd(),
-            ),
-            Side::Upstream => (
-                &mut self.to_client,
-                self.upstream.fd.as_fd(),
-                self.client.fd.as_fd(),
-            ),
+        let (direction, dst) = match source {
+            Side::Client => (&mut self.to_upstream, self.upstream.fd.as_fd()),
+            Side::Upstream => (&mut self.to_client, self.client.fd.as_fd()),
         };
         if let Mover::Kernel(flow) = &mut direction.mover
-            && let Err(e) = flow.on_ask(maps, src, dst)
+            && let Err(e) = flow.on_ask(maps, dst)
         {
             return Next::Reset(e);
         }
