@@ -109,9 +109,9 @@ impl Default for Backlog {
 
 impl Backlog {
     /// Credit that lets the direction run `bytes` past `moved` (what the peer has really
-    /// sent of it), and asks for more once a quarter of that is used: early, so that the
-    /// engine can pause a direction whose reader fell behind before it reaches the limit
-    /// and parks.
+    /// sent of it), and asks for more once a quarter of that is used: early, so that a
+    /// direction whose reader keeps up gets new credit before it reaches the limit and
+    /// parks.
     pub fn credit_from(self, moved: u64, unparked: u64) -> Credit {
         Credit {
             limit: moved + self.bytes,

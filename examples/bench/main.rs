@@ -113,6 +113,11 @@ struct Args {
     #[arg(long, value_name = "N")]
     hold: Option<usize>,
 
+    /// splice-proxy's `splice_backlog_max` in bytes [default: its own default]: what the
+    /// kernel may hold per spliced direction, which bulk throughput and CPU depend on.
+    #[arg(long, value_name = "BYTES")]
+    splice_backlog: Option<u64>,
+
     /// Run as the bench's backend process (the bench starts it itself).
     #[arg(long, hide = true)]
     backend: bool,
@@ -184,6 +189,9 @@ impl Settings {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    targets::SPLICE_BACKLOG
+        .set(args.splice_backlog)
+        .expect("set once, before any target starts");
     let result = if args.backend {
         backend::run().map(|()| true)
     } else if args.hold_backend {

@@ -355,6 +355,9 @@ struct Placement<'a> {
     log: &'a Path,
 }
 
+/// `--splice-backlog`, set once in main: every splice-proxy instance's routes get it.
+pub static SPLICE_BACKLOG: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
 fn free_port() -> std::io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
@@ -369,8 +372,13 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
         .iter()
         .map(|addr| format!("\"{addr}\""))
         .collect();
-    let config = format!(
-        "# The bench's first messages start with {magic} or {hold_magic}; nothing else is served.\n\
+    let backlog = match SPLICE_BACKLOG.get() {
+        Some(Some(bytes)) => format!("splice_backlog_max = {bytes}\n"),
+        _ => String::new(),
+    };
+    let config = backlog
+        + &format!(
+            "# The bench's first messages start with {magic} or {hold_magic}; nothing else is served.\n\
          [[route]]\n\
          name = \"bench\"\n\
          prefix = \"{magic}\"\n\
@@ -379,9 +387,9 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
          name = \"hold\"\n\
          prefix = \"{hold_magic}\"\n\
          backends = [{hold_backends}]\n",
-        backend = place.backend,
-        hold_backends = hold_backends.join(", "),
-    );
+            backend = place.backend,
+            hold_backends = hold_backends.join(", "),
+        );
     // Each held connection puts two sockets into each map.
     let map_capacity = (2 * place.hold.connections + 1024)
         .next_power_of_two()
