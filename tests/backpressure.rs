@@ -809,3 +809,8 @@ fn many_stalled_readers_are_bounded(upload: bool) {
 fn many_uploads_to_stalled_backends_are_bounded() {
     many_stalled_readers_are_bounded(true);
 }
+
+#[test]
+fn many_downloads_to_stalled_clients_are_bounded() {
+    many_stalled_readers_are_bounded(false);
+}
