@@ -10,7 +10,7 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
@@ -26,6 +26,20 @@ const STALL: Duration = Duration::from_secs(4);
 
 /// The bound tests run with: small, so that a test sees several parks.
 const BACKLOG: u64 = 256 * 1024;
+
+/// A test that stalls many connections at once drives the host's TCP memory to its limit
+/// (`tcp_mem`), where the kernel drops segments and resets orphaned sockets that still
+/// hold bytes: it runs alone, and every other test shares this lock, so that none of them
+/// moves bytes under that pressure or in the middle of its memory measurement.
+static HOST_TCP_MEMORY: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    HOST_TCP_MEMORY.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    HOST_TCP_MEMORY.write().unwrap_or_else(|e| e.into_inner())
+}
 
 /// What the sender may get in while its reader does not read: the bound for the spliced
 /// direction, plus the socket buffers on the way, each as large as this host lets it
@@ -123,6 +137,7 @@ fn mem_available() -> u64 {
 /// A writer that starts before its reader reads, for STALL; asserts the sender stopped
 /// within the bound and that memory did not keep falling; then lets the reader read.
 fn stalled_reader_is_bounded(moving: Moving, upload: bool) {
+    let _shared = shared();
     let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
     let reader_tx = Mutex::new(reader_tx);
     // The backend hands its socket to the test: the test decides when it reads, and
@@ -213,6 +228,7 @@ fn copy_mode_is_bounded_the_same_way() {
 /// An echo exchange bigger than the bound, both ways at once, with the client's FIN
 /// arriving while the upload is parked: every byte must come back before the close.
 fn echo_through_a_small_bound(moving: Moving) {
+    let _shared = shared();
     let backend = Backend::echo();
     let proxy = Proxy::start(&routes(backend.addr), moving);
     for round in 0..5 {
@@ -233,6 +249,7 @@ fn echo_through_a_small_bound(moving: Moving) {
 
 #[test]
 fn echo_without_fin_through_a_small_bound() {
+    let _shared = shared();
     let backend = Backend::echo();
     let proxy = Proxy::start(&routes(backend.addr), SPLICE);
     for round in 0..5 {
@@ -262,6 +279,7 @@ fn echo_through_a_small_bound_keeps_every_byte() {
 /// again dozens of times, and every byte must come back in order.
 #[test]
 fn bursts_through_a_small_bound_keep_every_byte() {
+    let _shared = shared();
     let backend = Backend::echo();
     let proxy = Proxy::start(&routes(backend.addr), SPLICE);
     let mut client = proxy.connect();
@@ -294,6 +312,7 @@ fn bursts_through_a_small_bound_keep_every_byte() {
 /// the other.
 #[test]
 fn a_reader_that_alternates_gets_every_byte() {
+    let _shared = shared();
     for upload in [true, false] {
         let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
         let reader_tx = Mutex::new(reader_tx);
@@ -352,6 +371,7 @@ fn positional(offset: u64) -> u8 {
 /// failure says what arrived where.
 #[test]
 fn a_reader_that_alternates_gets_every_byte_in_place() {
+    let _shared = shared();
     for upload in [true, false] {
         let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
         let reader_tx = Mutex::new(reader_tx);
@@ -425,6 +445,7 @@ fn a_reader_that_alternates_gets_every_byte_in_place() {
 /// the parked path, and every byte must still arrive in place.
 #[test]
 fn everything_parked_arrives_in_place() {
+    let _shared = shared();
     let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
     let reader_tx = Mutex::new(reader_tx);
     let backend = Backend::start(move |stream| {
@@ -485,6 +506,7 @@ fn everything_parked_arrives_in_place() {
 /// side of parking alone. 256 MiB, every byte checked in place.
 #[test]
 fn a_socket_that_parks_everything_reads_in_place() {
+    let _shared = shared();
     use std::os::fd::AsFd;
     let probe =
         splice_proxy::probe::Probe::load(1 << 10, splice_proxy::probe::Backlog { bytes: 1 })
@@ -543,6 +565,7 @@ fn a_socket_that_parks_everything_reads_in_place() {
 /// flowing and parks again on the next message.
 #[test]
 fn a_socket_whose_credit_flips_reads_in_place() {
+    let _shared = shared();
     use std::os::fd::AsFd;
     let probe =
         splice_proxy::probe::Probe::load(1 << 10, splice_proxy::probe::Backlog { bytes: 1 })
@@ -585,4 +608,231 @@ fn a_socket_whose_credit_flips_reads_in_place() {
         maps.grant(cookie, credit).unwrap();
     }
     writing.join().unwrap().unwrap();
+}
+
+/// Connections stalled at once by [`many_stalled_readers_are_bounded`].
+const MANY: usize = 1_000;
+
+/// Descriptors this process holds per connection of [`many_stalled_readers_are_bounded`]:
+/// the client, the backend's end, the writer's clone of the sender, and the proxy's two.
+const FDS_PER_STALLED: usize = 5;
+
+/// Descriptors kept for everything else: the proxies of the tests that ran before in this
+/// process keep theirs (about 20 each) until it exits.
+const FD_RESERVE: usize = 1000;
+
+/// What a socket may hold beyond TCP's memory limit: the kernel charges the first skb of
+/// an empty receive or write queue even past the limit, so that no socket stalls for good,
+/// and a loopback skb carries at most 64 KiB.
+const FORCED_PER_SOCKET: u64 = 64 * 1024;
+
+/// Bytes the engine may have read from a throttled direction's source that its destination
+/// has not taken: its copy buffer (`COPY_BUFFER` in proxy/splice/copy.rs).
+const ENGINE_BUFFER: u64 = 64 * 1024;
+
+/// What [`MANY`] stalled senders may get in, in all, when the host's TCP memory limit is
+/// what binds, as it is with this many connections: [`in_flight_limit`] counts each socket
+/// buffer at its maximum (and the proxy's send buffer alone is 32 MiB), but the kernel
+/// charges every socket buffer to one limit, `tcp_mem`'s maximum, and refuses more beyond
+/// it. What it does not charge is the bytes redirected and not yet taken by the
+/// destination, [`BACKLOG`] per direction, and the engine's copy buffer; and each of the
+/// four sockets of a connection may be forced past the limit by an skb.
+fn host_in_flight_limit() -> u64 {
+    tcp_memory().limit + MANY as u64 * (BACKLOG + ENGINE_BUFFER + 4 * FORCED_PER_SOCKET)
+}
+
+/// TCP's memory, in bytes, all sockets together.
+struct TcpMemory {
+    /// What they hold now (`/proc/net/sockstat`).
+    held: u64,
+    /// `tcp_mem`'s maximum.
+    limit: u64,
+}
+
+fn tcp_memory() -> TcpMemory {
+    // The last number of the first line of `path` that starts with `prefix`.
+    let pages = |path: &str, prefix: &str| -> u64 {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().last()?.parse().ok())
+            .unwrap_or_else(|| panic!("{path}: {text:?}"))
+    };
+    // SAFETY: sysconf takes no pointers.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page size");
+    TcpMemory {
+        held: pages("/proc/net/sockstat", "TCP:") * page,
+        limit: pages("/proc/sys/net/ipv4/tcp_mem", "") * page,
+    }
+}
+
+/// [`MANY`] connections at once, each with a writer flat out against a reader that does
+/// not read for [`STALL`]: what the senders got in must stay within the bound, stop
+/// growing while the readers do not read, and not keep eating the host's memory; then
+/// every reader reads, and every connection's bytes must arrive by hash.
+fn many_stalled_readers_are_bounded(upload: bool) {
+    let _alone = alone();
+    let nofile = soft_nofile_to_hard();
+    let needed = MANY * FDS_PER_STALLED + FD_RESERVE;
+    assert!(
+        nofile >= needed as u64,
+        "RLIMIT_NOFILE is {nofile} and cannot rise; {MANY} stalled connections need about {needed} descriptors"
+    );
+    // Each client's first message names it, so that its backend end can be matched.
+    let first = |index: usize| format!("hello {index:04}\n");
+    let (upstream_tx, upstream_rx) = mpsc::channel::<(usize, TcpStream)>();
+    let upstream_tx = Mutex::new(upstream_tx);
+    let first_len = first(0).len();
+    // The proxy connects to the backend as fast as the clients come: a listener's default
+    // backlog (128) overflows, and a connection whose handshake is dropped a few times
+    // takes longer than the test waits.
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(2 * MANY as i32).unwrap();
+    let backend = Backend::start_on(listener.into(), move |mut stream| {
+        let Ok(bytes) = read_exactly(&mut stream, first_len) else {
+            return;
+        };
+        let index = std::str::from_utf8(&bytes[6..first_len - 1])
+            .ok()
+            .and_then(|index| index.parse().ok())
+            .unwrap_or_else(|| panic!("first message {bytes:?}"));
+        let _ = upstream_tx.lock().unwrap().send((index, stream));
+    });
+    let proxy = Proxy::start(&routes(backend.addr), SPLICE);
+    let clients: Vec<TcpStream> = (0..MANY)
+        .map(|index| {
+            let mut client = proxy.connect();
+            client.write_all(first(index).as_bytes()).unwrap();
+            client
+        })
+        .collect();
+    let mut upstreams: Vec<Option<TcpStream>> = (0..MANY).map(|_| None).collect();
+    for arrived in 0..MANY {
+        let (index, stream) = upstream_rx.recv_timeout(IO_TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "{arrived} of {MANY} connections reached the backend ({e}); the proxy holds {}",
+                proxy.admission.held()
+            )
+        });
+        upstreams[index] = Some(stream);
+    }
+    proxy.wait_handed_off(MANY, IO_TIMEOUT);
+
+    let bound = host_in_flight_limit().min(MANY as u64 * in_flight_limit());
+    // A broken bound lets every writer run to its limit: four times its share of the
+    // bound, so that the total would show it, or less where that could exhaust the host
+    // (a guest of 4 GiB), as long as the total would still show it.
+    let share = bound / MANY as u64;
+    let limit = (4 * share).min(mem_available() / 2 / MANY as u64);
+    assert!(
+        limit > share,
+        "this host has too little memory to tell a broken bound ({bound} bytes) from a kept one"
+    );
+    // Each sender stays open until its reader is done: the kernel resets an orphaned
+    // socket that still holds bytes while TCP's memory is at its limit.
+    let mut senders = Vec::with_capacity(MANY);
+    let mut readers = Vec::with_capacity(MANY);
+    let mut writers = Vec::with_capacity(MANY);
+    for (index, (client, upstream)) in clients.into_iter().zip(upstreams).enumerate() {
+        let upstream = upstream.unwrap();
+        let (sender, reader) = if upload {
+            (client, upstream)
+        } else {
+            (upstream, client)
+        };
+        writers.push(Writer::start(
+            sender.try_clone().unwrap(),
+            index as u64,
+            limit,
+        ));
+        senders.push(sender);
+        readers.push(reader);
+    }
+    let written = |writers: &[Writer]| writers.iter().map(Writer::written).sum::<u64>();
+    let memory_before = mem_available();
+    thread::sleep(STALL / 2);
+    let halfway = written(&writers);
+    let memory_halfway = mem_available();
+    thread::sleep(STALL / 2);
+    let stalled = written(&writers);
+    let memory_after = mem_available();
+    let counters = proxy.counters();
+    let tcp = tcp_memory();
+    let at_limit = writers.iter().filter(|w| w.written() >= limit).count();
+    assert!(
+        stalled <= bound,
+        "{MANY} senders got {stalled} bytes in against readers that do not read (bound {bound}, \
+         {at_limit} writers at their limit of {limit}); TCP holds {} bytes, tcp_mem's maximum \
+         is {}; probe {counters:?}",
+        tcp.held,
+        tcp.limit
+    );
+    // Under TCP's memory limit receivers drop segments, and a retransmission gets in now
+    // and then: a few megabytes in all over the stall (measured here), where directions
+    // without a bound take gigabytes a second.
+    assert!(
+        stalled - halfway <= MANY as u64 * 64 * 1024,
+        "the senders got {} more bytes in after {:?} ({halfway} by then)",
+        stalled - halfway,
+        STALL / 2
+    );
+    // As in stalled_reader_is_bounded: the memory may fall by the buffers, not with time.
+    let fell = memory_halfway.saturating_sub(memory_after);
+    assert!(
+        fell < 256 << 20,
+        "MemAvailable fell {fell} bytes while the senders were blocked (from {memory_before})"
+    );
+    assert!(
+        counters.parked_bytes > 0,
+        "no direction parked, so the test did not test the bound: {counters:?}"
+    );
+    assert_eq!(
+        counters.untracked_messages, 0,
+        "FLOW had no room for some sockets, whose bytes went without a bound"
+    );
+
+    // Every writer stops at its next write before any reader reads: the ones joined last
+    // would otherwise write on to their limit.
+    for writer in &writers {
+        writer.stop.store(true, Ordering::Relaxed);
+    }
+    // io::copy reads through an 8 KiB buffer on the stack, where read_to_end_hashed's
+    // 256 KiB each would take a quarter of a gigabyte for the thousand readers.
+    let reading: Vec<_> = readers
+        .into_iter()
+        .map(|mut reader| {
+            thread::spawn(move || {
+                let mut hasher = Sha256::new();
+                let read = io::copy(&mut reader, &mut hasher)?;
+                Ok::<_, io::Error>((read, <[u8; 32]>::from(hasher.finalize())))
+            })
+        })
+        .collect();
+    for (index, (writer, reading)) in writers.into_iter().zip(reading).enumerate() {
+        let written = writer.finish();
+        let read = reading
+            .join()
+            .expect("reader thread panicked")
+            .unwrap_or_else(|e| panic!("connection {index}: read: {e}"));
+        assert_eq!(
+            read, written,
+            "connection {index}: (bytes, hash) read and written"
+        );
+    }
+    drop(senders);
+    proxy.wait_idle(IO_TIMEOUT);
+}
+
+#[test]
+fn many_uploads_to_stalled_backends_are_bounded() {
+    many_stalled_readers_are_bounded(true);
+}
+
+#[test]
+fn many_downloads_to_stalled_clients_are_bounded() {
+    many_stalled_readers_are_bounded(false);
 }

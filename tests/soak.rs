@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::resource::{Resource, setrlimit};
 use support::*;
 
 const KIB: usize = 1 << 10;
@@ -205,14 +205,6 @@ fn raise_nofile(limit: u64) -> u64 {
             hard
         }
     }
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard one, which needs no privilege; returns it.
-fn soft_nofile_to_hard() -> u64 {
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-        .expect("raise the soft RLIMIT_NOFILE to the hard one");
-    hard
 }
 
 /// [`HELD_WANTED`], or as many as `nofile` descriptors allow this process, at

@@ -743,6 +743,16 @@ pub fn wait_listening(addr: SocketAddr) {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard one, which needs no privilege; returns it.
+/// For a test that holds more sockets than a login shell's soft limit of 1024 allows.
+pub fn soft_nofile_to_hard() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        .expect("raise the soft RLIMIT_NOFILE to the hard one");
+    hard
+}
+
 /// Fds the process may hold beyond its count before a load: backend threads finishing.
 pub const FD_SLACK: usize = 4;
 
