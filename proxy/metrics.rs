@@ -330,9 +330,9 @@ impl Collector for ProbeCounters {
                 counters.resent_bytes_passed,
             ),
             (
-                "untracked_messages",
-                "Messages the verdict could not check for retransmitted bytes (its sequence map was full, or the kernel gave it no sequence numbers).",
-                counters.untracked_messages,
+                "unsequenced_messages",
+                "Messages the kernel gave the verdict without sequence numbers, so it could not check them for retransmitted bytes (0 on the kernels tested).",
+                counters.unsequenced_messages,
             ),
         ] {
             let counter = ConstCounter::new(value);

@@ -16,7 +16,7 @@ use aya::{
 use proxy_probe::{
     COUNTER_DROPPED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
     COUNTER_REDIRECTED_MESSAGES, COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED,
-    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, NEXT_SEQ_MAP, PEER_OF_MAP, SPLICED_MAP,
+    COUNTER_UNSEQUENCED_MESSAGES, COUNTERS_MAP, NEXT_SEQ_MAP, PEER_OF_MAP, SPLICED_MAP,
     VERDICT_PROGRAM,
 };
 
@@ -69,9 +69,9 @@ pub struct Counters {
     pub resent_bytes_cut: u64,
     /// Retransmitted bytes it could not cut, which reached the peer a second time.
     pub resent_bytes_passed: u64,
-    /// Skbs whose overlap with earlier bytes the verdict could not check (`NEXT_SEQ` was
-    /// full, or the kernel did not give it their sequence numbers).
-    pub untracked_messages: u64,
+    /// Skbs the kernel gave the verdict without sequence numbers, unchecked for
+    /// retransmitted bytes.
+    pub unsequenced_messages: u64,
 }
 
 pub struct Probe {
@@ -79,7 +79,7 @@ pub struct Probe {
     _ebpf: Ebpf,
     spliced: SockHash<MapData, u64>,
     peer_of: SockHash<MapData, u64>,
-    next_seq: HashMap<MapData, u64, u32>,
+    next_seq: HashMap<MapData, u64, u64>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -158,7 +158,7 @@ impl Probe {
             dropped_bytes: sum(COUNTER_DROPPED_BYTES)?,
             resent_bytes_cut: sum(COUNTER_RESENT_BYTES_CUT)?,
             resent_bytes_passed: sum(COUNTER_RESENT_BYTES_PASSED)?,
-            untracked_messages: sum(COUNTER_UNTRACKED_MESSAGES)?,
+            unsequenced_messages: sum(COUNTER_UNSEQUENCED_MESSAGES)?,
         })
     }
 
@@ -257,7 +257,7 @@ pub struct ByteCounts {
 pub struct SpliceMaps {
     spliced: SockHash<MapData, u64>,
     peer_of: SockHash<MapData, u64>,
-    next_seq: HashMap<MapData, u64, u32>,
+    next_seq: HashMap<MapData, u64, u64>,
 }
 
 impl SpliceMaps {
@@ -287,8 +287,10 @@ impl SpliceMaps {
                 source,
             });
         }
+        self.track_sequences(&[client.cookie, upstream.cookie]);
         if let Err(source) = self.spliced.insert(upstream.cookie, upstream.fd, 0) {
             self.forget(&[client.cookie, upstream.cookie]);
+            self.ended(client.cookie, upstream.cookie);
             return Err(JoinError {
                 side: Side::Upstream,
                 source,
@@ -314,8 +316,10 @@ impl SpliceMaps {
         self.peer_of
             .insert(socket.cookie, socket.fd, 0)
             .map_err(refused)?;
+        self.track_sequences(&[socket.cookie]);
         if let Err(source) = self.spliced.insert(socket.cookie, socket.fd, 0) {
             self.forget(&[socket.cookie]);
+            self.ended(socket.cookie, socket.cookie);
             return Err(refused(source));
         }
         Ok(())
@@ -329,6 +333,21 @@ impl SpliceMaps {
         }
         self.forget(&[client, upstream]);
         self.ended(client, upstream);
+    }
+
+    /// Gives each socket an entry in `NEXT_SEQ` before it joins `SPLICED`: the verdict
+    /// only updates entries, so that one running after the pair ended (its socket can
+    /// outlive the engine's descriptor) cannot create one nobody deletes. A socket
+    /// without an entry (the map full, which its capacity, that of the SockHashes, makes
+    /// unlikely) is spliced without the cut of retransmitted bytes.
+    fn track_sequences(&mut self, cookies: &[u64]) {
+        for &cookie in cookies {
+            if let Err(e) = self.next_seq.insert(cookie, 0, 0) {
+                tracing::warn!(
+                    "NEXT_SEQ refused a socket ({e}): retransmitted bytes on it are not cut"
+                );
+            }
+        }
     }
 
     /// Forgets the sequence the verdict tracked for a pair's sockets, once they are
@@ -369,7 +388,7 @@ fn duplicate(fd: BorrowedFd<'_>, name: &'static str) -> Result<MapData, ProbeErr
     MapData::from_fd(fd).map_err(|source| ProbeError::Map { name, source })
 }
 
-fn next_seq(map: Map) -> Result<HashMap<MapData, u64, u32>, ProbeError> {
+fn next_seq(map: Map) -> Result<HashMap<MapData, u64, u64>, ProbeError> {
     HashMap::try_from(map).map_err(|source| ProbeError::Map {
         name: NEXT_SEQ_MAP,
         source,

@@ -124,7 +124,7 @@ fn streams_arrive_in_place_here(moving: Moving) {
     }
     if let Some(counters) = counters {
         assert_eq!(counters.resent_bytes_passed, 0, "{counters:?}");
-        assert_eq!(counters.untracked_messages, 0, "{counters:?}");
+        assert_eq!(counters.unsequenced_messages, 0, "{counters:?}");
         if moving == SPLICE {
             // Else the loopback did not lose what the test needs, and proves nothing.
             assert!(counters.resent_bytes_cut > 0, "{counters:?}");

@@ -19,8 +19,11 @@ pub const PEER_OF_MAP: &str = "PEER_OF";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
 /// Hash from a socket's cookie to the TCP sequence number just past the last byte the
-/// verdict handled for it. Created by the verdict on a socket's first skb; userspace
-/// deletes it when the pair ends.
+/// verdict handled for it, with [`SEQ_KNOWN`] set once it has handled one (0 before).
+/// Userspace creates a socket's entry when the pair joins the maps and deletes it when
+/// the pair ends; the verdict only updates entries, so one that runs after the end (the
+/// socket can outlive the engine's descriptor by an asynchronous close) cannot leave
+/// one behind.
 pub const NEXT_SEQ_MAP: &str = "NEXT_SEQ";
 
 /// The `stream_verdict` program, attached with no stream parser in front of it: cut what
@@ -41,11 +44,15 @@ pub const COUNTER_DROPPED_BYTES: u32 = 3;
 pub const COUNTER_RESENT_BYTES_CUT: u32 = 4;
 /// Bytes of such overlaps that could not be cut and went to the peer a second time.
 pub const COUNTER_RESENT_BYTES_PASSED: u32 = 5;
-/// Skbs whose overlap with what came before could not be seen: their socket had no
-/// room in `NEXT_SEQ`, or the kernel did not give the verdict their sequence numbers.
-pub const COUNTER_UNTRACKED_MESSAGES: u32 = 6;
+/// Skbs the kernel gave the verdict without their sequence numbers, so that an overlap
+/// with what came before could not be seen.
+pub const COUNTER_UNSEQUENCED_MESSAGES: u32 = 6;
 /// Number of counter slots.
 pub const COUNTER_SLOTS: u32 = 7;
+
+/// Set in a `NEXT_SEQ` value once the verdict has handled a byte of the socket; the low
+/// 32 bits are then the sequence number just past it.
+pub const SEQ_KNOWN: u64 = 1 << 32;
 
 /// Entries each SockHash holds unless the loader asks for another size: two per spliced
 /// connection.

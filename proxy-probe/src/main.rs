@@ -17,7 +17,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_F_NO_PREALLOC,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::bpf_get_socket_cookie,
@@ -28,7 +28,7 @@ use aya_ebpf::{
 use proxy_probe::{
     COUNTER_DROPPED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
     COUNTER_REDIRECTED_MESSAGES, COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED,
-    COUNTER_SLOTS, COUNTER_UNTRACKED_MESSAGES, DEFAULT_MAP_CAPACITY,
+    COUNTER_SLOTS, COUNTER_UNSEQUENCED_MESSAGES, DEFAULT_MAP_CAPACITY, SEQ_KNOWN,
 };
 
 #[map]
@@ -41,9 +41,10 @@ static PEER_OF: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAP_CAPACITY,
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Per socket cookie, the TCP sequence number just past the last byte the verdict
-/// handled. Entries are allocated as sockets first receive, not up front.
+/// handled (`SEQ_KNOWN` set), or 0 before the first; userspace creates and deletes the
+/// entries, one pair at a time, not up front.
 #[map]
-static NEXT_SEQ: HashMap<u64, u32> =
+static NEXT_SEQ: HashMap<u64, u64> =
     HashMap::with_max_entries(DEFAULT_MAP_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// The most `bpf_skb_adjust_room` removes from an sk_skb in one call. The verdict calls
@@ -95,26 +96,29 @@ fn cut_resent_bytes(ctx: &SkBuffContext, cookie: u64) -> bool {
     // does not give the span of the skb's bytes (one more with a FIN): leave it whole.
     let span = end_seq.wrapping_sub(seq);
     if span != ctx.len() && span != ctx.len() + 1 {
-        count(COUNTER_UNTRACKED_MESSAGES, 1);
+        count(COUNTER_UNSEQUENCED_MESSAGES, 1);
         return true;
     }
     let Some(next) = NEXT_SEQ.get_ptr_mut(cookie) else {
-        // The socket's first skb since it joined: userspace read up to a whole skb's end
-        // before the join (pair.rs, settle_client_queue), so this one starts fresh.
-        if NEXT_SEQ
-            .insert(cookie, end_seq, u64::from(BPF_NOEXIST))
-            .is_err()
-        {
-            count(COUNTER_UNTRACKED_MESSAGES, 1);
-        }
+        // The pair has ended, or its join found no room (which the engine logs).
         return true;
     };
     // SAFETY: `next` points into this socket's entry, which only this program writes, and
-    // the kernel runs it for one socket at a time (under the socket's lock).
-    let handled_to = unsafe { *next };
+    // the kernel runs it for one socket at a time (under the socket's lock); entries are
+    // not preallocated, so this one stays valid while the program runs even if userspace
+    // deletes it.
+    let known = unsafe { *next };
+    if known & SEQ_KNOWN == 0 {
+        // The socket's first skb since it joined: userspace read up to a whole skb's end
+        // before the join (pair.rs, settle_client_queue), so this one starts fresh.
+        // SAFETY: as above.
+        unsafe { *next = SEQ_KNOWN | u64::from(end_seq) };
+        return true;
+    }
+    let handled_to = known as u32;
     if (end_seq.wrapping_sub(handled_to) as i32) > 0 {
         // SAFETY: as above.
-        unsafe { *next = end_seq };
+        unsafe { *next = SEQ_KNOWN | u64::from(end_seq) };
     }
     let overlap = handled_to.wrapping_sub(seq) as i32;
     if overlap <= 0 {
