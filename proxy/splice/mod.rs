@@ -454,15 +454,14 @@ impl Worker {
         };
         self.free.push(slot);
         self.draining.retain(|&s| s != slot);
-        // Before the sockets close and the connection stops counting as live: whoever
-        // sees it end must find it no longer counted against its backend or its limits.
+        // Before the sockets close: whoever sees it end must find it no longer counted
+        // against its backend or its limits.
         drop(pair.lease.take());
         drop(std::mem::take(&mut pair.ticket));
-        self.live.fetch_sub(1, Ordering::Relaxed);
 
-        // Closing the sockets, when `pair` drops at the end of this function, takes them
-        // out of both SockHashes (the kernel's sock_map_close), which spares four bpf()
-        // calls per connection; only the verdict's sequence entries need deleting.
+        // Closing the sockets, below, takes them out of both SockHashes (the kernel's
+        // sock_map_close), which spares four bpf() calls per connection; only the
+        // verdict's sequence entries need deleting.
         if pair.in_maps
             && let Some(maps) = &mut self.maps
         {
@@ -492,10 +491,15 @@ impl Worker {
                 "connection: no byte moved for {idle:?}"
             ),
         }
-        if !matches!(ending, Ending::Closed) {
+        if matches!(ending, Ending::Closed) {
+            drop(pair);
+        } else {
             socket::close_with_reset(pair.client.fd);
             socket::close_with_reset(pair.upstream.fd);
         }
+        // Last: a shutdown waits for this count, and the connection's line must be out
+        // before the process may exit.
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
