@@ -571,33 +571,30 @@ impl Unserved<'_> {
         let backend = self.backend.map(tracing::field::display);
         let duration_ms = crate::splice::millis(self.accepted.elapsed());
         let end = reason.as_str();
+        // The same line at either level: tracing's level must be known at compile time.
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    client,
+                    route,
+                    backend,
+                    bytes_up = self.bytes_up,
+                    bytes_down = 0u64,
+                    duration_ms,
+                    end,
+                    "connection: {why}"
+                )
+            };
+        }
         // A client that left or sent what no route takes is the client's business; a
         // backend that fails is the operator's.
         match reason {
-            Refusal::ClientGone | Refusal::NoRoute | Refusal::Unparsed => tracing::info!(
-                client,
-                route,
-                backend,
-                bytes_up = self.bytes_up,
-                bytes_down = 0u64,
-                duration_ms,
-                end,
-                "connection: {why}"
-            ),
+            Refusal::ClientGone | Refusal::NoRoute | Refusal::Unparsed => line!(info),
             Refusal::NoBackend
             | Refusal::BackendWrite
             | Refusal::Setup
             | Refusal::MaxConnections
-            | Refusal::RouteMaxConnections => tracing::warn!(
-                client,
-                route,
-                backend,
-                bytes_up = self.bytes_up,
-                bytes_down = 0u64,
-                duration_ms,
-                end,
-                "connection: {why}"
-            ),
+            | Refusal::RouteMaxConnections => line!(warn),
         }
     }
 }

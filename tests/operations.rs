@@ -232,7 +232,7 @@ fn metrics_count_known_spliced_traffic() {
         ("splice_proxy_redirect_failures_total", vec![], 0.0),
         ("splice_proxy_redirect_dropped_bytes_total", vec![], 0.0),
         ("splice_proxy_resent_bytes_passed_total", vec![], 0.0),
-        ("splice_proxy_untracked_messages_total", vec![], 0.0),
+        ("splice_proxy_unsequenced_messages_total", vec![], 0.0),
     ];
     for (name, labels, value) in expect {
         assert_eq!(
@@ -266,7 +266,7 @@ fn metrics_count_known_spliced_traffic() {
         "splice_proxy_redirect_dropped_bytes",
         "splice_proxy_resent_bytes_cut",
         "splice_proxy_resent_bytes_passed",
-        "splice_proxy_untracked_messages",
+        "splice_proxy_unsequenced_messages",
     ] {
         assert!(
             scrape.text.contains(&format!("# HELP {name} ")),

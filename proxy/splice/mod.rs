@@ -547,11 +547,10 @@ impl Worker {
         for cookie in &sources {
             self.sources.remove(cookie);
         }
-        // Before the sockets close and the connection stops counting as live: whoever
-        // sees it end must find it no longer counted against its backend or its limits.
+        // Before the sockets close: whoever sees it end must find it no longer counted
+        // against its backend or its limits.
         drop(pair.lease.take());
         drop(std::mem::take(&mut pair.ticket));
-        self.live.fetch_sub(1, Ordering::Relaxed);
 
         let (sent_up, sent_down) = pair.bytes_sent();
         let mode = pair.mode();
@@ -590,6 +589,9 @@ impl Worker {
         if let Some(maps) = &mut self.maps {
             maps.forget_flows(&sources);
         }
+        // Last: a shutdown waits for this count, and the connection's line must be out
+        // before the process may exit.
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

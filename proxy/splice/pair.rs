@@ -226,8 +226,9 @@ impl Pair {
     /// Reads what the client has queued and writes it to the upstream, until a read
     /// returns less than it was offered: then no socket buffer is left half-read. The
     /// kernel redirects a half-read buffer again from its start, duplicating the bytes we
-    /// read, so a pair may only be spliced once this returns true. False leaves the pair a consistent copy: the
-    /// client is still streaming or half-closed, or the upstream is not taking more.
+    /// read, so a pair may only be spliced once this returns true. False leaves the pair
+    /// a consistent copy: the client is still streaming or half-closed, or the upstream
+    /// is not taking more.
     pub fn settle_client_queue(&mut self) -> io::Result<bool> {
         const MAX_READS: usize = 16;
         let Pair {
