@@ -93,7 +93,6 @@ fn echo(stream: TcpStream, mut maps: SpliceMaps) -> io::Result<String> {
         .kick_receive_queue()
         .and_then(|()| echo.wait_for_close(&mut maps));
     maps.leave(socket.cookie, socket.cookie);
-    maps.forget_flows(&[socket.cookie]);
     let echoed = echoed?;
     Ok(match echo.unparked {
         0 => format!("echoed {echoed} bytes in the kernel"),

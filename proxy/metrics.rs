@@ -376,7 +376,7 @@ impl Collector for ProbeCounters {
             ),
             (
                 "untracked_messages",
-                "Messages redirected without a bound because the flow map was full (raise --map-capacity).",
+                "Messages of spliced sockets that had no flow record, redirected without a bound (0 unless something is wrong: a join that finds the flow map full is copied instead).",
                 counters.untracked_messages,
             ),
         ] {

@@ -79,7 +79,7 @@ pub struct Counters {
     pub asks: u64,
     /// Credit requests a full ring refused (the verdict asks again).
     pub asks_refused: u64,
-    /// Messages of sockets `FLOW` had no room for, redirected without a bound.
+    /// Messages of spliced sockets without a `FLOW` record, redirected without a bound.
     pub untracked_messages: u64,
     /// Retransmitted bytes the verdict cut because the socket had handled them already.
     pub resent_bytes_cut: u64,
@@ -417,11 +417,17 @@ impl SpliceMaps {
         upstream: MapSocket<'_>,
     ) -> Result<JoinOutcome, JoinError> {
         let refused = |side| move |source| JoinError { side, source };
-        self.peer_of
-            .insert(client.cookie, upstream.fd, 0)
-            .map_err(refused(Side::Upstream))?;
+        self.track(&[client.cookie, upstream.cookie])
+            .map_err(refused(Side::Client))?;
+        if let Err(source) = self.peer_of.insert(client.cookie, upstream.fd, 0) {
+            self.forget_flows(&[client.cookie, upstream.cookie]);
+            return Err(JoinError {
+                side: Side::Upstream,
+                source,
+            });
+        }
         if let Err(source) = self.peer_of.insert(upstream.cookie, client.fd, 0) {
-            self.forget(&[client.cookie]);
+            self.forget(&[client.cookie, upstream.cookie]);
             return Err(JoinError {
                 side: Side::Client,
                 source,
@@ -451,9 +457,11 @@ impl SpliceMaps {
             side: Side::Client,
             source,
         };
-        self.peer_of
-            .insert(socket.cookie, socket.fd, 0)
-            .map_err(refused)?;
+        self.track(&[socket.cookie]).map_err(refused)?;
+        if let Err(source) = self.peer_of.insert(socket.cookie, socket.fd, 0) {
+            self.forget_flows(&[socket.cookie]);
+            return Err(refused(source));
+        }
         if let Err(source) = self.spliced.insert(socket.cookie, socket.fd, 0) {
             self.forget(&[socket.cookie]);
             return Err(refused(source));
@@ -461,8 +469,9 @@ impl SpliceMaps {
         Ok(())
     }
 
-    /// Removes a pair from both maps, for a pair whose sockets stay open (set up
-    /// halfway, then copied). Closing a socket removes it from the maps by itself.
+    /// Removes a pair from the maps, flow records included, for a pair whose sockets stay
+    /// open (set up halfway, then copied). Closing a socket removes it from the two
+    /// SockHashes by itself, not from `FLOW` and `CREDIT` ([`forget_flows`](Self::forget_flows)).
     pub fn leave(&mut self, client: u64, upstream: u64) {
         for cookie in [client, upstream] {
             let _ = self.spliced.remove(&cookie);
@@ -470,10 +479,26 @@ impl SpliceMaps {
         self.forget(&[client, upstream]);
     }
 
+    /// Creates `cookies`' flow records before their sockets join `SPLICED`: the verdict
+    /// only updates records, so one that runs after the pair has ended (and its records
+    /// are gone) cannot leave a new one behind. All or none.
+    fn track(&mut self, cookies: &[u64]) -> Result<(), MapError> {
+        for (i, cookie) in cookies.iter().enumerate() {
+            if let Err(e) = self.flow.insert(cookie, FlowRecord(Flow::default()), 0) {
+                self.forget_flows(&cookies[..i]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `cookies` out of `PEER_OF` and deletes their flow records; removing what is
+    /// not there is harmless.
     fn forget(&mut self, cookies: &[u64]) {
         for cookie in cookies {
             let _ = self.peer_of.remove(cookie);
         }
+        self.forget_flows(cookies);
     }
 
     /// What the verdict has done with `cookie`'s bytes; all zero before its first message.

@@ -57,7 +57,7 @@ pub const COUNTER_PARKED_BYTES: u32 = 4;
 pub const COUNTER_ASKS: u32 = 5;
 /// Credit requests the full ring refused; the verdict asks again on the next message.
 pub const COUNTER_ASKS_REFUSED: u32 = 6;
-/// Messages of sockets the `FLOW` map had no room for: redirected without a bound.
+/// Messages of spliced sockets without a `FLOW` record: redirected without a bound.
 pub const COUNTER_UNTRACKED_MESSAGES: u32 = 7;
 /// Bytes cut off the front of skbs because the socket had handled them already: a
 /// retransmission that overlapped what had arrived before it (docs/kernel.md,

@@ -23,7 +23,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_F_NO_PREALLOC,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::bpf_get_socket_cookie,
@@ -50,7 +50,9 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 
 // Not preallocated: a deleted or replaced entry is freed only after every program that
 // may still hold it has finished, so a verdict never writes into another socket's entry,
-// and the maps take memory only for the sockets that exist.
+// and the maps take memory only for the sockets that exist. Userspace creates a socket's
+// `FLOW` record before the socket joins and deletes it after it closed; the verdict only
+// updates it, so a verdict that runs late cannot leave a record behind.
 #[map]
 static FLOW: HashMap<u64, Flow> =
     HashMap::with_max_entries(DEFAULT_MAP_CAPACITY, BPF_F_NO_PREALLOC);
@@ -79,7 +81,9 @@ fn splice_verdict(ctx: SkBuffContext) -> u32 {
         // after: so neither redirect it nor park it.
         return SK_DROP;
     }
-    let Some(flow) = flow_of(cookie) else {
+    let Some(flow) = FLOW.get_ptr_mut(cookie) else {
+        // The join found no room for the record (the pair is copied instead), or the
+        // pair has ended.
         count(COUNTER_UNTRACKED_MESSAGES, 1);
         return redirect(&ctx, cookie, len);
     };
@@ -140,26 +144,6 @@ fn park(flow: &mut Flow, cookie: u64, len: u64) -> u32 {
         flow.state = PARKING_ANNOUNCED;
     }
     SK_PASS
-}
-
-static NEW_FLOW: Flow = Flow {
-    redirected: 0,
-    parked: 0,
-    asked_at: 0,
-    state: FLOWING,
-    next_seq: 0,
-};
-
-#[inline(always)]
-fn flow_of(cookie: u64) -> Option<*mut Flow> {
-    if let Some(flow) = FLOW.get_ptr_mut(cookie) {
-        return Some(flow);
-    }
-    // A socket's first message since it joined. NOEXIST: never reset an entry. From a
-    // static, not a `Flow::default()` on the stack: that compiles to a byte loop with a
-    // variable stack offset, which the verifier refuses without CAP_PERFMON.
-    let _ = FLOW.insert(cookie, &NEW_FLOW, u64::from(BPF_NOEXIST));
-    FLOW.get_ptr_mut(cookie)
 }
 
 /// The most `bpf_skb_adjust_room` removes from an sk_skb in one call. The verdict calls

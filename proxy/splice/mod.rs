@@ -403,7 +403,6 @@ impl Worker {
                 && let Some(maps) = &mut self.maps
             {
                 maps.leave(pair.client.cookie, pair.upstream.cookie);
-                maps.forget_flows(&[pair.client.cookie, pair.upstream.cookie]);
                 pair.in_maps = false;
             }
             return Err(e);
@@ -543,10 +542,12 @@ impl Worker {
             return;
         };
         self.free.push(slot);
-        let sources: Vec<u64> = pair.kernel_sources().map(|(cookie, _)| cookie).collect();
-        for cookie in &sources {
-            self.sources.remove(cookie);
+        for (cookie, _) in pair.kernel_sources() {
+            self.sources.remove(&cookie);
         }
+        let recorded = pair
+            .in_maps
+            .then_some([pair.client.cookie, pair.upstream.cookie]);
         // Before the sockets close: whoever sees it end must find it no longer counted
         // against its backend or its limits.
         drop(pair.lease.take());
@@ -584,10 +585,10 @@ impl Worker {
             socket::close_with_reset(pair.client.fd);
             socket::close_with_reset(pair.upstream.fd);
         }
-        // Only now that the sockets are closed: a socket still in `SPLICED` would get a
-        // new flow record with its next message.
-        if let Some(maps) = &mut self.maps {
-            maps.forget_flows(&sources);
+        // Closing the sockets took them out of both SockHashes (the kernel's
+        // sock_map_close); the flow records the join created need deleting.
+        if let (Some(cookies), Some(maps)) = (recorded, &mut self.maps) {
+            maps.forget_flows(&cookies);
         }
         // Last: a shutdown waits for this count, and the connection's line must be out
         // before the process may exit.
@@ -645,10 +646,17 @@ fn splice(
                 pair.kernel_moves_to_upstream(upstream_written);
             }
             // Bytes queued before the inserts wait for a data_ready (pitfall 1).
-            socket::kick_receive_queue(pair.upstream.fd())?;
-            if outcome == JoinOutcome::Both {
-                socket::kick_receive_queue(pair.client.fd())?;
-            } else {
+            let kicked =
+                socket::kick_receive_queue(pair.upstream.fd()).and_then(|()| match outcome {
+                    JoinOutcome::Both => socket::kick_receive_queue(pair.client.fd()),
+                    JoinOutcome::UpstreamOnly => Ok(()),
+                });
+            if let Err(e) = kicked {
+                // The pair is closed unserved: nothing else would delete its records.
+                maps.leave(pair.client.cookie, pair.upstream.cookie);
+                return Err(e);
+            }
+            if outcome == JoinOutcome::UpstreamOnly {
                 tracing::debug!(client = %pair.info.client, "client closed during the splice: its last bytes are copied");
             }
         }
