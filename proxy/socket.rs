@@ -126,6 +126,19 @@ pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     }
 }
 
+/// Sets the receive buffer to `bytes` (the kernel doubles it for its overhead), beyond
+/// `net.core.rmem_max` with CAP_NET_ADMIN, up to it without. It also ends the kernel's
+/// autotuning of the buffer for the socket's lifetime.
+pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    match setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
+        }
+        result => result,
+    }
+}
+
 /// The pending socket error, cleared by reading it.
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     let code: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;

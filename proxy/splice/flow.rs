@@ -50,6 +50,19 @@ const LAST_LOOK: Duration = Duration::from_millis(64);
 /// direction is looked at again right after.
 const PARKED_BUDGET: u64 = 1 << 20;
 
+/// The receive buffer a spliced socket joins with (`SO_RCVBUF`; the kernel doubles it).
+/// Parked bytes are bounded by the source's receive window, and before 6.18 by nothing
+/// else: TCP accepts a segment into an empty receive queue whatever `tcp_mem` says, and
+/// the verdict keeps the queue empty (docs/flow-control.md, "Parking past tcp_mem").
+/// With the kernel's autotuning a spliced socket's buffer grows as fast as the verdict
+/// takes bytes, to `tcp_rmem`'s maximum (6 MiB on Debian), so a thousand stalled
+/// uploads parked gigabytes; from here it grows only as [`ReceiveWindow`] allows.
+pub const FIRST_RECEIVE_BUFFER: usize = 128 * 1024;
+
+/// The largest receive buffer [`ReceiveWindow`] grows a source to (doubled by the
+/// kernel: 6 MiB, Debian's `tcp_rmem` maximum).
+const LAST_RECEIVE_BUFFER: usize = 3 << 20;
+
 /// One direction the kernel moves.
 pub(super) struct KernelFlow {
     /// The source socket's cookie: its key in `FLOW` and `CREDIT`.
@@ -71,6 +84,18 @@ pub(super) struct KernelFlow {
     /// Bytes the kernel held for the direction at the last look (redirected, not yet in
     /// the destination's send queue), for the metrics.
     held: u64,
+    window: ReceiveWindow,
+}
+
+/// The source's receive buffer, which bounds how much can park, grown in the kernel's
+/// place: it doubles each time the destination's peer has acknowledged a buffer's worth
+/// since the last growth, so a reader that keeps up gets the window a fast transfer
+/// needs, and one that stops leaves the source with the window it had.
+struct ReceiveWindow {
+    /// What the buffer was last set to.
+    buffer: usize,
+    /// The destination's `bytes_acked` at the last growth.
+    acked_at: u64,
 }
 
 /// A direction whose bytes parked: set until this process has moved them all.
@@ -106,6 +131,10 @@ impl KernelFlow {
             throttle: None,
             throttles: 0,
             held: 0,
+            window: ReceiveWindow {
+                buffer: FIRST_RECEIVE_BUFFER,
+                acked_at: 0,
+            },
         }
     }
 
@@ -132,10 +161,16 @@ impl KernelFlow {
 
     /// The probe asked: a quarter of the credit is used, or the direction parked. Grants
     /// credit from what the destination has taken, or starts moving the parked bytes.
-    pub fn on_ask(&mut self, maps: &mut SpliceMaps, dst: BorrowedFd<'_>) -> io::Result<()> {
+    pub fn on_ask(
+        &mut self,
+        maps: &mut SpliceMaps,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+    ) -> io::Result<()> {
         if self.throttle.is_some() {
             return Ok(());
         }
+        self.window.grow(src, dst)?;
         let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
         let moved = self.kernel_moved(dst)?;
         self.held = flow.redirected.saturating_sub(moved);
@@ -300,5 +335,22 @@ impl KernelFlow {
     /// Bytes moved so far, redirected or copied: progress while a close waits.
     pub fn progress(&self, dst: BorrowedFd<'_>) -> io::Result<u64> {
         Ok(self.kernel_moved(dst)? + self.unparked)
+    }
+}
+
+impl ReceiveWindow {
+    fn grow(&mut self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<()> {
+        if self.buffer >= LAST_RECEIVE_BUFFER {
+            return Ok(());
+        }
+        let acked = socket::tcp_info(dst)?.bytes_acked;
+        if acked.saturating_sub(self.acked_at) < self.buffer as u64 {
+            return Ok(());
+        }
+        let buffer = (self.buffer * 2).min(LAST_RECEIVE_BUFFER);
+        socket::set_receive_buffer(src, buffer)?;
+        self.buffer = buffer;
+        self.acked_at = acked;
+        Ok(())
     }
 }

@@ -645,9 +645,16 @@ fn splice(
             if outcome == JoinOutcome::Both {
                 pair.kernel_moves_to_upstream(upstream_written);
             }
-            // Bytes queued before the inserts wait for a data_ready (pitfall 1).
-            let kicked =
-                socket::kick_receive_queue(pair.upstream.fd()).and_then(|()| match outcome {
+            // Each source's receive window starts small and grows only while its
+            // destination's reader keeps up (flow.rs, `ReceiveWindow`); set before the
+            // kick, whose verdict runs would grow it otherwise. Bytes queued before the
+            // inserts wait for a data_ready (pitfall 1).
+            let kicked = socket::set_receive_buffer(pair.client.fd(), flow::FIRST_RECEIVE_BUFFER)
+                .and_then(|()| {
+                    socket::set_receive_buffer(pair.upstream.fd(), flow::FIRST_RECEIVE_BUFFER)
+                })
+                .and_then(|()| socket::kick_receive_queue(pair.upstream.fd()))
+                .and_then(|()| match outcome {
                     JoinOutcome::Both => socket::kick_receive_queue(pair.client.fd()),
                     JoinOutcome::UpstreamOnly => Ok(()),
                 });

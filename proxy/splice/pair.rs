@@ -199,12 +199,20 @@ impl Pair {
 
     /// The probe asked for credit for the direction whose source is `source`.
     pub fn on_ask(&mut self, source: Side, maps: &mut SpliceMaps) -> Next {
-        let (direction, dst) = match source {
-            Side::Client => (&mut self.to_upstream, self.upstream.fd.as_fd()),
-            Side::Upstream => (&mut self.to_client, self.client.fd.as_fd()),
+        let (direction, src, dst) = match source {
+            Side::Client => (
+                &mut self.to_upstream,
+                self.client.fd.as_fd(),
+                self.upstream.fd.as_fd(),
+            ),
+            Side::Upstream => (
+                &mut self.to_client,
+                self.upstream.fd.as_fd(),
+                self.client.fd.as_fd(),
+            ),
         };
         if let Mover::Kernel(flow) = &mut direction.mover
-            && let Err(e) = flow.on_ask(maps, dst)
+            && let Err(e) = flow.on_ask(maps, src, dst)
         {
             return Next::Reset(e);
         }
