@@ -51,8 +51,8 @@ const LAST_LOOK: Duration = Duration::from_millis(64);
 const PARKED_BUDGET: u64 = 1 << 20;
 
 /// The receive buffer a spliced socket joins with (`SO_RCVBUF`; the kernel doubles it).
-/// Parked bytes are bounded by the source's receive window, and before 6.18 by nothing
-/// else: TCP accepts a segment into an empty receive queue whatever `tcp_mem` says, and
+/// Parked bytes are bounded by the source's receive window, and on 6.12 and the older
+/// kernels tested by nothing else (6.18 holds them to `tcp_mem`): TCP accepts a segment into an empty receive queue whatever `tcp_mem` says, and
 /// the verdict keeps the queue empty (docs/flow-control.md, "Parking past tcp_mem").
 /// With the kernel's autotuning a spliced socket's buffer grows as fast as the verdict
 /// takes bytes, to `tcp_rmem`'s maximum (6 MiB on Debian), so a thousand stalled
