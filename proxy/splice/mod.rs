@@ -553,10 +553,18 @@ fn splice(
                 pair.kernel_moves_to_upstream(upstream_written);
             }
             // Bytes queued before the inserts wait for a data_ready (pitfall 1).
-            socket::kick_receive_queue(pair.upstream.fd())?;
-            if outcome == JoinOutcome::Both {
-                socket::kick_receive_queue(pair.client.fd())?;
-            } else {
+            let kicked =
+                socket::kick_receive_queue(pair.upstream.fd()).and_then(|()| match outcome {
+                    JoinOutcome::Both => socket::kick_receive_queue(pair.client.fd()),
+                    JoinOutcome::UpstreamOnly => Ok(()),
+                });
+            if let Err(e) = kicked {
+                // The pair is closed unserved: nothing else would delete its sequence
+                // entries.
+                maps.leave(pair.client.cookie, pair.upstream.cookie);
+                return Err(e);
+            }
+            if outcome == JoinOutcome::UpstreamOnly {
                 tracing::debug!(client = %pair.info.client, "client closed during the splice: its last bytes are copied");
             }
         }
