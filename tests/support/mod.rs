@@ -115,7 +115,8 @@ impl Proxy {
         loop {
             let live = self.engine.live();
             let entries = self.probe.as_ref().map_or((0, 0, 0), |p| {
-                (p.entries().0, p.entries().1, p.tracked_sequences())
+                let (spliced, peer_of) = p.entries();
+                (spliced, peer_of, p.tracked_sequences())
             });
             if live == 0 && entries == (0, 0, 0) {
                 return;
