@@ -39,8 +39,8 @@ const HEALTH_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// Every connection holds a buffer this large until it is routed.
 const FIRST_MESSAGE_MAX_LIMIT: usize = 1024 * 1024;
 
-/// `splice_backlog_max` when the file has none; BENCHMARKS.md, "The backlog bound", has
-/// the measurements it was chosen from.
+/// `splice_backlog_max` when the file has none; docs/flow-control.md, "What it costs",
+/// has the measurements it was chosen from.
 pub const DEFAULT_SPLICE_BACKLOG_MAX: u64 = 16 << 20;
 
 /// Below this a spliced direction would ask for credit every few packets; above it one

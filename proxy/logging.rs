@@ -14,10 +14,10 @@ pub fn colors_wanted(stream: &impl IsTerminal) -> bool {
     stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// Makes writers for JSON log lines that escape, as `\uXXXX`, the characters serde_json
-/// leaves raw inside strings though they are not harmless: the C1 controls U+0080 to
-/// U+009F (U+009B is a terminal's CSI, as `ESC [` is) and U+2028 and U+2029, which
-/// JavaScript and some log viewers take for line breaks. Values from clients (a Host
+/// Makes writers for JSON log lines that escape, as `\u` and four hex digits, the
+/// characters serde_json leaves raw inside strings though they are not harmless: the C1
+/// controls U+0080 to U+009F (U+009B is a terminal's CSI, as `ESC [` is) and U+2028 and
+/// U+2029, which JavaScript and some log viewers take for line breaks. Values from clients (a Host
 /// header, a path) reach the log at debug level, so a client could otherwise split a
 /// line or drive the terminal of whoever reads it. The text format escapes them already
 /// (`\u{9b}`). A JSON reader gets the same strings either way.
@@ -50,9 +50,9 @@ impl<W: Write> Write for EscapingWriter<W> {
 }
 
 /// `json` (UTF-8, as serde_json writes it) with every C1 control, U+2028 and U+2029 as
-/// a `\uXXXX` escape. Those characters only occur inside JSON strings, where the escape
-/// means the same character, so the result is the same JSON value. Borrowed when there
-/// is nothing to escape.
+/// a `\u` escape with four hex digits (`\u2028`). Those characters only occur inside
+/// JSON strings, where the escape means the same character, so the result is the same
+/// JSON value. Borrowed when there is nothing to escape.
 fn escape_line_breaks_and_controls(json: &[u8]) -> Cow<'_, [u8]> {
     // In UTF-8, C1 controls are C2 80..=9F, and U+2028/9 are E2 80 A8/A9.
     let escaped = |rest: &[u8]| -> Option<(u32, usize)> {
