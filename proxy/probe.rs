@@ -309,11 +309,30 @@ impl Asks {
 /// Why a pair could not be put into the maps. In every case the maps hold nothing of the
 /// pair afterwards and no byte has been lost, so the caller can copy in userspace instead.
 #[derive(Debug, thiserror::Error)]
-#[error("the kernel refused to splice the {side} socket")]
+#[error("the kernel refused {refused}")]
 pub struct JoinError {
-    pub side: Side,
+    pub refused: Refused,
     #[source]
     pub source: MapError,
+}
+
+/// What [`JoinError`] was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The pair's `FLOW` records, created before either socket joins (the map is full,
+    /// or the kernel is out of memory).
+    FlowRecords,
+    /// One socket's `PEER_OF` or `SPLICED` entry.
+    Socket(Side),
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::FlowRecords => f.write_str("the pair's flow records"),
+            Refused::Socket(side) => write!(f, "to splice the {side} socket"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,29 +435,20 @@ impl SpliceMaps {
         client: MapSocket<'_>,
         upstream: MapSocket<'_>,
     ) -> Result<JoinOutcome, JoinError> {
-        let refused = |side| move |source| JoinError { side, source };
+        let refused = |refused| move |source| JoinError { refused, source };
         self.track(&[client.cookie, upstream.cookie])
-            .map_err(refused(Side::Client))?;
+            .map_err(refused(Refused::FlowRecords))?;
         if let Err(source) = self.peer_of.insert(client.cookie, upstream.fd, 0) {
             self.forget_flows(&[client.cookie, upstream.cookie]);
-            return Err(JoinError {
-                side: Side::Upstream,
-                source,
-            });
+            return Err(refused(Refused::Socket(Side::Upstream))(source));
         }
         if let Err(source) = self.peer_of.insert(upstream.cookie, client.fd, 0) {
             self.forget(&[client.cookie, upstream.cookie]);
-            return Err(JoinError {
-                side: Side::Client,
-                source,
-            });
+            return Err(refused(Refused::Socket(Side::Client))(source));
         }
         if let Err(source) = self.spliced.insert(upstream.cookie, upstream.fd, 0) {
             self.forget(&[client.cookie, upstream.cookie]);
-            return Err(JoinError {
-                side: Side::Upstream,
-                source,
-            });
+            return Err(refused(Refused::Socket(Side::Upstream))(source));
         }
         if let Err(source) = self.spliced.insert(client.cookie, client.fd, 0) {
             tracing::debug!("client refused after the upstream was spliced: {source}");
@@ -453,18 +463,16 @@ impl SpliceMaps {
     /// receive queue afterwards. An error leaves nothing in the maps; `leave(cookie,
     /// cookie)` takes the socket out again.
     pub fn loop_back(&mut self, socket: MapSocket<'_>) -> Result<(), JoinError> {
-        let refused = |source| JoinError {
-            side: Side::Client,
-            source,
-        };
-        self.track(&[socket.cookie]).map_err(refused)?;
+        let refused = |refused| move |source| JoinError { refused, source };
+        self.track(&[socket.cookie])
+            .map_err(refused(Refused::FlowRecords))?;
         if let Err(source) = self.peer_of.insert(socket.cookie, socket.fd, 0) {
             self.forget_flows(&[socket.cookie]);
-            return Err(refused(source));
+            return Err(refused(Refused::Socket(Side::Client))(source));
         }
         if let Err(source) = self.spliced.insert(socket.cookie, socket.fd, 0) {
             self.forget(&[socket.cookie]);
-            return Err(refused(source));
+            return Err(refused(Refused::Socket(Side::Client))(source));
         }
         Ok(())
     }
