@@ -134,25 +134,34 @@ fn mem_available() -> u64 {
         * 1024
 }
 
+/// A backend that hands each connection's socket to the test, so that the test decides
+/// when it reads, and what it writes.
+fn holding_backend() -> (Backend, mpsc::Receiver<TcpStream>) {
+    let (held_tx, held) = mpsc::channel::<TcpStream>();
+    let held_tx = Mutex::new(held_tx);
+    let backend = Backend::start(move |stream| {
+        let _ = held_tx.lock().unwrap().send(stream);
+    });
+    (backend, held)
+}
+
+/// A connection through `proxy` to a [`holding_backend`]: the client's first message
+/// sent, and read by the backend. Returns (client, upstream).
+fn connect_held(proxy: &Proxy, held: &mpsc::Receiver<TcpStream>) -> (TcpStream, TcpStream) {
+    let mut client = proxy.connect();
+    client.write_all(b"hello\n").unwrap();
+    let mut upstream = held.recv_timeout(IO_TIMEOUT).expect("backend connection");
+    assert_eq!(read_exactly(&mut upstream, 6).unwrap(), b"hello\n");
+    (client, upstream)
+}
+
 /// A writer that starts before its reader reads, for STALL; asserts the sender stopped
 /// within the bound and that memory did not keep falling; then lets the reader read.
 fn stalled_reader_is_bounded(moving: Moving, upload: bool) {
     let _shared = shared();
-    let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
-    let reader_tx = Mutex::new(reader_tx);
-    // The backend hands its socket to the test: the test decides when it reads, and
-    // in the download case writes from it.
-    let backend = Backend::start(move |stream| {
-        let _ = reader_tx.lock().unwrap().send(stream);
-    });
+    let (backend, held) = holding_backend();
     let proxy = Proxy::start(&routes(backend.addr), moving);
-    let mut client = proxy.connect();
-    client.write_all(b"hello\n").unwrap();
-    let mut upstream = reader_rx
-        .recv_timeout(IO_TIMEOUT)
-        .expect("backend connection");
-    let mut first = [0; 6];
-    upstream.read_exact(&mut first).unwrap();
+    let (client, upstream) = connect_held(&proxy, &held);
     proxy.wait_handed_off(1, IO_TIMEOUT);
 
     let (sender, mut reader) = if upstream_is_reader(upload) {
@@ -314,18 +323,9 @@ fn bursts_through_a_small_bound_keep_every_byte() {
 fn a_reader_that_alternates_gets_every_byte() {
     let _shared = shared();
     for upload in [true, false] {
-        let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
-        let reader_tx = Mutex::new(reader_tx);
-        let backend = Backend::start(move |stream| {
-            let _ = reader_tx.lock().unwrap().send(stream);
-        });
+        let (backend, held) = holding_backend();
         let proxy = Proxy::start(&routes(backend.addr), SPLICE);
-        let mut client = proxy.connect();
-        client.write_all(b"hello\n").unwrap();
-        let mut upstream = reader_rx
-            .recv_timeout(IO_TIMEOUT)
-            .expect("backend connection");
-        assert_eq!(read_exactly(&mut upstream, 6).unwrap(), b"hello\n");
+        let (client, upstream) = connect_held(&proxy, &held);
         let (sender, mut reader) = if upload {
             (client, upstream)
         } else {
@@ -367,43 +367,65 @@ fn positional(offset: u64) -> u8 {
     (offset / 8).to_le_bytes()[(offset % 8) as usize]
 }
 
+/// Writes the first `total` bytes of the [`positional`] stream into `out`, then its FIN.
+fn write_positional(mut out: TcpStream, total: u64) -> thread::JoinHandle<io::Result<()>> {
+    thread::spawn(move || {
+        let mut pos = 0u64;
+        let mut chunk = vec![0u8; 64 << 10];
+        while pos < total {
+            for (i, byte) in chunk.iter_mut().enumerate() {
+                *byte = positional(pos + i as u64);
+            }
+            pos += out.write(&chunk)? as u64;
+        }
+        out.shutdown(Shutdown::Write)
+    })
+}
+
+/// The first byte of `bytes` (read at stream offset `at` of a [`positional`] stream of
+/// `total` bytes) that is not the stream's: its offset, and the offset the 8-byte word
+/// there came from, found as the shift at which 8 bytes read as a word index.
+fn misplaced(bytes: &[u8], at: u64, total: u64) -> Option<(u64, Option<u64>)> {
+    let i = (0..bytes.len()).find(|&i| bytes[i] != positional(at + i as u64))?;
+    let word = (0..8usize).find_map(|k| {
+        let start = i.checked_sub(k)?;
+        let w = bytes.get(start..start + 8)?;
+        let index = u64::from_le_bytes(w.try_into().unwrap());
+        (index < total / 8).then_some(index * 8 + k as u64)
+    });
+    Some((at + i as u64, word))
+}
+
+/// A connected pair on 127.0.0.1 whose receiving end is its own peer in `maps`
+/// ([`loop_back`](splice_proxy::probe::SpliceMaps::loop_back)), for the probe's side of
+/// parking without the engine. Returns (sender, receiver, the receiver's cookie).
+fn looped_back(maps: &mut splice_proxy::probe::SpliceMaps) -> (TcpStream, TcpStream, u64) {
+    use std::os::fd::AsFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (receiver, _) = listener.accept().unwrap();
+    let socket = splice_proxy::probe::MapSocket::new(receiver.as_fd()).unwrap();
+    let cookie = socket.cookie;
+    maps.loop_back(socket).unwrap();
+    (sender, receiver, cookie)
+}
+
 /// As [`a_reader_that_alternates_gets_every_byte`], with a positional stream, so that a
 /// failure says what arrived where.
 #[test]
 fn a_reader_that_alternates_gets_every_byte_in_place() {
     let _shared = shared();
     for upload in [true, false] {
-        let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
-        let reader_tx = Mutex::new(reader_tx);
-        let backend = Backend::start(move |stream| {
-            let _ = reader_tx.lock().unwrap().send(stream);
-        });
+        let (backend, held) = holding_backend();
         let proxy = Proxy::start(&routes(backend.addr), SPLICE);
-        let mut client = proxy.connect();
-        client.write_all(b"hello\n").unwrap();
-        let mut upstream = reader_rx
-            .recv_timeout(IO_TIMEOUT)
-            .expect("backend connection");
-        assert_eq!(read_exactly(&mut upstream, 6).unwrap(), b"hello\n");
+        let (client, upstream) = connect_held(&proxy, &held);
         let (sender, mut reader) = if upload {
             (client, upstream)
         } else {
             (upstream, client)
         };
         const TOTAL: u64 = 96 << 20;
-        let mut out = sender.try_clone().unwrap();
-        let writing = thread::spawn(move || -> io::Result<()> {
-            let mut pos = 0u64;
-            let mut chunk = vec![0u8; 64 << 10];
-            while pos < TOTAL {
-                for (i, byte) in chunk.iter_mut().enumerate() {
-                    *byte = positional(pos + i as u64);
-                }
-                let n = out.write(&chunk)?;
-                pos += n as u64;
-            }
-            out.shutdown(Shutdown::Write)
-        });
+        let writing = write_positional(sender.try_clone().unwrap(), TOTAL);
         let mut buffer = vec![0; 256 << 10];
         let mut read = 0u64;
         while read < TOTAL {
@@ -411,24 +433,13 @@ fn a_reader_that_alternates_gets_every_byte_in_place() {
             while this_turn < 2 << 20 && read < TOTAL {
                 let n = reader.read(&mut buffer).expect("read");
                 assert!(n > 0, "EOF after {read} bytes");
-                for (i, &byte) in buffer[..n].iter().enumerate() {
-                    let at = read + i as u64;
-                    if byte != positional(at) {
-                        // Which stream offset the bytes here came from: the shift k
-                        // at which 8 bytes read as a word index close to `at`.
-                        let word = (0..8usize).find_map(|k| {
-                            let start = i.checked_sub(k)?;
-                            let w = buffer.get(start..start + 8)?;
-                            let index = u64::from_le_bytes(w.try_into().unwrap());
-                            (index < TOTAL / 8).then_some(index * 8 + k as u64)
-                        });
-                        let got = &buffer[i..(i + 32).min(n)];
-                        eprintln!("at {at}: got {got:02x?}");
-                        panic!(
-                            "upload {upload}: byte {at} is wrong; the word there came from offset {word:?}; probe {:?}",
-                            proxy.probe.as_ref().map(|p| p.counters().unwrap())
-                        );
-                    }
+                if let Some((at, word)) = misplaced(&buffer[..n], read, TOTAL) {
+                    let i = (at - read) as usize;
+                    eprintln!("at {at}: got {:02x?}", &buffer[i..(i + 32).min(n)]);
+                    panic!(
+                        "upload {upload}: byte {at} is wrong; the word there came from offset {word:?}; probe {:?}",
+                        proxy.probe.as_ref().map(|p| p.counters().unwrap())
+                    );
                 }
                 read += n as u64;
                 this_turn += n;
@@ -446,11 +457,7 @@ fn a_reader_that_alternates_gets_every_byte_in_place() {
 #[test]
 fn everything_parked_arrives_in_place() {
     let _shared = shared();
-    let (reader_tx, reader_rx) = mpsc::channel::<TcpStream>();
-    let reader_tx = Mutex::new(reader_tx);
-    let backend = Backend::start(move |stream| {
-        let _ = reader_tx.lock().unwrap().send(stream);
-    });
+    let (backend, held) = holding_backend();
     let proxy = Proxy::start(&routes(backend.addr), SPLICE);
     proxy
         .probe
@@ -458,44 +465,20 @@ fn everything_parked_arrives_in_place() {
         .unwrap()
         .set_backlog(splice_proxy::probe::Backlog { bytes: 1 })
         .unwrap();
-    let mut client = proxy.connect();
-    client.write_all(b"hello\n").unwrap();
-    let mut upstream = reader_rx
-        .recv_timeout(IO_TIMEOUT)
-        .expect("backend connection");
-    assert_eq!(read_exactly(&mut upstream, 6).unwrap(), b"hello\n");
+    let (mut client, upstream) = connect_held(&proxy, &held);
     const TOTAL: u64 = 96 << 20;
-    let mut out = upstream.try_clone().unwrap();
-    let writing = thread::spawn(move || -> io::Result<()> {
-        let mut pos = 0u64;
-        let mut chunk = vec![0u8; 64 << 10];
-        while pos < TOTAL {
-            for (i, byte) in chunk.iter_mut().enumerate() {
-                *byte = positional(pos + i as u64);
-            }
-            pos += out.write(&chunk)? as u64;
-        }
-        out.shutdown(Shutdown::Write)
-    });
+    let writing = write_positional(upstream.try_clone().unwrap(), TOTAL);
     let mut buffer = vec![0; 256 << 10];
     let mut read = 0u64;
     while read < TOTAL {
         let n = client.read(&mut buffer).expect("read");
         assert!(n > 0, "EOF after {read} bytes");
-        for (i, &byte) in buffer[..n].iter().enumerate() {
-            let at = read + i as u64;
-            if byte != positional(at) {
-                let word = (0..8usize).find_map(|k| {
-                    let start = i.checked_sub(k)?;
-                    let w = buffer.get(start..start + 8)?;
-                    let index = u64::from_le_bytes(w.try_into().unwrap());
-                    (index < TOTAL / 8).then_some(index * 8 + k as u64)
-                });
-                panic!(
-                    "byte {at} (read {n} at {read}) came from {word:?}: {:02x?}",
-                    &buffer[i..(i + 24).min(n)]
-                );
-            }
+        if let Some((at, word)) = misplaced(&buffer[..n], read, TOTAL) {
+            let i = (at - read) as usize;
+            panic!(
+                "byte {at} (read {n} at {read}) came from {word:?}: {:02x?}",
+                &buffer[i..(i + 24).min(n)]
+            );
         }
         read += n as u64;
     }
@@ -507,30 +490,14 @@ fn everything_parked_arrives_in_place() {
 #[test]
 fn a_socket_that_parks_everything_reads_in_place() {
     let _shared = shared();
-    use std::os::fd::AsFd;
     let probe =
         splice_proxy::probe::Probe::load(1 << 10, splice_proxy::probe::Backlog { bytes: 1 })
             .unwrap();
     let mut maps = probe.maps().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut sender = TcpStream::connect(addr).unwrap();
-    let (mut receiver, _) = listener.accept().unwrap();
-    let socket = splice_proxy::probe::MapSocket::new(receiver.as_fd()).unwrap();
-    maps.loop_back(socket).unwrap();
+    let (sender, mut receiver, _) = looped_back(&mut maps);
     receiver.set_nonblocking(true).unwrap();
     const TOTAL: u64 = 256 << 20;
-    let writing = thread::spawn(move || -> io::Result<()> {
-        let mut pos = 0u64;
-        let mut chunk = vec![0u8; 64 << 10];
-        while pos < TOTAL {
-            for (i, byte) in chunk.iter_mut().enumerate() {
-                *byte = positional(pos + i as u64);
-            }
-            pos += sender.write(&chunk)? as u64;
-        }
-        sender.shutdown(Shutdown::Write)
-    });
+    let writing = write_positional(sender, TOTAL);
     let mut buffer = vec![0; 64 << 10];
     let mut read = 0u64;
     while read < TOTAL {
@@ -543,17 +510,8 @@ fn a_socket_that_parks_everything_reads_in_place() {
             Err(e) => panic!("{e}"),
         };
         assert!(n > 0, "EOF after {read}");
-        for (i, &byte) in buffer[..n].iter().enumerate() {
-            let at = read + i as u64;
-            if byte != positional(at) {
-                let word = (0..8usize).find_map(|k| {
-                    let start = i.checked_sub(k)?;
-                    let w = buffer.get(start..start + 8)?;
-                    let index = u64::from_le_bytes(w.try_into().unwrap());
-                    (index < TOTAL / 8).then_some(index * 8 + k as u64)
-                });
-                panic!("byte {at} (read {n} at {read}) came from {word:?}");
-            }
+        if let Some((at, word)) = misplaced(&buffer[..n], read, TOTAL) {
+            panic!("byte {at} (read {n} at {read}) came from {word:?}");
         }
         read += n as u64;
     }
@@ -566,38 +524,20 @@ fn a_socket_that_parks_everything_reads_in_place() {
 #[test]
 fn a_socket_whose_credit_flips_reads_in_place() {
     let _shared = shared();
-    use std::os::fd::AsFd;
     let probe =
         splice_proxy::probe::Probe::load(1 << 10, splice_proxy::probe::Backlog { bytes: 1 })
             .unwrap();
     let mut maps = probe.maps().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut sender = TcpStream::connect(addr).unwrap();
-    let (mut receiver, _) = listener.accept().unwrap();
-    let socket = splice_proxy::probe::MapSocket::new(receiver.as_fd()).unwrap();
-    let cookie = socket.cookie;
-    maps.loop_back(socket).unwrap();
+    let (sender, mut receiver, cookie) = looped_back(&mut maps);
     const TOTAL: u64 = 256 << 20;
-    let writing = thread::spawn(move || -> io::Result<()> {
-        let mut pos = 0u64;
-        let mut chunk = vec![0u8; 64 << 10];
-        while pos < TOTAL {
-            for (i, byte) in chunk.iter_mut().enumerate() {
-                *byte = positional(pos + i as u64);
-            }
-            pos += sender.write(&chunk)? as u64;
-        }
-        sender.shutdown(Shutdown::Write)
-    });
+    let writing = write_positional(sender, TOTAL);
     let mut buffer = vec![0; 64 << 10];
     let mut read = 0u64;
     while read < TOTAL {
         let n = receiver.read(&mut buffer).expect("read");
         assert!(n > 0, "EOF after {read}");
-        for (i, &byte) in buffer[..n].iter().enumerate() {
-            let at = read + i as u64;
-            assert_eq!(byte, positional(at), "byte {at}");
+        if let Some((at, word)) = misplaced(&buffer[..n], read, TOTAL) {
+            panic!("byte {at} (read {n} at {read}) came from {word:?}");
         }
         read += n as u64;
         let credit = splice_proxy::probe::Credit {
