@@ -154,9 +154,14 @@ impl KernelFlow {
 
     /// Bytes the kernel's redirect has written into the destination.
     fn kernel_moved(&self, dst: BorrowedFd<'_>) -> io::Result<u64> {
-        Ok(socket::bytes_written(dst)?
+        Ok(self.redirected_of(socket::bytes_written(dst)?))
+    }
+
+    /// The part of the destination's [`socket::bytes_written`] the kernel's redirect wrote.
+    fn redirected_of(&self, written: u64) -> u64 {
+        written
             .saturating_sub(self.base)
-            .saturating_sub(self.copied))
+            .saturating_sub(self.copied)
     }
 
     /// The probe asked: a quarter of the credit is used, or the direction parked. Grants
@@ -170,9 +175,11 @@ impl KernelFlow {
         if self.throttle.is_some() {
             return Ok(());
         }
-        self.window.grow(src, dst)?;
+        // One TCP_INFO for both: the window's growth and the credit read the same socket.
+        let (written, info) = socket::written_and_info(dst)?;
+        self.window.grow(src, info.bytes_acked)?;
         let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-        let moved = self.kernel_moved(dst)?;
+        let moved = self.redirected_of(written);
         self.held = flow.redirected.saturating_sub(moved);
         if flow.state != FLOWING && flow.parked > self.unparked {
             self.throttle(flow.redirected, moved);
@@ -339,11 +346,11 @@ impl KernelFlow {
 }
 
 impl ReceiveWindow {
-    fn grow(&mut self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<()> {
+    /// `acked`: the destination's `bytes_acked` now.
+    fn grow(&mut self, src: BorrowedFd<'_>, acked: u64) -> io::Result<()> {
         if self.buffer >= LAST_RECEIVE_BUFFER {
             return Ok(());
         }
-        let acked = socket::tcp_info(dst)?.bytes_acked;
         if acked.saturating_sub(self.acked_at) < self.buffer as u64 {
             return Ok(());
         }
