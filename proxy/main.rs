@@ -22,7 +22,7 @@ use splice_proxy::{
     config::Config,
     metrics,
     privileges::{self, Identity},
-    probe::{Backlog, Probe},
+    probe::{self, Backlog, Probe},
     route::RouteTable,
     server::{Limits, Listeners, Server},
     splice::{SPLICED_SEND_BUFFER, SpliceEngine},
@@ -224,8 +224,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if probe.is_some()
-        && let Some(release) = kernel_release()
-        && !bound_is_tested_on(&release)
+        && let Some(release) = probe::kernel_release()
+        && !probe::bound_is_tested_on(&release)
     {
         let why = format!(
             "kernel {release}: the bound on a spliced direction (splice_backlog_max) is tested on 6.1, 6.12 and 6.18, not on older kernels, and on 5.10 a throttled direction stalled and once delivered wrong bytes (docs/flow-control.md)"
@@ -350,26 +350,6 @@ fn raise_fd_limit() {
     }
 }
 
-/// The running kernel's release, e.g. "6.1.0-57-amd64"; `None` if /proc does not say.
-fn kernel_release() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .ok()
-        .map(|release| release.trim().to_owned())
-}
-
-/// Whether `release` is at least 6.1, the oldest kernel on which tests/backpressure.rs
-/// passes (README, "Requirements"). A release that does not start with major.minor is
-/// taken as new: every kernel this project was run on starts that way.
-fn bound_is_tested_on(release: &str) -> bool {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().ok());
-    match (numbers.next().flatten(), numbers.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) >= (6, 1),
-        _ => true,
-    }
-}
-
 /// Without CAP_NET_ADMIN the spliced sockets' send buffers stop at net.core.wmem_max,
 /// and a splice with small buffers is no faster than a copy: say so once, with the fix.
 fn warn_if_send_buffers_capped() {
@@ -399,22 +379,5 @@ fn with_root_cause(error: &dyn std::error::Error) -> String {
         error.to_string()
     } else {
         format!("{error}: {root}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bound_is_tested_on;
-
-    #[test]
-    fn the_bound_is_tested_from_6_1() {
-        assert!(!bound_is_tested_on("5.10.0-32-amd64"));
-        assert!(!bound_is_tested_on("5.15.0-91-generic"));
-        assert!(!bound_is_tested_on("6.0.12"));
-        assert!(bound_is_tested_on("6.1.0-57-amd64"));
-        assert!(bound_is_tested_on("6.12.118+deb12-amd64"));
-        assert!(bound_is_tested_on("6.18.44"));
-        assert!(bound_is_tested_on("7.0-rc1"));
-        assert!(bound_is_tested_on("unknown"));
     }
 }

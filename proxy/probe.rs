@@ -126,6 +126,29 @@ impl Backlog {
     }
 }
 
+/// The running kernel's release, e.g. "6.1.0-57-amd64"; `None` if /proc does not say.
+pub fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|release| release.trim().to_owned())
+}
+
+/// Whether [`Backlog`] is tested to bound a spliced direction on kernel `release`: from
+/// 6.1 on, the oldest kernel on which tests/backpressure.rs passes (README,
+/// "Requirements"; docs/flow-control.md says what 5.10 does instead). The binary's
+/// `--mode auto` copies every connection where this is false. A release that does not
+/// start with major.minor is taken as new: every kernel this project was run on starts
+/// that way.
+pub fn bound_is_tested_on(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 1),
+        _ => true,
+    }
+}
+
 pub struct Probe {
     /// Owns the program and its attachment to `SPLICED`.
     _ebpf: Ebpf,
@@ -564,4 +587,21 @@ fn duplicate<T: TryFrom<Map, Error = MapError>>(
         _ => Map::HashMap(data),
     };
     typed(map, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bound_is_tested_on;
+
+    #[test]
+    fn the_bound_is_tested_from_6_1() {
+        assert!(!bound_is_tested_on("5.10.0-32-amd64"));
+        assert!(!bound_is_tested_on("5.15.0-91-generic"));
+        assert!(!bound_is_tested_on("6.0.12"));
+        assert!(bound_is_tested_on("6.1.0-57-amd64"));
+        assert!(bound_is_tested_on("6.12.118+deb12-amd64"));
+        assert!(bound_is_tested_on("6.18.44"));
+        assert!(bound_is_tested_on("7.0-rc1"));
+        assert!(bound_is_tested_on("unknown"));
+    }
 }

@@ -388,3 +388,35 @@ fn auto_mode_without_privileges_warns_once_and_copies() {
     );
     assert!(warnings[0].contains("WARN"), "{warnings:?}");
 }
+
+/// `--mode auto` as root splices only on a kernel where the bound on a spliced direction
+/// is tested (6.1 on); on an older one it says why in one line and copies every
+/// connection. The kernel matrix (scripts/test-kernels) runs this on both kinds.
+#[test]
+fn auto_mode_splices_only_where_the_bound_is_tested() {
+    let release = splice_proxy::probe::kernel_release().expect("/proc/sys/kernel/osrelease");
+    let tested = splice_proxy::probe::bound_is_tested_on(&release);
+    let backend = Backend::echo();
+    let routes = echo_routes("cli-auto", backend.addr);
+    let proxy = ProxyProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--mode",
+        "auto",
+    ]);
+    let addr = proxy.addr();
+    let mode = if tested { "splice" } else { "copy" };
+    proxy.wait_for_log(&format!("({mode} mode"), LOG_LIMIT);
+    let (client, bytes) = echo_exchange(addr, 1 << 20, 20);
+    check_log(&proxy, client, backend.addr, mode, bytes);
+    let warnings = proxy.log_lines(&format!("kernel {release}: the bound"));
+    let want = if tested { 0 } else { 1 };
+    assert_eq!(
+        warnings.len(),
+        want,
+        "kernel {release}: want {want} warning; stderr:\n{}",
+        proxy.stderr()
+    );
+}
