@@ -4,8 +4,8 @@
 //! The program starts its two backends on ports the system picks, so its routes only
 //! exist at run time, and hands the library a closure (`route::Router` is implemented
 //! for every `Fn(&FirstMessage) -> Decision`): a first message that starts with "GET "
-//! goes to the "web" backend, anything else to the "other" one. The library's accept
-//! executors and splice workers run on threads of their own, so the program's threads
+//! goes to the "web" backend, anything else to the "other" one. The library's workers
+//! run on threads of their own, so the program's threads
 //! stay its own: here they are the backends, and clients that send a megabyte through
 //! each route and check the echo.
 //!

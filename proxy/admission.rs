@@ -28,7 +28,7 @@ use std::{
 /// counters stay exact.
 const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
 
-/// The connection counts and refusal counters of one proxy. Shared by its executors;
+/// The connection counts and refusal counters of one proxy. Shared by its workers;
 /// every method may be called from any thread.
 pub struct Admission {
     proxy: Arc<Count>,

@@ -1,4 +1,4 @@
-//! What the proxy knows about each backend address, shared by every route, executor
+//! What the proxy knows about each backend address, shared by every route, worker
 //! and routes-file generation that lists it: its live connections (for least-conn) and
 //! its health.
 //!

@@ -102,7 +102,7 @@ impl fmt::Display for WeightedBackend {
 
 /// One route's backends and the state its [`Balance`] policy needs.
 ///
-/// Shared by every executor thread; [`Balancer::order`] takes `&self`.
+/// Shared by every worker thread; [`Balancer::order`] takes `&self`.
 #[derive(Debug)]
 pub struct Balancer {
     policy: Balance,

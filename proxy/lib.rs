@@ -12,8 +12,10 @@
 //! - [`logging`]: how log lines are written: colours only at a terminal, JSON escaped.
 //! - [`metrics`]: what is counted about connections, and its Prometheus exposition.
 //! - [`privileges`]: becoming an unprivileged user once the probe and listeners are set up.
-//! - [`splice`]: the executor-free engine that owns a connection after its first message.
-//! - [`server`]: the glommio runtime: accept, first message, connect, hand-off.
+//! - [`splice`]: the engine whose workers are the event loops: they accept, and own each
+//!   connection after its first message.
+//! - [`server`]: listeners, routing, and a connection from accept until it is routed
+//!   and dialed ([`server::Arrival`]), in the engine worker that accepted it.
 
 pub mod admission;
 pub mod backend;

@@ -59,13 +59,17 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
 
-    /// Executors accepting connections (one SO_REUSEPORT listener each); 0 = one per CPU.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    executors: usize,
-
-    /// Threads that watch spliced connections and copy the rest; 0 = one per CPU.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    splice_workers: usize,
+    /// Worker threads, each with its own SO_REUSEPORT listener: a connection lives on the
+    /// worker that accepted it until it closes; 0 = one per CPU. (`--splice-workers` and
+    /// `--executors`, the two thread pools this replaced, are accepted as its names.)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        visible_alias = "splice-workers",
+        alias = "executors"
+    )]
+    workers: usize,
 
     /// Sockets the probe's maps can hold, two per spliced connection; connections beyond
     /// it are copied.
@@ -120,7 +124,7 @@ fn main() -> ExitCode {
         .with_ansi(logging::colors_wanted(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,glommio=error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         );
     match args.log_format {
         LogFormat::Text => logs.with_writer(std::io::stderr).init(),
@@ -178,7 +182,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     raise_fd_limit();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let or_cpus = |n: usize| if n == 0 { cpus } else { n };
-    let listeners = Listeners::bind(args.listen, or_cpus(args.executors))
+    let workers = or_cpus(args.workers);
+    let listeners = Listeners::bind(args.listen, workers)
         .with_context(|| format!("listening on {}", args.listen))?;
     let metrics_listener = args
         .metrics
@@ -186,7 +191,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             TcpListener::bind(addr).with_context(|| format!("--metrics: listening on {addr}"))
         })
         .transpose()?;
-    // Before the engine and the executors start their threads: each thread keeps the
+    // Before the engine starts its threads: each thread keeps the
     // capabilities it was started with.
     if let Some(user) = &args.user {
         let identity = Identity::lookup(user, args.group.as_deref())
@@ -241,8 +246,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mode = if probe.is_some() { "splice" } else { "copy" };
 
     let engine = Arc::new(
-        SpliceEngine::new(probe.map(Arc::new), or_cpus(args.splice_workers))
-            .context("starting the splice workers")?,
+        SpliceEngine::new(probe.map(Arc::new), workers).context("starting the splice workers")?,
     );
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
@@ -256,7 +260,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut signals =
         Signals::new([SIGHUP, SIGTERM, SIGINT]).context("installing the signal handlers")?;
     let server = Server::start(listeners, router, limits, Arc::clone(&engine))
-        .context("starting the executors")?;
+        .context("starting to accept")?;
     tracing::info!(
         "listening on {} ({mode} mode, {} routes from {})",
         server.local_addr(),

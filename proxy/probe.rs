@@ -547,12 +547,18 @@ impl SpliceMaps {
     }
 
     /// Removes `cookies`' flow records. Call after their sockets are closed: a socket
-    /// still in `SPLICED` would get a new record with its next message.
+    /// still in `SPLICED` would get a new record with its next message. A direction's
+    /// credit record exists only once [`grant`](Self::grant) wrote one: remove it with
+    /// [`forget_credit`](Self::forget_credit).
     pub fn forget_flows(&mut self, cookies: &[u64]) {
         for cookie in cookies {
             let _ = self.flow.remove(cookie);
-            let _ = self.credit.remove(cookie);
         }
+    }
+
+    /// Removes the credit [`grant`](Self::grant) wrote for `cookie`.
+    pub fn forget_credit(&mut self, cookie: u64) {
+        let _ = self.credit.remove(&cookie);
     }
 }
 

@@ -7,7 +7,8 @@
 use std::{
     io,
     mem::{self, MaybeUninit},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
 /// The part of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h) that we read.
@@ -158,6 +159,33 @@ pub fn close_with_reset(fd: OwnedFd) {
     // A failure leaves an orderly close, which still ends the connection.
     let _ = reset_on_close(fd.as_fd());
     drop(fd);
+}
+
+/// Accepts a connection from `listener`, non-blocking (the arrival reads and the copy
+/// never wait) and close-on-exec, with its peer's address: one `accept4`, where a
+/// blocking accept would need an `fcntl` and a `getpeername` more.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, SocketAddr)> {
+    // SAFETY: accept4 writes at most `len` bytes of address into `storage`, and sets
+    // `len` to what it wrote; a non-negative result is a new fd that nothing else owns.
+    let (fd, addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(
+                listener.as_raw_fd(),
+                storage.cast(),
+                len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(OwnedFd::from_raw_fd(fd))
+            }
+        })?
+    };
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accept4: the peer's address is not IP"))?;
+    Ok((fd, addr))
 }
 
 /// Makes the socket's close send an RST instead of a FIN (SO_LINGER with a zero time).

@@ -1,8 +1,8 @@
 //! The binary under signals, as an operator sends them: SIGHUP reloads the routes for new
 //! connections and leaves live ones alone (a broken file keeps the old routes), SIGTERM
 //! stops accepting, lets live transfers finish intact and exits 0, and a grace period
-//! bounds how long it waits. And the library's side: `Server::stop_accepting` lets the
-//! executors end. Every wait is bounded and every transfer checked by hash.
+//! bounds how long it waits. And the library's side: after `Server::stop_accepting`,
+//! `Server::join` returns once the connections in flight are handed off. Every wait is bounded and every transfer checked by hash.
 
 mod support;
 
@@ -266,7 +266,7 @@ fn sigterm_closes_what_outlives_the_grace_period() {
 }
 
 #[test]
-fn stop_accepting_refuses_connects_and_lets_the_executors_end() {
+fn stop_accepting_refuses_connects_and_join_waits_for_those_in_flight() {
     let backend = Backend::echo();
     let engine = Arc::new(SpliceEngine::new(None, 1).expect("engine"));
     let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).expect("bind");
@@ -291,7 +291,7 @@ fn stop_accepting_refuses_connects_and_lets_the_executors_end() {
     let addr = server.local_addr();
     echo_checked_plain(addr);
 
-    // A connection reading its first message holds its executor until it is handed off.
+    // A connection reading its first message is in flight until it is handed off.
     let mut pending = connect(addr);
     let deadline = Instant::now() + LOG_LIMIT;
     while server.in_flight() == 0 {
@@ -313,12 +313,12 @@ fn stop_accepting_refuses_connects_and_lets_the_executors_end() {
     });
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "an executor ended with a connection still in flight"
+        "join returned with a connection still in flight"
     );
     pending.write_all(b"late").unwrap();
     assert_eq!(read_exactly(&mut pending, 4).unwrap(), b"late");
     rx.recv_timeout(LOG_LIMIT)
-        .expect("the executors end once their connections are handed off");
+        .expect("join returns once the connections in flight are handed off");
     drop(pending);
     let deadline = Instant::now() + LOG_LIMIT;
     while engine.live() > 0 {

@@ -861,8 +861,8 @@ fn paused_reader(mode: Moving) {
     client.write_all(b"s").unwrap();
     let head = read_exactly(&mut client, MIB).unwrap();
     assert!(head == data[..MIB], "{mode:?}: the first MiB differs");
-    // Measured from here: the executors allocate their I/O memory (about 10 MiB each)
-    // with their first connection, which says nothing about what a pause costs.
+    // Measured from here: what the proxy allocates for its first connection says
+    // nothing about what a pause costs.
     let rss_before = rss();
     // Most of the pause lets the buffers on the way fill; measure at its end.
     thread::sleep(PAUSE);

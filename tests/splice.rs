@@ -578,8 +578,8 @@ fn echo_request(seed: u64) -> Vec<u8> {
     [FIRST, &payload(KIB, seed)].concat()
 }
 
-/// The open fds once the proxy is up: its executors create their io_uring rings on their
-/// own threads after `Proxy::start` returns, so the count is taken after an exchange and
+/// The open fds once the proxy is up: its workers take their listeners on their own
+/// threads after `Proxy::start` returns, so the count is taken after an exchange and
 /// once it has not changed for 100ms (bounded).
 fn fds_when_settled(proxy: &Proxy) -> Vec<(i32, String)> {
     let request = echo_request(u64::MAX);

@@ -21,7 +21,7 @@ use crate::{
 
 /// How long a proxy may take to start serving.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// Workers (nginx), threads (HAProxy), executors and splice workers (splice-proxy).
+/// Workers (nginx and splice-proxy), threads (HAProxy).
 const PROXY_THREADS: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,8 +406,7 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
         .arg("--routes")
         .arg(&routes)
         .args(mode)
-        .args(["--executors", &PROXY_THREADS.to_string()])
-        .args(["--splice-workers", &PROXY_THREADS.to_string()])
+        .args(["--workers", &PROXY_THREADS.to_string()])
         .args(["--map-capacity", &map_capacity.to_string()])
         // One log line per connection, as users run it; its mode field is counted.
         .env("RUST_LOG", "info");

@@ -207,6 +207,12 @@ impl KernelFlow {
         self.grant(maps, limit, (redirected + backlog / 4).min(limit))
     }
 
+    /// Whether the direction was granted credit of its own, which is a record in the
+    /// probe's `CREDIT` map until the engine removes it.
+    pub fn has_credit_record(&self) -> bool {
+        self.credit.is_some()
+    }
+
     /// Writes a credit no field of which is below the last one's: the probe compares
     /// against whichever it reads.
     fn grant(&mut self, maps: &mut SpliceMaps, limit: u64, ask_at: u64) -> io::Result<()> {

@@ -2,7 +2,11 @@
 //! owned sockets, not runtime objects, and runs on its own threads, so a program that
 //! embeds the library can hand it connections from any runtime.
 //!
-//! Each worker thread sleeps on one epoll instance. For a spliced connection it only
+//! Each worker thread sleeps on one epoll instance, which is the proxy's one event loop
+//! on that thread: a worker given a listener ([`crate::server::Front`]) also accepts on
+//! it and carries each connection through its first message
+//! ([`crate::server::Arrival`]), then adopts it itself, with no hand-off to another
+//! thread. For a spliced connection it only
 //! watches for the close: the bytes never reach it. When a side sends its FIN the worker
 //! waits for the kernel to finish moving what came before it, then passes the half-close
 //! on; when both directions are closed it removes the pair from the maps and closes both
@@ -18,7 +22,7 @@ mod asks;
 mod copy;
 mod flow;
 mod pair;
-mod poll;
+pub(crate) mod poll;
 
 use std::{
     cmp::Reverse,
@@ -44,6 +48,7 @@ use crate::{
     backend::Lease,
     metrics::{Metrics, Refusal},
     probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
+    server::{Accepted, Arrival, Front, Step, Waiting},
     socket,
 };
 
@@ -54,6 +59,9 @@ pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 
 /// How long a worker sleeps after epoll_wait failed, before it tries again.
 const WAIT_RETRY: Duration = Duration::from_millis(1);
+
+/// How long a worker waits to accept again after accept failed (EMFILE and friends).
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// A connection whose first message has been routed and written to the upstream. Its
 /// sockets may be blocking or not: the engine never waits on them.
@@ -111,8 +119,14 @@ pub struct SpliceEngine {
 }
 
 struct WorkerHandle {
-    queue: mpsc::Sender<Connection>,
+    queue: mpsc::Sender<Work>,
     wakeup: Arc<Wakeup>,
+}
+
+/// What a worker is given from outside its thread.
+enum Work {
+    Adopt(Connection),
+    Listen(Front),
 }
 
 impl SpliceEngine {
@@ -140,8 +154,11 @@ impl SpliceEngine {
                 inbox,
                 asked: Vec::new(),
                 maps,
-                pairs: Vec::new(),
-                free: Vec::new(),
+                fronts: Vec::new(),
+                accept_retry: None,
+                arrivals: Slots::default(),
+                arrival_deadlines: BinaryHeap::new(),
+                pairs: Slots::default(),
                 sources: HashMap::new(),
                 polls: BinaryHeap::new(),
                 idle_checks: BinaryHeap::new(),
@@ -151,7 +168,7 @@ impl SpliceEngine {
             };
             worker
                 .epoll
-                .add(wakeup.fd(), poll::READABLE, WAKEUP_TOKEN)?;
+                .add(wakeup.fd(), poll::READABLE, Token::Wakeup.encode())?;
             thread::Builder::new()
                 .name(format!("splice-{index}"))
                 .spawn(move || worker.run())?;
@@ -173,16 +190,31 @@ impl SpliceEngine {
     /// Takes over a connection. It never fails: a connection the kernel will not splice
     /// is copied, and one that cannot be set up at all is closed and logged.
     pub fn adopt(&self, connection: Connection) {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        if !self.give(Work::Adopt(connection)) {
+            // The connection was dropped with the message, which closes it.
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives `front`'s listener to a worker, which accepts on it from now on, and
+    /// adopts what it accepts itself. Workers take listeners in turn.
+    pub(crate) fn listen(&self, front: Front) {
+        // A listener dropped with the message is closed: connects to it are refused.
+        self.give(Work::Listen(front));
+    }
+
+    /// Sends `work` to the next worker; false if that worker has stopped.
+    fn give(&self, work: Work) -> bool {
         let index = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let worker = &self.workers[index];
-        self.live.fetch_add(1, Ordering::Relaxed);
-        if worker.queue.send(connection).is_ok() {
+        if worker.queue.send(work).is_ok() {
             worker.wakeup.wake();
+            true
         } else {
-            // The worker thread is gone (it only ends by panicking); the connection was
-            // dropped with the message, which closes it.
-            self.live.fetch_sub(1, Ordering::Relaxed);
-            tracing::error!("splice worker {index} has stopped; connection closed");
+            // The worker thread is gone: it only ends by panicking.
+            tracing::error!("splice worker {index} has stopped; what it was given is closed");
+            false
         }
     }
 
@@ -217,7 +249,127 @@ impl SpliceEngine {
     }
 }
 
-const WAKEUP_TOKEN: u64 = u64::MAX;
+/// What an epoll event is about. Its token: `u64::MAX` the wakeup, below it the
+/// listeners (`u64::MAX - 1 - index`), and from 0 up a slot and a socket:
+/// `slot << 2 | arrival << 1 | side`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Wakeup,
+    Listener(usize),
+    Pair(usize, Side),
+    Arrival(usize, Waiting),
+}
+
+/// More listeners than this in one worker would collide with slot tokens.
+const MAX_LISTENERS: u64 = 1 << 16;
+
+impl Token {
+    fn encode(self) -> u64 {
+        match self {
+            Token::Wakeup => u64::MAX,
+            Token::Listener(index) => u64::MAX - 1 - index as u64,
+            Token::Pair(slot, side) => (slot as u64) << 2 | u64::from(side == Side::Upstream),
+            Token::Arrival(slot, on) => (slot as u64) << 2 | 2 | u64::from(on == Waiting::Upstream),
+        }
+    }
+
+    fn decode(token: u64) -> Token {
+        if token == u64::MAX {
+            return Token::Wakeup;
+        }
+        if token >= u64::MAX - 1 - MAX_LISTENERS {
+            return Token::Listener((u64::MAX - 1 - token) as usize);
+        }
+        let slot = (token >> 2) as usize;
+        match (token & 2 != 0, token & 1 != 0) {
+            (false, false) => Token::Pair(slot, Side::Client),
+            (false, true) => Token::Pair(slot, Side::Upstream),
+            (true, false) => Token::Arrival(slot, Waiting::Client),
+            (true, true) => Token::Arrival(slot, Waiting::Upstream),
+        }
+    }
+}
+
+/// An arrival waiting in a worker, with what the worker registered for it.
+struct Arriving {
+    arrival: Arrival,
+    /// Whether the client and the dialed upstream are registered with epoll.
+    registered: [bool; 2],
+    /// When it is advanced without an event.
+    deadline: Option<Instant>,
+}
+
+/// Where an arrival waited before it was advanced.
+#[derive(Debug, Clone, Copy)]
+struct Was {
+    slot: usize,
+    registered: [bool; 2],
+    deadline: Option<Instant>,
+}
+
+/// Slots of values that events name by index. A slot freed while a batch of events is
+/// handled is reused only after it, so that a value in a reused slot never receives its
+/// predecessor's events.
+struct Slots<T> {
+    slots: Vec<Option<T>>,
+    free: Vec<usize>,
+    freed: Vec<usize>,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Slots<T> {
+        Slots {
+            slots: Vec::new(),
+            free: Vec::new(),
+            freed: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slots<T> {
+    fn insert(&mut self, value: T) -> usize {
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(value);
+                slot
+            }
+            None => {
+                self.slots.push(Some(value));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// The slot the next [`Slots::insert`] fills.
+    fn next_slot(&self) -> usize {
+        self.free.last().copied().unwrap_or(self.slots.len())
+    }
+
+    fn get_mut(&mut self, slot: usize) -> Option<&mut T> {
+        self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    fn take(&mut self, slot: usize) -> Option<T> {
+        let value = self.slots.get_mut(slot).and_then(Option::take);
+        if value.is_some() {
+            self.freed.push(slot);
+        }
+        value
+    }
+
+    /// Returns `value`, taken from `slot` during this batch, to it: the slot stays its.
+    fn put_back(&mut self, slot: usize, value: T) {
+        if let Some(at) = self.freed.iter().rposition(|&freed| freed == slot) {
+            self.freed.swap_remove(at);
+        }
+        self.slots[slot] = Some(value);
+    }
+
+    /// The batch of events is over: slots freed during it may be reused.
+    fn end_batch(&mut self) {
+        self.free.append(&mut self.freed);
+    }
+}
 
 /// How a pair ended, for its log line and its close.
 enum Ending {
@@ -231,22 +383,29 @@ enum Ending {
     Idle(Duration),
 }
 
-/// Epoll tokens name a pair's slot and side: `slot << 1 | side`.
 fn token(slot: usize, side: Side) -> u64 {
-    (slot as u64) << 1 | u64::from(side == Side::Upstream)
+    Token::Pair(slot, side).encode()
 }
 
 struct Worker {
     epoll: Epoll,
     wakeup: Arc<Wakeup>,
-    incoming: mpsc::Receiver<Connection>,
+    incoming: mpsc::Receiver<Work>,
     /// Cookies of directions the probe asked credit for, from the asks thread.
     inbox: Arc<Inbox>,
     /// The inbox's cookies being handled, kept to reuse the allocation.
     asked: Vec<u64>,
     maps: Option<SpliceMaps>,
-    pairs: Vec<Option<Pair>>,
-    free: Vec<usize>,
+    /// The listeners this worker accepts on; `None` once the server stopped accepting.
+    fronts: Vec<Option<Front>>,
+    /// When to accept again after accept failed.
+    accept_retry: Option<Instant>,
+    /// Connections accepted here that wait for their first message or their backend.
+    arrivals: Slots<Arriving>,
+    /// When to advance an arrival without an event, earliest first. An entry whose time
+    /// is not its arrival's deadline any more is stale and skipped.
+    arrival_deadlines: BinaryHeap<Reverse<(Instant, usize)>>,
+    pairs: Slots<Pair>,
     /// The slot and side of every socket whose bytes the kernel moves, by cookie.
     sources: HashMap<u64, (usize, Side)>,
     /// When to look at a slot without an event (a half-close waiting for the kernel,
@@ -268,11 +427,17 @@ impl Worker {
         let mut events = Vec::with_capacity(256);
         loop {
             let now = Instant::now();
-            let timeout = [self.idle_checks.peek(), self.polls.peek()]
-                .into_iter()
-                .flatten()
-                .map(|Reverse((due, _))| due.saturating_duration_since(now))
-                .min();
+            let timeout = [
+                self.idle_checks.peek(),
+                self.polls.peek(),
+                self.arrival_deadlines.peek(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|Reverse((due, _))| *due)
+            .chain(self.accept_retry)
+            .map(|due| due.saturating_duration_since(now))
+            .min();
             if let Err(e) = self.epoll.wait(&mut events, timeout) {
                 tracing::error!("epoll_wait failed in a splice worker: {e}");
                 thread::sleep(WAIT_RETRY);
@@ -280,55 +445,224 @@ impl Worker {
             }
             let mut woken = false;
             for event in &events {
-                let (token, flags) = (event.u64, event.events);
-                if token == WAKEUP_TOKEN {
-                    woken = true;
-                    continue;
+                match Token::decode(event.u64) {
+                    Token::Wakeup => woken = true,
+                    Token::Listener(index) => self.accept(index),
+                    Token::Arrival(slot, _) => self.advance_arrival(slot),
+                    Token::Pair(slot, side) => {
+                        let Some(pair) = self.pairs.get_mut(slot) else {
+                            continue;
+                        };
+                        let next = pair.on_events(side, event.events, self.maps.as_mut());
+                        self.settle(slot, next);
+                    }
                 }
-                let slot = (token >> 1) as usize;
-                let side = if token & 1 == 0 {
-                    Side::Client
-                } else {
-                    Side::Upstream
-                };
-                let Some(Some(pair)) = self.pairs.get_mut(slot) else {
-                    continue;
-                };
-                let next = pair.on_events(side, flags, self.maps.as_mut());
-                self.settle(slot, next);
             }
             self.poll_due();
             self.check_idle();
-            // Only now, when no event of this batch can still name a freed slot: a new
-            // pair in a reused slot must not receive its predecessor's events.
+            self.arrivals_due();
+            if self.accept_retry.is_some_and(|due| due <= Instant::now()) {
+                self.accept_retry = None;
+                for index in 0..self.fronts.len() {
+                    self.accept(index);
+                }
+            }
             if woken {
                 self.wakeup.clear();
                 self.answer_asks();
-                while let Ok(connection) = self.incoming.try_recv() {
-                    self.adopt(connection);
+                while let Ok(work) = self.incoming.try_recv() {
+                    match work {
+                        Work::Adopt(connection) => self.adopt(connection, ClientWritten::Ask),
+                        Work::Listen(front) => self.listen(front),
+                    }
                 }
                 if self.closing.load(Ordering::SeqCst) {
                     self.reset_all();
                 }
             }
+            self.pairs.end_batch();
+            self.arrivals.end_batch();
+        }
+    }
+
+    /// Watches `front`'s listener from now on, and accepts what is already queued.
+    fn listen(&mut self, front: Front) {
+        let index = self.fronts.len();
+        if let Err(e) = self
+            .epoll
+            .add(front.fd(), poll::READABLE, Token::Listener(index).encode())
+        {
+            // Dropping the front closes the listener: connects to it are refused, and
+            // the other workers' listeners take the connections.
+            tracing::error!(
+                "a worker could not watch its listener, which is closed: epoll_ctl: {e}"
+            );
+            return;
+        }
+        self.fronts.push(Some(front));
+        self.accept(index);
+    }
+
+    /// Accepts everything queued on listener `index`: its epoll event is edge-triggered.
+    fn accept(&mut self, index: usize) {
+        loop {
+            let Some(Some(front)) = self.fronts.get(index) else {
+                return;
+            };
+            match front.accept() {
+                Accepted::Arrival(arrival) => self.arrival_step(None, arrival.advance()),
+                Accepted::Refused => {}
+                Accepted::Nothing => return,
+                Accepted::Stopped => {
+                    self.fronts[index] = None;
+                    return;
+                }
+                Accepted::Failed(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves the arrival in `slot` on, after an event on one of its sockets.
+    fn advance_arrival(&mut self, slot: usize) {
+        let Some(arriving) = self.arrivals.take(slot) else {
+            return;
+        };
+        let was = Was {
+            slot,
+            registered: arriving.registered,
+            deadline: arriving.deadline,
+        };
+        self.arrival_step(Some(was), arriving.arrival.advance());
+    }
+
+    /// Advances the arrivals whose deadline has passed: each checks the time itself.
+    fn arrivals_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((due, slot))) = self.arrival_deadlines.peek() {
+            if due > now {
+                return;
+            }
+            self.arrival_deadlines.pop();
+            if self
+                .arrivals
+                .get_mut(slot)
+                .is_some_and(|arriving| arriving.deadline == Some(due))
+            {
+                self.advance_arrival(slot);
+            }
+        }
+    }
+
+    /// Acts on what an arrival (`was` says where it waited before, if it did) needs next:
+    /// wait for a socket, be adopted here, or nothing (it closed).
+    fn arrival_step(&mut self, was: Option<Was>, step: Step) {
+        let registered = was.map(|was| was.registered).unwrap_or_default();
+        match step {
+            Step::Wait {
+                arrival,
+                on,
+                interest,
+                deadline,
+            } => {
+                let arriving = Arriving {
+                    arrival,
+                    registered,
+                    deadline,
+                };
+                // Back in its own slot, or a new one: its events name the slot.
+                let slot = match was {
+                    Some(was) => {
+                        self.arrivals.put_back(was.slot, arriving);
+                        was.slot
+                    }
+                    None => self.arrivals.insert(arriving),
+                };
+                // A client that trickles its first message waits many times for the
+                // same deadline: it is queued once.
+                let new_deadline =
+                    deadline.filter(|_| was.is_none_or(|was| was.deadline != deadline));
+                let Some(waiting) = self.arrivals.get_mut(slot) else {
+                    return;
+                };
+                let token = Token::Arrival(slot, on).encode();
+                let fd = match on {
+                    Waiting::Client => Some(waiting.arrival.client()),
+                    Waiting::Upstream => waiting.arrival.upstream(),
+                };
+                // Registered before, or not; but a dialed upstream that failed was
+                // closed, which took it out of epoll, and the next attempt's socket
+                // may have its number: each way falls back to the other.
+                let epoll = &self.epoll;
+                let watched = fd
+                    .ok_or_else(|| io::Error::other("no socket to wait on"))
+                    .and_then(|fd| {
+                        if waiting.registered[on as usize] {
+                            epoll
+                                .modify(fd, interest, token)
+                                .or_else(|_| epoll.add(fd, interest, token))
+                        } else {
+                            epoll
+                                .add(fd, interest, token)
+                                .or_else(|_| epoll.modify(fd, interest, token))
+                        }
+                    });
+                match watched {
+                    Ok(()) => {
+                        waiting.registered[on as usize] = true;
+                        if let Some(due) = new_deadline {
+                            self.arrival_deadlines.push(Reverse((due, slot)));
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(arriving) = self.arrivals.take(slot) {
+                            arriving.arrival.abandon(format_args!(
+                                "its worker could not wait for it: epoll_ctl: {e}"
+                            ));
+                        }
+                    }
+                }
+            }
+            Step::Forward {
+                connection,
+                in_flight,
+            } => {
+                // The engine's calls add both sockets to epoll anew.
+                for (on, fd) in [
+                    (Waiting::Client, connection.client.as_fd()),
+                    (Waiting::Upstream, connection.upstream.as_fd()),
+                ] {
+                    if registered[on as usize] {
+                        let _ = self.epoll.delete(fd);
+                    }
+                }
+                self.live.fetch_add(1, Ordering::Relaxed);
+                self.adopt(connection, ClientWritten::Nothing);
+                // Only now: in flight plus live must never miss it.
+                drop(in_flight);
+            }
+            Step::Closed => {}
         }
     }
 
     fn reset_all(&mut self) {
-        for slot in 0..self.pairs.len() {
-            if self.pairs[slot].is_some() {
+        for slot in 0..self.pairs.slots.len() {
+            if self.pairs.get_mut(slot).is_some() {
                 let error = io::Error::other("the proxy is shutting down");
                 self.finish(slot, Ending::Reset(error));
             }
         }
     }
 
-    fn adopt(&mut self, connection: Connection) {
+    fn adopt(&mut self, connection: Connection, client_written: ClientWritten) {
         let info = connection.info.clone();
         let connection_forwarded = connection.forwarded;
-        match self.start(connection) {
+        match self.start(connection, client_written) {
             Ok(slot) => {
-                if let Some(Some(pair)) = self.pairs.get_mut(slot) {
+                if let Some(pair) = self.pairs.get_mut(slot) {
                     self.metrics
                         .proxy_started(&pair.info.route, pair.info.backend, pair.mode());
                     // Bytes (or a FIN) may have arrived before epoll was watching.
@@ -352,7 +686,11 @@ impl Worker {
 
     /// Splices the connection if the probe is loaded and the kernel accepts both sockets,
     /// else copies it; registers it with epoll. Returns its slot.
-    fn start(&mut self, connection: Connection) -> io::Result<usize> {
+    fn start(
+        &mut self,
+        connection: Connection,
+        client_written: ClientWritten,
+    ) -> io::Result<usize> {
         let Connection {
             client,
             upstream,
@@ -363,7 +701,16 @@ impl Worker {
             lease,
         } = connection;
         let mut pair = match &mut self.maps {
-            Some(maps) => splice(maps, client, upstream, forwarded, ticket, info, lease)?,
+            Some(maps) => splice(
+                maps,
+                client,
+                upstream,
+                client_written,
+                forwarded,
+                ticket,
+                info,
+                lease,
+            )?,
             None => Pair::new(
                 Endpoint::new(client, 0),
                 Endpoint::new(upstream, 0),
@@ -373,13 +720,7 @@ impl Worker {
                 lease,
             ),
         };
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.pairs.push(None);
-                self.pairs.len() - 1
-            }
-        };
+        let slot = self.pairs.next_slot();
         let registered = pair
             .prepare_copying()
             .and_then(|()| {
@@ -398,7 +739,6 @@ impl Worker {
             });
         pair.registered = [pair.interest(Side::Client), pair.interest(Side::Upstream)];
         if let Err(e) = registered {
-            self.free.push(slot);
             if pair.in_maps
                 && let Some(maps) = &mut self.maps
             {
@@ -415,8 +755,7 @@ impl Worker {
         for (cookie, side) in pair.kernel_sources() {
             self.sources.insert(cookie, (slot, side));
         }
-        self.pairs[slot] = Some(pair);
-        Ok(slot)
+        Ok(self.pairs.insert(pair))
     }
 
     /// Grants the credit the probe asked for, or starts moving what it parked. A
@@ -431,8 +770,7 @@ impl Worker {
             let Some(&(slot, side)) = self.sources.get(&cookie) else {
                 continue;
             };
-            let (Some(Some(pair)), Some(maps)) = (self.pairs.get_mut(slot), self.maps.as_mut())
-            else {
+            let (Some(pair), Some(maps)) = (self.pairs.get_mut(slot), self.maps.as_mut()) else {
                 continue;
             };
             let next = pair.on_ask(side, maps);
@@ -449,7 +787,7 @@ impl Worker {
                 return;
             }
             self.polls.pop();
-            let Some(Some(pair)) = self.pairs.get_mut(slot) else {
+            let Some(pair) = self.pairs.get_mut(slot) else {
                 continue;
             };
             if pair.poll_due != Some(due) {
@@ -470,7 +808,7 @@ impl Worker {
                 return;
             }
             self.idle_checks.pop();
-            let Some(Some(pair)) = self.pairs.get_mut(slot) else {
+            let Some(pair) = self.pairs.get_mut(slot) else {
                 continue;
             };
             let Some((timeout, scheduled)) = pair.idle_check else {
@@ -499,7 +837,7 @@ impl Worker {
             Next::Done => return self.finish(slot, Ending::Closed),
             Next::Reset(e) => return self.finish(slot, Ending::Reset(e)),
         };
-        let Some(Some(pair)) = self.pairs.get_mut(slot) else {
+        let Some(pair) = self.pairs.get_mut(slot) else {
             return;
         };
         let (held, throttles) = (pair.held(), pair.throttles());
@@ -538,16 +876,16 @@ impl Worker {
     /// Tears a pair down: out of the maps, both sockets closed (with an RST unless both
     /// ends closed, so that both learn it did not end cleanly), one log line.
     fn finish(&mut self, slot: usize, ending: Ending) {
-        let Some(mut pair) = self.pairs.get_mut(slot).and_then(Option::take) else {
+        let Some(mut pair) = self.pairs.take(slot) else {
             return;
         };
-        self.free.push(slot);
         for (cookie, _) in pair.kernel_sources() {
             self.sources.remove(&cookie);
         }
         let recorded = pair
             .in_maps
             .then_some([pair.client.cookie, pair.upstream.cookie]);
+        let credited = pair.credited_sources();
         // Before the sockets close: whoever sees it end must find it no longer counted
         // against its backend or its limits.
         drop(pair.lease.take());
@@ -586,9 +924,13 @@ impl Worker {
             socket::close_with_reset(pair.upstream.fd);
         }
         // Closing the sockets took them out of both SockHashes (the kernel's
-        // sock_map_close); the flow records the join created need deleting.
+        // sock_map_close); the flow records the join created, and the credit the engine
+        // granted, need deleting.
         if let (Some(cookies), Some(maps)) = (recorded, &mut self.maps) {
             maps.forget_flows(&cookies);
+            for cookie in credited.into_iter().flatten() {
+                maps.forget_credit(cookie);
+            }
         }
         // Last: a shutdown waits for this count, and the connection's line must be out
         // before the process may exit.
@@ -602,11 +944,24 @@ pub(crate) fn millis(duration: Duration) -> f64 {
     duration.as_micros() as f64 / 1000.0
 }
 
+/// What the proxy wrote into a client's socket before the engine adopted it.
+#[derive(Debug, Clone, Copy)]
+enum ClientWritten {
+    /// Unknown (a connection from a program that embeds the engine): ask the kernel.
+    Ask,
+    /// Nothing: the socket came from this proxy's accept, and an arrival never writes
+    /// to its client. The kernel's count for a socket that accepted and wrote nothing is
+    /// 0 (the SYN-ACK is not counted), so two syscalls are spared per connection.
+    Nothing,
+}
+
 /// Puts a pair into the maps; what the kernel refuses is copied instead.
+#[allow(clippy::too_many_arguments)]
 fn splice(
     maps: &mut SpliceMaps,
     client: OwnedFd,
     upstream: OwnedFd,
+    client_written: ClientWritten,
     forwarded: u64,
     ticket: Ticket,
     info: ConnectionInfo,
@@ -626,7 +981,10 @@ fn splice(
         let _ = socket::grow_send_buffer(endpoint.fd(), SPLICED_SEND_BUFFER);
     }
     // Taken before the inserts: from now on only the kernel writes into either socket.
-    let client_written = socket::bytes_written(pair.client.fd())?;
+    let client_written = match client_written {
+        ClientWritten::Ask => socket::bytes_written(pair.client.fd())?,
+        ClientWritten::Nothing => 0,
+    };
     let upstream_written = socket::bytes_written(pair.upstream.fd())?;
     let joined = maps.join(
         MapSocket {

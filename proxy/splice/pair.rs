@@ -171,6 +171,20 @@ impl Pair {
         self.to_client.mover = Mover::Kernel(KernelFlow::new(self.upstream.cookie, client_written));
     }
 
+    /// The cookies of the sources whose directions have a credit record in the probe.
+    pub fn credited_sources(&self) -> [Option<u64>; 2] {
+        [
+            (&self.to_upstream, self.client.cookie),
+            (&self.to_client, self.upstream.cookie),
+        ]
+        .map(|(direction, cookie)| {
+            direction
+                .flow()
+                .is_some_and(KernelFlow::has_credit_record)
+                .then_some(cookie)
+        })
+    }
+
     /// The cookies of the sockets whose bytes the kernel moves, each with its side: the
     /// probe names a direction by its source's cookie when it asks for credit.
     pub fn kernel_sources(&self) -> impl Iterator<Item = (u64, Side)> + '_ {

@@ -42,6 +42,11 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token)
     }
 
+    /// Stops watching `fd`. Closing an fd does that too, unless it has duplicates.
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
     /// Waits for events; `None` waits without a limit.
     pub fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let timeout_ms = timeout.map_or(-1, |t| {

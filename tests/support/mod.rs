@@ -41,7 +41,7 @@ pub const SPLICE: Moving = Moving::Splice;
 pub const COPY: Moving = Moving::Copy;
 
 /// A proxy in this process: the library's server, engine and probe, exactly as the
-/// binary wires them. Its executors run until the test process exits.
+/// binary wires them. Its workers run until the test process exits.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub engine: Arc<SpliceEngine>,
@@ -83,10 +83,10 @@ impl Proxy {
             Limits::from(&config),
             Arc::clone(&engine),
         )
-        .expect("executors start");
+        .expect("the server starts");
         let addr = server.local_addr();
         let admission = Arc::clone(server.admission());
-        // The executors run on their own threads; nothing joins them.
+        // The workers run on their own threads; nothing joins them.
         std::mem::forget(server);
         Proxy {
             addr,
@@ -140,9 +140,9 @@ impl Proxy {
     }
 }
 
-/// Bytes read through read(2)/recv(2) by this process's proxy threads (the executors
-/// and the splice workers, named `splice-*`), from /proc: the proof that spliced bytes
-/// never reached userspace.
+/// Bytes read through read(2)/recv(2) by this process's proxy threads (the workers,
+/// named `splice-*`, which also read each first message), from /proc: the proof that
+/// spliced bytes never reached userspace.
 pub fn proxy_threads_read_bytes() -> u64 {
     let mut total = 0;
     for task in std::fs::read_dir("/proc/self/task")
@@ -316,7 +316,7 @@ impl ProxyProcess {
     }
 
     /// Starts the binary on 127.0.0.1:0 with `routes`, `--mode mode` and the layout the
-    /// tests use on this 2-core machine (2 executors, 2 splice workers), then `extra`;
+    /// tests use on this 2-core machine (2 workers), then `extra`;
     /// fails the test unless it listens.
     pub fn serve(routes: &Path, mode: &str, extra: &[&str]) -> ProxyProcess {
         let proxy = ProxyProcess::launch(routes, mode, extra);
@@ -335,9 +335,7 @@ impl ProxyProcess {
             routes,
             "--mode",
             mode,
-            "--executors",
-            "2",
-            "--splice-workers",
+            "--workers",
             "2",
         ];
         args.extend_from_slice(extra);
@@ -757,7 +755,7 @@ pub fn soft_nofile_to_hard() -> u64 {
 pub const FD_SLACK: usize = 4;
 
 /// This process's open fds once they have not changed for `quiet` (waiting at most
-/// `limit`): executors and backend threads open and close theirs a little late.
+/// `limit`): workers and backend threads open and close theirs a little late.
 pub fn settled_fds(quiet: Duration, limit: Duration) -> Vec<(i32, String)> {
     let deadline = Instant::now() + limit;
     let mut last = open_fd_targets();

@@ -1,0 +1,380 @@
+//! The accepting side: listeners, the routing new connections get, and the counts of
+//! connections between accept and hand-off. Each listener (one SO_REUSEPORT socket per
+//! worker) belongs to one worker of the [`SpliceEngine`], which accepts on it in its own
+//! event loop and carries each connection through its first message ([`Arrival`]) and
+//! into the engine on the same thread: one owner per connection, from accept to close.
+//!
+//! The routing (router and limits) sits in a [`RoutingSlot`] that can be replaced while
+//! the server runs: each connection reads it once, at accept, and keeps what it read.
+//! [`Server::stop_accepting`] closes the listeners for a graceful shutdown.
+//!
+//! Every connection holds a [`Ticket`] of the server's [`Admission`] from accept until
+//! it closes: a client beyond `max_connections` (the proxy's at accept, its route's
+//! once routed) is reset at once and counted.
+
+mod arrival;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+
+pub use arrival::{Arrival, Step, Waiting};
+
+use crate::{
+    admission::Admission,
+    config::Config,
+    metrics::{Metrics, Refusal},
+    route::Router,
+    socket,
+    splice::SpliceEngine,
+};
+
+/// How long a connection may take before it is handed to the engine, and how many the
+/// proxy and each route hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Wait at most this long for the client's first bytes to decide a route; then the
+    /// route is decided on what arrived (the default route for server-speaks-first
+    /// protocols).
+    pub first_message_timeout: Duration,
+    /// Inspect at most this many bytes.
+    pub first_message_max: usize,
+    /// Per backend; on failure the route's next backend is tried.
+    pub connect_timeout: Duration,
+    /// Connections the proxy holds at once; `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// A connection handed to the engine is reset once no byte has moved either way for
+    /// this long; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Connections each route holds at once, by route name; a route not listed has no
+    /// limit of its own.
+    pub route_max_connections: HashMap<Arc<str>, usize>,
+}
+
+impl Limits {
+    pub(crate) fn route_max_connections(&self, route: &str) -> Option<usize> {
+        self.route_max_connections.get(route).copied()
+    }
+}
+
+impl From<&Config> for Limits {
+    fn from(config: &Config) -> Limits {
+        Limits {
+            first_message_timeout: config.first_message_timeout,
+            first_message_max: config.first_message_max,
+            connect_timeout: config.connect_timeout,
+            max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout,
+            route_max_connections: config
+                .routes
+                .iter()
+                .filter_map(|route| Some((route.name.as_str().into(), route.max_connections?)))
+                .collect(),
+        }
+    }
+}
+
+/// What a connection is routed with: the router and the limits, taken together so that a
+/// reload changes both at once.
+pub struct Routing {
+    pub router: Arc<dyn Router>,
+    pub limits: Limits,
+}
+
+/// The [`Routing`] new connections use, replaceable while the server runs (the binary
+/// replaces it on SIGHUP). A connection loads it once, when it is accepted, and keeps
+/// that routing until it is handed off, so a replacement never changes a connection
+/// that is already reading its first message. Loading it takes no lock.
+pub struct RoutingSlot(ArcSwap<Routing>);
+
+impl RoutingSlot {
+    pub fn new(router: Arc<dyn Router>, limits: Limits) -> RoutingSlot {
+        RoutingSlot(ArcSwap::from_pointee(Routing { router, limits }))
+    }
+
+    /// The routing a connection accepted now gets.
+    pub fn current(&self) -> Arc<Routing> {
+        self.0.load_full()
+    }
+
+    /// Routes connections accepted from now on with `router` and `limits`.
+    pub fn replace(&self, router: Arc<dyn Router>, limits: Limits) {
+        self.0.store(Arc::new(Routing { router, limits }));
+    }
+}
+
+/// Listening sockets, bound before any worker accepts so that the address (and a port
+/// the kernel chose for `:0`) is known and shared by every worker.
+pub struct Listeners {
+    sockets: Vec<OwnedFd>,
+    local_addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds `count` SO_REUSEPORT sockets to `addr`: the kernel spreads new connections
+    /// over them, one per worker.
+    pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Listeners> {
+        let first = reuseport_listener(addr)?;
+        let local_addr = first.local_addr()?;
+        let mut sockets = vec![OwnedFd::from(first)];
+        for _ in 1..count.max(1) {
+            sockets.push(OwnedFd::from(reuseport_listener(local_addr)?));
+        }
+        Ok(Listeners {
+            sockets,
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: one setsockopt per connection fewer.
+    socket.set_tcp_nodelay(true)?;
+    // A worker accepts until the queue is empty, and must not then wait in accept.
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// The running server. Its listeners are in the engine's workers; it keeps duplicates
+/// of them to shut them down.
+pub struct Server {
+    local_addr: SocketAddr,
+    routing: Arc<RoutingSlot>,
+    listening: Vec<OwnedFd>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Gives each listener to a worker of `engine`, which accepts on it, routes with
+    /// `router` and `limits` (replaceable later through [`Server::routing`]) and keeps
+    /// the connections it accepted until they close.
+    pub fn start(
+        listeners: Listeners,
+        router: Arc<dyn Router>,
+        limits: Limits,
+        engine: Arc<SpliceEngine>,
+    ) -> io::Result<Server> {
+        let listening = listeners
+            .sockets
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        let routing = Arc::new(RoutingSlot::new(router, limits));
+        let shared = Arc::new(Shared {
+            routing: Arc::clone(&routing),
+            admission: Arc::new(Admission::new()),
+            metrics: Arc::clone(engine.metrics()),
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            settled: (Mutex::new(()), Condvar::new()),
+        });
+        for listener in listeners.sockets {
+            engine.listen(Front {
+                listener,
+                shared: Arc::clone(&shared),
+            });
+        }
+        Ok(Server {
+            local_addr: listeners.local_addr,
+            routing,
+            listening,
+            shared,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The routing new connections get: replace it to reload routes and limits.
+    pub fn routing(&self) -> &Arc<RoutingSlot> {
+        &self.routing
+    }
+
+    /// Stops accepting: from now on connects to the address are refused. Connections
+    /// already accepted go on. Calling it again does nothing.
+    pub fn stop_accepting(&self) -> io::Result<()> {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        for fd in &self.listening {
+            // On a listening socket SHUT_RD stops listening (the kernel resets what is
+            // still in the accept queue and refuses new connects) and wakes the worker
+            // that watches it, whose accept then fails with EINVAL. Closing the fd would
+            // do neither while the worker holds the socket.
+            // SAFETY: shutdown(2) on an fd we own, with a valid `how`.
+            if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } != 0 {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+        self.shared.notify_if_settled();
+        result
+    }
+
+    /// Connections accepted and not yet handed to the engine: still reading their first
+    /// message, or connecting to a backend. With [`SpliceEngine::live`] it counts every
+    /// connection the proxy holds.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Connections held, by the proxy and by each route, and clients refused by
+    /// `max_connections`: for metrics.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.shared.admission
+    }
+
+    /// Blocks until [`Server::stop_accepting`] has been called and every connection
+    /// accepted before has been handed to the engine or closed.
+    pub fn join(self) {
+        let (lock, settled) = &self.shared.settled;
+        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !self.shared.is_settled() {
+            guard = settled.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// What the listeners' workers share with the server.
+struct Shared {
+    routing: Arc<RoutingSlot>,
+    admission: Arc<Admission>,
+    metrics: Arc<Metrics>,
+    stopping: AtomicBool,
+    /// Connections accepted and not yet handed to the engine (or closed).
+    in_flight: AtomicUsize,
+    /// Signalled when the server has stopped accepting and holds nothing in flight.
+    settled: (Mutex<()>, Condvar),
+}
+
+impl Shared {
+    fn is_settled(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst) && self.in_flight.load(Ordering::SeqCst) == 0
+    }
+
+    fn notify_if_settled(&self) {
+        if self.is_settled() {
+            // Under the lock, so that a joiner between its check and its wait is not
+            // missed.
+            let _guard = self.settled.0.lock().unwrap_or_else(|e| e.into_inner());
+            self.settled.1.notify_all();
+        }
+    }
+}
+
+/// Counts a connection in flight, server-wide and in the metrics, until dropped.
+pub struct InFlight {
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+}
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> InFlight {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        shared.metrics.accepted();
+        InFlight {
+            shared: Arc::clone(shared),
+            metrics: Arc::clone(&shared.metrics),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.routed();
+        self.shared.notify_if_settled();
+    }
+}
+
+/// A listener, in the worker that accepts on it.
+pub struct Front {
+    listener: OwnedFd,
+    shared: Arc<Shared>,
+}
+
+/// What [`Front::accept`] found.
+// An arrival is moved once, into its worker; a box would cost an allocation per
+// connection to make the other variants no smaller.
+#[allow(clippy::large_enum_variant)]
+pub enum Accepted {
+    /// A connection to carry through its first message.
+    Arrival(Arrival),
+    /// A connection refused by `max_connections`, closed with a reset and logged.
+    Refused,
+    /// Nothing queued: wait for the listener to be readable again.
+    Nothing,
+    /// The server stopped accepting: drop the front.
+    Stopped,
+    /// Accept failed (EMFILE and friends): try again a little later, instead of
+    /// spinning, and keep serving.
+    Failed(io::Error),
+}
+
+impl Front {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Accepts one connection, or says why not.
+    pub fn accept(&self) -> Accepted {
+        let (client, addr) = loop {
+            match socket::accept(self.listener.as_fd()) {
+                Ok(accepted) => break accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accepted::Nothing,
+                // A client that reset while queued, or a signal: take the next.
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+                Err(_) if self.shared.stopping.load(Ordering::SeqCst) => {
+                    return Accepted::Stopped;
+                }
+                Err(e) => return Accepted::Failed(e),
+            }
+        };
+        let routing = self.shared.routing.current();
+        match self.shared.admission.admit(routing.limits.max_connections) {
+            Ok(ticket) => Accepted::Arrival(Arrival::new(
+                client,
+                addr,
+                routing,
+                ticket,
+                Arc::clone(&self.shared.admission),
+                InFlight::new(&self.shared),
+            )),
+            Err(refused) => {
+                // Closed here, it is neither left waiting in the backlog nor costs an
+                // arrival; the reset tells the client at once that it was not served (a
+                // FIN could pass for a server that speaks first and hung up), and a flood
+                // of refusals leaves no TIME_WAIT sockets behind. Logged within the log
+                // budget: a flood must not become a flood of lines.
+                self.shared.admission.log_refusal(Some(addr), &refused);
+                self.shared.metrics.refused(Refusal::MaxConnections);
+                // A failure leaves an orderly close, which still refuses the client.
+                let _ = socket::reset_on_close(client.as_fd());
+                Accepted::Refused
+            }
+        }
+    }
+}
