@@ -6,8 +6,10 @@
 //! on that thread: a worker given a listener ([`crate::server::Front`]) also accepts on
 //! it and carries each connection through its first message
 //! ([`crate::server::Arrival`]), then adopts it itself, with no hand-off to another
-//! thread. For a spliced connection it only
-//! watches for the close: the bytes never reach it. When a side sends its FIN the worker
+//! thread.
+//!
+//! For a spliced connection a worker only watches for the close: the bytes never reach
+//! it. When a side sends its FIN the worker
 //! waits for the kernel to finish moving what came before it, then passes the half-close
 //! on; when both directions are closed it removes the pair from the maps and closes both
 //! sockets. Sockets the kernel refuses to splice are copied here instead, with the same
@@ -1030,4 +1032,43 @@ fn splice(
         }
     }
     Ok(pair)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Side, Slots, Token, Waiting};
+
+    #[test]
+    fn every_token_decodes_to_what_it_encodes() {
+        for token in [
+            Token::Wakeup,
+            Token::Listener(0),
+            Token::Listener(7),
+            Token::Pair(0, Side::Client),
+            Token::Pair(0, Side::Upstream),
+            Token::Pair(123_456, Side::Upstream),
+            Token::Arrival(0, Waiting::Client),
+            Token::Arrival(99, Waiting::Upstream),
+        ] {
+            assert_eq!(Token::decode(token.encode()), token, "{token:?}");
+        }
+    }
+
+    #[test]
+    fn a_slot_freed_in_a_batch_is_reused_only_after_it() {
+        let mut slots = Slots::default();
+        let first = slots.insert("first");
+        assert_eq!(slots.take(first), Some("first"));
+        let second = slots.insert("second");
+        assert_ne!(second, first, "reused within the batch");
+        // Taken and put back within the batch: it keeps its slot, which stays in use.
+        let third = slots.insert("third");
+        let taken = slots.take(third).unwrap();
+        slots.put_back(third, taken);
+        slots.end_batch();
+        assert_eq!(slots.next_slot(), first);
+        assert_eq!(slots.insert("fourth"), first);
+        assert_eq!(slots.get_mut(third), Some(&mut "third"));
+        assert_ne!(slots.next_slot(), third);
+    }
 }
