@@ -17,7 +17,7 @@
 //! socket, where the thread echoes them itself once the kernel has caught up (the
 //! engine does the same with an event-driven loop: proxy/splice/flow.rs). When the
 //! client half-closes, the kernel may not have echoed everything that came before the
-//! FIN yet (the redirect is asynchronous: KERNEL-NOTES pitfall 2), so the thread waits
+//! FIN yet (the redirect is asynchronous: docs/kernel.md), so the thread waits
 //! until it has, sends its own FIN, takes the socket out of the maps, and prints one
 //! line.
 
@@ -77,8 +77,9 @@ fn echo(stream: TcpStream, mut maps: SpliceMaps) -> io::Result<String> {
     // From the insert on only the kernel writes into the socket: count from here.
     let base = socket.byte_counts()?.written;
     if let Err(refused) = maps.loop_back(socket) {
-        // Only ESTABLISHED sockets can join (KERNEL-NOTES pitfall 5): a client that sent
-        // its FIN before we got here, such as `printf hi | nc -N`, is echoed by copying.
+        // Only ESTABLISHED sockets can join (docs/kernel.md, "Which sockets can join a
+        // sockmap"): a client that sent its FIN before we got here, such as `printf hi | nc
+        // -N`, is echoed by copying.
         let echoed = io::copy(&mut &stream, &mut &stream)?;
         stream.shutdown(Shutdown::Write)?;
         return Ok(format!("echoed {echoed} bytes in userspace ({refused})"));
@@ -210,9 +211,9 @@ impl ReadQueued for &TcpStream {
     }
 }
 
-/// An error on the socket (a reset) ends the connection, except the EPIPE that
-/// verdict-only mode can raise around a close (KERNEL-NOTES pitfall 3): only RDHUP/HUP
-/// mean a FIN.
+/// An error on the socket (a reset) ends the connection, except the EPIPE that verdict-only
+/// mode can raise around a close (docs/kernel.md, "A close, and the spurious error that is
+/// not one"): only RDHUP/HUP mean a FIN.
 fn check(stream: &TcpStream, events: libc::c_short) -> io::Result<()> {
     if events & libc::POLLERR != 0
         && let Some(e) = stream.take_error()?

@@ -1,9 +1,9 @@
 //! routes.toml: parsed, validated, and described.
 //!
-//! This module owns the file format (the contract in DESIGN.md) and every check on it. A
-//! [`Config`] that comes out of [`Config::parse`] is consistent: every route has a name no
-//! other route has, at least one backend, and either matchers or `default = true`; at
-//! most one route is the default; every matcher can be decided within
+//! This module owns the file format (README's "routes.toml" documents it) and every
+//! check on it. A [`Config`] that comes out of [`Config::parse`] is consistent: every
+//! route has a name no other route has, at least one backend, and either matchers or
+//! `default = true`; at most one route is the default; every matcher can be decided within
 //! `first_message_max` bytes. A typo must not silently change routing, so unknown keys
 //! are errors, and every error names the file, the line and the key.
 

@@ -1,9 +1,9 @@
 //! The loaded eBPF probe: its verdict program attached to the `SPLICED` SockHash, and typed
 //! handles on its maps. [`Probe`] owns the program (dropping it detaches it, and every
-//! spliced connection then stops moving: KERNEL-NOTES pitfall 8); [`SpliceMaps`] are
-//! per-thread handles that carry out the order in which a pair joins and leaves the maps,
-//! and read and grant each direction's flow-control credit; [`Asks`] is the ring on which
-//! the verdict asks for more.
+//! spliced connection then stops moving: docs/kernel.md, "The probe lives with the
+//! process"); [`SpliceMaps`] are per-thread handles that carry out the order in which a
+//! pair joins and leaves the maps, and read and grant each direction's flow-control credit;
+//! [`Asks`] is the ring on which the verdict asks for more.
 
 use std::{
     fmt, io,
@@ -399,14 +399,15 @@ impl<'a> MapSocket<'a> {
     }
 
     /// Makes the kernel run the verdict over bytes that arrived before the socket joined
-    /// the maps (KERNEL-NOTES pitfall 1): call it right after [`SpliceMaps::join`] or
-    /// [`SpliceMaps::loop_back`].
+    /// the maps (docs/kernel.md, "Bytes queued before the insert"): call it right after
+    /// [`SpliceMaps::join`] or [`SpliceMaps::loop_back`].
     pub fn kick_receive_queue(&self) -> io::Result<()> {
         socket::kick_receive_queue(self.fd)
     }
 
-    /// The kernel's byte counts for this socket, from which a program that drives the
-    /// maps itself can tell when the redirect has caught up with a FIN (pitfall 2).
+    /// The kernel's byte counts for this socket, from which a program that drives the maps
+    /// itself can tell when the redirect has caught up with a FIN (docs/kernel.md, "The
+    /// redirect is asynchronous").
     pub fn byte_counts(&self) -> io::Result<ByteCounts> {
         // Written first: a byte received between the two reads is in `received` only, so
         // the redirect can look behind but never ahead of what it owes.
@@ -446,7 +447,8 @@ impl SpliceMaps {
     /// Splices `client` and `upstream`. Both become redirect targets (`PEER_OF`) before
     /// either's ingress goes through the verdict (`SPLICED`), so no byte is ever
     /// redirected to an empty slot. The caller must have written the first message to the
-    /// upstream completely (pitfall 7) and must kick the receive queues afterwards.
+    /// upstream completely (docs/kernel.md, "Insert the upstream first") and must kick the
+    /// receive queues afterwards.
     ///
     /// An error leaves nothing in the maps. The kernel only admits ESTABLISHED sockets,
     /// so a client whose FIN lands between the upstream's insert and its own is refused

@@ -105,16 +105,16 @@ pub fn written_and_info(fd: BorrowedFd<'_>) -> io::Result<(u64, TcpInfo)> {
     Ok((info.bytes_acked + unacked_bytes(fd)?, info))
 }
 
-/// Setting the low-water mark makes the kernel call the socket's data_ready, which runs
-/// the verdict over bytes queued before the socket joined the sockmap (KERNEL-NOTES
-/// pitfall 1); 1 is also the default, so nothing else changes.
+/// Setting the low-water mark makes the kernel call the socket's data_ready, which runs the
+/// verdict over bytes queued before the socket joined the sockmap (docs/kernel.md, "Bytes
+/// queued before the insert"); 1 is also the default, so nothing else changes.
 pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1 as libc::c_int)
 }
 
 /// Send buffer beyond `net.core.wmem_max` with CAP_NET_ADMIN, up to it without. A
 /// redirected stream can only move as fast as the peer's send buffer drains
-/// (KERNEL-NOTES pitfall 4).
+/// (docs/kernel.md, "Send buffers decide a splice's speed").
 pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     match setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes) {

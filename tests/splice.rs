@@ -2,8 +2,8 @@
 //! from 1 byte to 64 MiB in each direction and both at once, first messages split or
 //! pipelined, a backend that speaks first, readers that pause, half-closes and resets from
 //! either side, refused backends, connection churn, the proof that spliced bytes never
-//! reach userspace, and bytes queued on either socket before the hand-off (KERNEL-NOTES
-//! pitfall 1).
+//! reach userspace, and bytes queued on either socket before the hand-off (docs/kernel.md,
+//! "Bytes queued before the insert").
 //!
 //! Each scenario is one function taking the mode; `in_modes!` makes a #[test] per mode,
 //! named `scenario::mode`, so a failure names both.
@@ -210,8 +210,8 @@ in_modes! { both_ways_64_mib_all_at_once, |mode| both_ways(mode, 64 * MIB, AllAt
 const PAUSE: Duration = Duration::from_millis(300);
 
 /// A client that stops reading mid-download: the backend's stream backs up through the
-/// proxy (the redirect has no backpressure of its own, KERNEL-NOTES pitfall 9) and must
-/// arrive whole once the client reads again.
+/// proxy (the redirect has no backpressure of its own, docs/kernel.md, "A redirect has no
+/// backpressure") and must arrive whole once the client reads again.
 fn paused_client_download(mode: Moving) {
     let data = shared_payload(32 * MIB, 17);
     let streamer = Backend::streamer(FIRST.len() + GO.len(), Arc::clone(&data));
@@ -374,7 +374,7 @@ in_modes! { pipelined_echo, |mode| pipelined_echo(mode) }
 in_modes! { backend_speaks_first, |mode| backend_speaks_first(mode) }
 
 // ---------------------------------------------------------------------------------------
-// 5. Half-closes with data in flight (KERNEL-NOTES pitfall 2).
+// 5. Half-closes with data in flight (docs/kernel.md, "The redirect is asynchronous").
 
 /// The client sends 8 MiB and half-closes at once; the backend reads it all, then replies
 /// with 8 MiB over the still-open direction. Neither stream may be truncated by the FIN.
@@ -696,7 +696,7 @@ fn bytes_bypass_userspace(mode: Moving) {
 in_modes! { alone bytes_bypass_userspace, |mode| bytes_bypass_userspace(mode) }
 
 // ---------------------------------------------------------------------------------------
-// 10. KERNEL-NOTES pitfall 1: bytes queued before the insert.
+// 10. Bytes queued before the insert (docs/kernel.md).
 
 /// The first message and a 100-byte request in one write, and a backend that answers
 /// only a whole request: whatever of the request is queued at the hand-off must still be
@@ -727,13 +727,13 @@ fn request_queued_at_hand_off(mode: Moving, first_message_max: Option<usize>) {
     finish(&proxy);
 }
 
-/// The upstream side of pitfall 1: a backend that greets as soon as it accepts, then
-/// reads a 1 MiB first message and sends nothing more until asked. The proxy's write of
-/// that message only finishes once the backend reads it (the backend's small MSS keeps
-/// the proxy's send buffer far below 1 MiB, as on a real network, where loopback's 64 KiB
-/// segments would let one send take it all), so the greeting is certainly queued on the
-/// upstream socket before the hand-off, and no later byte from the backend would make
-/// the kernel look at it: the client must still get it.
+/// The upstream side of "Bytes queued before the insert" (docs/kernel.md): a backend that
+/// greets as soon as it accepts, then reads a 1 MiB first message and sends nothing more
+/// until asked. The proxy's write of that message only finishes once the backend reads it
+/// (the backend's small MSS keeps the proxy's send buffer far below 1 MiB, as on a real
+/// network, where loopback's 64 KiB segments would let one send take it all), so the
+/// greeting is certainly queued on the upstream socket before the hand-off, and no later
+/// byte from the backend would make the kernel look at it: the client must still get it.
 fn greeting_queued_at_hand_off(mode: Moving) {
     const GREETING: &[u8] = b"220 ready\r\n";
     let (tx, reports) = mpsc::channel();

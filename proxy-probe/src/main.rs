@@ -4,15 +4,16 @@
 //!
 //! Userspace fills `PEER_OF` before `SPLICED`, so by the time a socket's bytes reach the
 //! verdict its peer is already a valid redirect target: a redirect to an empty slot would
-//! drop bytes TCP has already acknowledged (KERNEL-NOTES pitfall 6).
+//! drop bytes TCP has already acknowledged (docs/kernel.md, "Insert the upstream first").
 //!
 //! A redirect has no backpressure of its own: the kernel acknowledges the bytes to their
-//! sender at once and queues them for the peer's kworker without limit (pitfall 9). So
-//! each direction redirects only within a credit that userspace grants from what the peer
-//! has really sent (`CREDIT`, counted in `FLOW`). Partway through it the verdict asks for
-//! more (`ASKS`); a message beyond it is not redirected but parked in its own socket's
-//! receive queue (`SK_PASS`), where it is charged to that socket and closes its TCP
-//! window, and every later message parks behind it until userspace has moved them all.
+//! sender at once and queues them for the peer's kworker without limit (docs/kernel.md, "A
+//! redirect has no backpressure"). So each direction redirects only within a credit that
+//! userspace grants from what the peer has really sent (`CREDIT`, counted in `FLOW`).
+//! Partway through it the verdict asks for more (`ASKS`); a message beyond it is not
+//! redirected but parked in its own socket's receive queue (`SK_PASS`), where it is charged
+//! to that socket and closes its TCP window, and every later message parks behind it until
+//! userspace has moved them all.
 //!
 //! The kernel hands the verdict each skb whole as TCP queued it, and TCP queues a
 //! retransmission that starts before what it has already received (but ends after it)

@@ -54,9 +54,9 @@ use crate::{
     socket,
 };
 
-/// Send buffer for spliced sockets: with the default buffers a splice is no faster than
-/// a userspace copy (KERNEL-NOTES pitfall 4). Without CAP_NET_ADMIN the kernel caps it
-/// at `net.core.wmem_max`.
+/// Send buffer for spliced sockets: with the default buffers a splice is no faster than a
+/// userspace copy (docs/kernel.md, "Send buffers decide a splice's speed"). Without
+/// CAP_NET_ADMIN the kernel caps it at `net.core.wmem_max`.
 pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 
 /// How long a worker sleeps after epoll_wait failed, before it tries again.
@@ -1008,7 +1008,8 @@ fn splice(
             // Each source's receive window starts small and grows only while its
             // destination's reader keeps up (flow.rs, `ReceiveWindow`); set before the
             // kick, whose verdict runs would grow it otherwise. Bytes queued before the
-            // inserts wait for a data_ready (pitfall 1).
+            // inserts wait for a data_ready (docs/kernel.md, "Bytes queued before the
+            // insert").
             let kicked = socket::set_receive_buffer(pair.client.fd(), flow::FIRST_RECEIVE_BUFFER)
                 .and_then(|()| {
                     socket::set_receive_buffer(pair.upstream.fd(), flow::FIRST_RECEIVE_BUFFER)

@@ -329,7 +329,8 @@ impl Pair {
             };
             match socket::take_error(fd) {
                 // Verdict-only mode can raise a stale EPIPE right after we shut the
-                // upstream's write side (KERNEL-NOTES pitfall 3): not a close.
+                // upstream's write side (docs/kernel.md, "A close, and the spurious error
+                // that is not one"): not a close.
                 Ok(None) => {}
                 Ok(Some(e)) if e.raw_os_error() == Some(libc::EPIPE) => {}
                 Ok(Some(e)) | Err(e) => return Next::Reset(e),
@@ -563,8 +564,8 @@ fn named(call: &str, side: Side, error: io::Error) -> io::Error {
 }
 
 /// Bytes the source sent after the kernel took over, up to its FIN: what must be in the
-/// destination, redirected or unparked, before the FIN may be passed on (KERNEL-NOTES
-/// pitfall 2: the redirect is asynchronous). `consumed` are the bytes read here before.
+/// destination, redirected or unparked, before the FIN may be passed on (docs/kernel.md,
+/// "The redirect is asynchronous"). `consumed` are the bytes read here before.
 fn owed_after_fin(
     source_total: &mut Option<u64>,
     consumed: u64,
