@@ -2,7 +2,8 @@
 //! Each proxy runs as a child process on 127.0.0.1 with a config generated into the
 //! bench's temporary directory, two workers or threads each (one per core here), and
 //! otherwise the defaults a user gets, plus what the comparison calls for (`option
-//! splice-auto` for HAProxy).
+//! splice-request` and `option splice-response` for HAProxy, as its users configure it
+//! for speed; `haproxy-auto`, with `option splice-auto`, on request).
 
 use std::{
     fs,
@@ -30,11 +31,23 @@ pub enum Kind {
     SpliceVerdict,
     Copy,
     Haproxy,
+    HaproxyAuto,
     Nginx,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
+        Kind::Direct,
+        Kind::SpliceVerdict,
+        Kind::Copy,
+        Kind::Haproxy,
+        Kind::HaproxyAuto,
+        Kind::Nginx,
+    ];
+
+    /// The targets a run without `--targets` measures: `haproxy-auto` only compares
+    /// HAProxy's two ways to splice.
+    pub const DEFAULT: [Kind; 5] = [
         Kind::Direct,
         Kind::SpliceVerdict,
         Kind::Copy,
@@ -48,6 +61,7 @@ impl Kind {
             Kind::SpliceVerdict => "splice-verdict",
             Kind::Copy => "copy",
             Kind::Haproxy => "haproxy",
+            Kind::HaproxyAuto => "haproxy-auto",
             Kind::Nginx => "nginx",
         }
     }
@@ -57,7 +71,8 @@ impl Kind {
             Kind::Direct => "client to backend, no proxy: the limit",
             Kind::SpliceVerdict => "splice-proxy --mode splice (stream verdict only)",
             Kind::Copy => "splice-proxy --mode copy (userspace copy)",
-            Kind::Haproxy => "HAProxy, mode tcp, option splice-auto",
+            Kind::Haproxy => "HAProxy, mode tcp, option splice-request + splice-response",
+            Kind::HaproxyAuto => "HAProxy, mode tcp, option splice-auto",
             Kind::Nginx => "nginx stream proxy_pass",
         }
     }
@@ -90,7 +105,7 @@ pub fn locate(kind: Kind) -> Result<Option<Program>, String> {
     let program = match kind {
         Kind::Direct => return Ok(None),
         Kind::SpliceVerdict | Kind::Copy => Program::SpliceProxy(splice_proxy_binary()?),
-        Kind::Haproxy => Program::Haproxy(
+        Kind::Haproxy | Kind::HaproxyAuto => Program::Haproxy(
             find_program("haproxy")
                 .ok_or_else(|| "haproxy is not installed: apt-get install haproxy".to_owned())?,
         ),
@@ -270,7 +285,7 @@ impl Target {
         };
         let mut command = match program {
             Program::SpliceProxy(binary) => splice_proxy_command(kind, binary, &place)?,
-            Program::Haproxy(binary) => haproxy_command(binary, &place)?,
+            Program::Haproxy(binary) => haproxy_command(kind, binary, &place)?,
             Program::Nginx {
                 binary,
                 stream_module,
@@ -413,7 +428,7 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
     Ok(command)
 }
 
-fn haproxy_command(binary: &Path, place: &Placement) -> anyhow::Result<Command> {
+fn haproxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow::Result<Command> {
     let config_path = place.dir.join(format!("{}.cfg", place.name));
     let hold_servers: String = place
         .hold
@@ -429,7 +444,7 @@ fn haproxy_command(binary: &Path, place: &Placement) -> anyhow::Result<Command> 
          \x20   maxpipes 1024\n\
          defaults\n\
          \x20   mode tcp\n\
-         \x20   option splice-auto\n\
+         {splice}\
          \x20   timeout connect 5s\n\
          \x20   timeout client 60s\n\
          \x20   timeout server 60s\n\
@@ -449,6 +464,10 @@ fn haproxy_command(binary: &Path, place: &Placement) -> anyhow::Result<Command> 
         // Two descriptors per connection and two per pipe must fit in the descriptor
         // limit (HAProxy refuses to start otherwise): its default of maxconn / 4 pipes
         // would not, and the bulk workloads splice at most 4 connections at once.
+        splice = match kind {
+            Kind::HaproxyAuto => "    option splice-auto\n",
+            _ => "    option splice-request\n    option splice-response\n",
+        },
         maxconn = 64 + place.hold.connections,
         hold = place.hold.connections + 64,
         listen = place.listen,
