@@ -11,13 +11,19 @@ use crate::socket;
 /// small enough that thousands of copied connections stay cheap.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// Bytes read and not yet written. Allocated on first use: most spliced directions
-/// never need one.
+/// What a direction's first read gets: most copied connections are short exchanges, and
+/// a 64 KiB buffer zeroed for each direction of each of them cost more than the bytes.
+const FIRST_COPY_BUFFER: usize = 4 * 1024;
+
+/// Bytes read and not yet written. Allocated on first use (most spliced directions never
+/// need one), small, and grown to [`COPY_BUFFER`] once a read fills it.
 #[derive(Default)]
 pub(super) struct CopyBuffer {
     bytes: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The last read filled the buffer: the next one gets a full-size buffer.
+    filled: bool,
 }
 
 /// What one read into a [`CopyBuffer`] found.
@@ -42,10 +48,15 @@ pub(super) struct Pumped {
 }
 
 impl CopyBuffer {
+    /// Called with the buffer empty, before a read: allocates it, or grows it if the
+    /// last read filled it.
     fn allocate(&mut self) {
-        if self.bytes.is_empty() {
-            self.bytes = vec![0; COPY_BUFFER].into_boxed_slice();
-        }
+        let size = match self.bytes.len() {
+            0 => FIRST_COPY_BUFFER,
+            len if self.filled && len < COPY_BUFFER => COPY_BUFFER,
+            _ => return,
+        };
+        self.bytes = vec![0; size].into_boxed_slice();
     }
 
     /// Nothing read is waiting to be written.
@@ -61,6 +72,7 @@ impl CopyBuffer {
                 Ok(0) => Ok(Filled::Eof),
                 Ok(n) => {
                     (self.start, self.end) = (0, n);
+                    self.filled = n == self.bytes.len();
                     Ok(if n < self.bytes.len() {
                         Filled::Partly(n)
                     } else {

@@ -474,7 +474,7 @@ impl Worker {
                 self.answer_asks();
                 while let Ok(work) = self.incoming.try_recv() {
                     match work {
-                        Work::Adopt(connection) => self.adopt(connection, ClientWritten::Ask),
+                        Work::Adopt(connection) => self.adopt(connection, Origin::Adopted),
                         Work::Listen(front) => self.listen(front),
                     }
                 }
@@ -642,7 +642,7 @@ impl Worker {
                     }
                 }
                 self.live.fetch_add(1, Ordering::Relaxed);
-                self.adopt(connection, ClientWritten::Nothing);
+                self.adopt(connection, Origin::Arrived);
                 // Only now: in flight plus live must never miss it.
                 drop(in_flight);
             }
@@ -659,10 +659,10 @@ impl Worker {
         }
     }
 
-    fn adopt(&mut self, connection: Connection, client_written: ClientWritten) {
+    fn adopt(&mut self, connection: Connection, origin: Origin) {
         let info = connection.info.clone();
         let connection_forwarded = connection.forwarded;
-        match self.start(connection, client_written) {
+        match self.start(connection, origin) {
             Ok(slot) => {
                 if let Some(pair) = self.pairs.get_mut(slot) {
                     self.metrics
@@ -688,11 +688,7 @@ impl Worker {
 
     /// Splices the connection if the probe is loaded and the kernel accepts both sockets,
     /// else copies it; registers it with epoll. Returns its slot.
-    fn start(
-        &mut self,
-        connection: Connection,
-        client_written: ClientWritten,
-    ) -> io::Result<usize> {
+    fn start(&mut self, connection: Connection, origin: Origin) -> io::Result<usize> {
         let Connection {
             client,
             upstream,
@@ -704,18 +700,11 @@ impl Worker {
         } = connection;
         let mut pair = match &mut self.maps {
             Some(maps) => splice(
-                maps,
-                client,
-                upstream,
-                client_written,
-                forwarded,
-                ticket,
-                info,
-                lease,
+                maps, client, upstream, origin, forwarded, ticket, info, lease,
             )?,
             None => Pair::new(
-                Endpoint::new(client, 0),
-                Endpoint::new(upstream, 0),
+                Endpoint::new(client, 0, origin.nonblocking()),
+                Endpoint::new(upstream, 0, origin.nonblocking()),
                 forwarded,
                 ticket,
                 info,
@@ -946,15 +935,24 @@ pub(crate) fn millis(duration: Duration) -> f64 {
     duration.as_micros() as f64 / 1000.0
 }
 
-/// What the proxy wrote into a client's socket before the engine adopted it.
+/// Where a connection the engine adopts comes from, which tells what the engine need
+/// not ask the kernel.
 #[derive(Debug, Clone, Copy)]
-enum ClientWritten {
-    /// Unknown (a connection from a program that embeds the engine): ask the kernel.
-    Ask,
-    /// Nothing: the socket came from this proxy's accept, and an arrival never writes
-    /// to its client. The kernel's count for a socket that accepted and wrote nothing is
-    /// 0 (the SYN-ACK is not counted), so two syscalls are spared per connection.
-    Nothing,
+enum Origin {
+    /// A program that embeds the engine: its sockets may block, and what was written
+    /// into the client's is unknown.
+    Adopted,
+    /// This proxy's own arrival: accepted and dialed non-blocking, and nothing was
+    /// written to its client. The kernel's count of bytes written into a socket that
+    /// was accepted and wrote nothing is 0 (the SYN-ACK is not counted), so the hand-off
+    /// spares two syscalls, and the copy two more.
+    Arrived,
+}
+
+impl Origin {
+    fn nonblocking(self) -> bool {
+        matches!(self, Origin::Arrived)
+    }
 }
 
 /// Puts a pair into the maps; what the kernel refuses is copied instead.
@@ -963,7 +961,7 @@ fn splice(
     maps: &mut SpliceMaps,
     client: OwnedFd,
     upstream: OwnedFd,
-    client_written: ClientWritten,
+    origin: Origin,
     forwarded: u64,
     ticket: Ticket,
     info: ConnectionInfo,
@@ -971,8 +969,8 @@ fn splice(
 ) -> io::Result<Pair> {
     let client_cookie = socket::cookie(client.as_fd())?;
     let upstream_cookie = socket::cookie(upstream.as_fd())?;
-    let client = Endpoint::new(client, client_cookie);
-    let upstream = Endpoint::new(upstream, upstream_cookie);
+    let client = Endpoint::new(client, client_cookie, origin.nonblocking());
+    let upstream = Endpoint::new(upstream, upstream_cookie, origin.nonblocking());
     let mut pair = Pair::new(client, upstream, forwarded, ticket, info, lease);
     if !pair.settle_client_queue()? {
         tracing::debug!(client = %pair.info.client, "client still streaming or closing at the hand-off; copying in userspace");
@@ -983,9 +981,9 @@ fn splice(
         let _ = socket::grow_send_buffer(endpoint.fd(), SPLICED_SEND_BUFFER);
     }
     // Taken before the inserts: from now on only the kernel writes into either socket.
-    let client_written = match client_written {
-        ClientWritten::Ask => socket::bytes_written(pair.client.fd())?,
-        ClientWritten::Nothing => 0,
+    let client_written = match origin {
+        Origin::Adopted => socket::bytes_written(pair.client.fd())?,
+        Origin::Arrived => 0,
     };
     let upstream_written = socket::bytes_written(pair.upstream.fd())?;
     let joined = maps.join(

@@ -33,11 +33,12 @@ pub(super) struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(fd: OwnedFd, cookie: u64) -> Endpoint {
+    /// `nonblocking`: the socket is known to be non-blocking already.
+    pub fn new(fd: OwnedFd, cookie: u64, nonblocking: bool) -> Endpoint {
         Endpoint {
             fd,
             cookie,
-            nonblocking: false,
+            nonblocking,
         }
     }
 
