@@ -191,8 +191,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             TcpListener::bind(addr).with_context(|| format!("--metrics: listening on {addr}"))
         })
         .transpose()?;
-    // Before the engine starts its threads: each thread keeps the
-    // capabilities it was started with.
+    // Before the engine starts its threads: each thread keeps the capabilities it was
+    // started with.
     if let Some(user) = &args.user {
         let identity = Identity::lookup(user, args.group.as_deref())
             .with_context(|| format!("--user {user}"))?;
