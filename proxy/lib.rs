@@ -15,7 +15,7 @@
 //! - [`splice`]: the engine whose workers are the event loops: they accept, and own each
 //!   connection after its first message.
 //! - [`server`]: listeners, routing, and a connection from accept until it is routed
-//!   and dialed ([`server::Arrival`]), in the engine worker that accepted it.
+//!   and dialed (`Arrival`, server/arrival.rs), in the engine worker that accepted it.
 
 pub mod admission;
 pub mod backend;

@@ -36,7 +36,7 @@ const INITIAL_FIRST_MESSAGE_BUFFER: usize = 2048;
 
 /// Which of an arrival's sockets a [`Step::Wait`] waits on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Waiting {
+pub(crate) enum Waiting {
     /// The client, for more of its first message.
     Client,
     /// The backend being dialed, for its connect to complete or room to write.
@@ -47,7 +47,7 @@ pub enum Waiting {
 // A waiting arrival is moved into its worker's slot; a box would cost an allocation per
 // connection that waits.
 #[allow(clippy::large_enum_variant)]
-pub enum Step {
+pub(crate) enum Step {
     /// Call [`Arrival::advance`] on `arrival` again when `on` is ready for `interest`, or
     /// at `deadline` if that comes first.
     Wait {
@@ -68,7 +68,7 @@ pub enum Step {
 }
 
 /// A connection being routed and dialed.
-pub struct Arrival {
+pub(crate) struct Arrival {
     client: OwnedFd,
     client_addr: SocketAddr,
     accepted: Instant,

@@ -1,16 +1,17 @@
 //! The accepting side: listeners, the routing new connections get, and the counts of
 //! connections between accept and hand-off. Each listener (one SO_REUSEPORT socket per
 //! worker) belongs to one worker of the [`SpliceEngine`], which accepts on it in its own
-//! event loop and carries each connection through its first message ([`Arrival`]) and
-//! into the engine on the same thread: one owner per connection, from accept to close.
+//! event loop and carries each connection through its first message (`Arrival`, in
+//! arrival.rs) and into the engine on the same thread: one owner per connection, from
+//! accept to close.
 //!
 //! The routing (router and limits) sits in a [`RoutingSlot`] that can be replaced while
 //! the server runs: each connection reads it once, at accept, and keeps what it read.
 //! [`Server::stop_accepting`] closes the listeners for a graceful shutdown.
 //!
-//! Every connection holds a [`Ticket`] of the server's [`Admission`] from accept until
-//! it closes: a client beyond `max_connections` (the proxy's at accept, its route's
-//! once routed) is reset at once and counted.
+//! Every connection holds a [`Ticket`](crate::admission::Ticket) of the server's
+//! [`Admission`] from accept until it closes: a client beyond `max_connections` (the
+//! proxy's at accept, its route's once routed) is reset at once and counted.
 
 mod arrival;
 
@@ -29,7 +30,7 @@ use std::{
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
-pub use arrival::{Arrival, Step, Waiting};
+pub(crate) use arrival::{Arrival, Step, Waiting};
 
 use crate::{
     admission::Admission,
@@ -284,7 +285,7 @@ impl Shared {
 }
 
 /// Counts a connection in flight, server-wide and in the metrics, until dropped.
-pub struct InFlight {
+pub(crate) struct InFlight {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
@@ -309,7 +310,7 @@ impl Drop for InFlight {
 }
 
 /// A listener, in the worker that accepts on it.
-pub struct Front {
+pub(crate) struct Front {
     listener: OwnedFd,
     shared: Arc<Shared>,
 }
@@ -318,7 +319,7 @@ pub struct Front {
 // An arrival is moved once, into its worker; a box would cost an allocation per
 // connection to make the other variants no smaller.
 #[allow(clippy::large_enum_variant)]
-pub enum Accepted {
+pub(crate) enum Accepted {
     /// A connection to carry through its first message.
     Arrival(Arrival),
     /// A connection refused by `max_connections`, closed with a reset and logged.

@@ -3,10 +3,9 @@
 //! embeds the library can hand it connections from any runtime.
 //!
 //! Each worker thread sleeps on one epoll instance, which is the proxy's one event loop
-//! on that thread: a worker given a listener ([`crate::server::Front`]) also accepts on
-//! it and carries each connection through its first message
-//! ([`crate::server::Arrival`]), then adopts it itself, with no hand-off to another
-//! thread.
+//! on that thread: a worker given a listener (`server::Front`) also accepts on it and
+//! carries each connection through its first message (`server::Arrival`), then adopts it
+//! itself, with no hand-off to another thread.
 //!
 //! For a spliced connection a worker only watches for the close: the bytes never reach
 //! it. When a side sends its FIN the worker
