@@ -2,7 +2,8 @@
 //! connections and leaves live ones alone (a broken file keeps the old routes), SIGTERM
 //! stops accepting, lets live transfers finish intact and exits 0, and a grace period
 //! bounds how long it waits. And the library's side: after `Server::stop_accepting`,
-//! `Server::join` returns once the connections in flight are handed off. Every wait is bounded and every transfer checked by hash.
+//! `Server::join` returns once the connections in flight are handed off. Every wait is
+//! bounded and every transfer checked by hash.
 
 mod support;
 

@@ -439,8 +439,8 @@ impl Arrival {
                 }
             }
             Err(Failed::Connect(e)) => {
-                let route_name = Arc::clone(&route.forward.route);
-                self.connect_failed(&route_name, attempt.backend, attempt.state.as_deref(), &e);
+                let state = attempt.state.as_deref();
+                self.connect_failed(&route.forward.route, attempt.backend, state, &e);
                 self.try_backends(route, next)
             }
             Err(Failed::Write(e)) => self.close(
