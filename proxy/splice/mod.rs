@@ -158,11 +158,11 @@ impl SpliceEngine {
                 fronts: Vec::new(),
                 accept_retry: None,
                 arrivals: Slots::default(),
-                arrival_deadlines: BinaryHeap::new(),
+                arrival_deadlines: Timers::default(),
                 pairs: Slots::default(),
                 sources: HashMap::new(),
-                polls: BinaryHeap::new(),
-                idle_checks: BinaryHeap::new(),
+                polls: Timers::default(),
+                idle_checks: Timers::default(),
                 live: Arc::clone(&live),
                 closing: Arc::clone(&closing),
                 metrics: Arc::clone(&metrics),
@@ -300,6 +300,32 @@ struct Arriving {
     deadline: Option<Instant>,
 }
 
+/// When to look at slots without an event, earliest first. An entry whose time is not
+/// what its slot's owner scheduled any more (it closed, or was rescheduled) is stale:
+/// the owner of the timers checks and skips it.
+#[derive(Default)]
+struct Timers(BinaryHeap<Reverse<(Instant, usize)>>);
+
+impl Timers {
+    fn push(&mut self, due: Instant, slot: usize) {
+        self.0.push(Reverse((due, slot)));
+    }
+
+    /// The earliest time scheduled.
+    fn next(&self) -> Option<Instant> {
+        self.0.peek().map(|Reverse((due, _))| *due)
+    }
+
+    /// The earliest entry, if it is due by `now`.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, usize)> {
+        let &Reverse((due, _)) = self.0.peek()?;
+        if due > now {
+            return None;
+        }
+        self.0.pop().map(|Reverse(entry)| entry)
+    }
+}
+
 /// Where an arrival waited before it was advanced.
 #[derive(Debug, Clone, Copy)]
 struct Was {
@@ -405,18 +431,18 @@ struct Worker {
     arrivals: Slots<Arriving>,
     /// When to advance an arrival without an event, earliest first. An entry whose time
     /// is not its arrival's deadline any more is stale and skipped.
-    arrival_deadlines: BinaryHeap<Reverse<(Instant, usize)>>,
+    arrival_deadlines: Timers,
     pairs: Slots<Pair>,
     /// The slot and side of every socket whose bytes the kernel moves, by cookie.
     sources: HashMap<u64, (usize, Side)>,
     /// When to look at a slot without an event (a half-close waiting for the kernel,
     /// parked bytes waiting for room), earliest first. An entry whose time is not its
     /// pair's [`Pair::poll_due`] any more is stale and skipped.
-    polls: BinaryHeap<Reverse<(Instant, usize)>>,
+    polls: Timers,
     /// When to look at a slot's idleness, earliest first. An entry whose time is not
     /// its pair's [`Pair::idle_check`] any more (the pair closed, or was rescheduled) is
     /// stale and skipped.
-    idle_checks: BinaryHeap<Reverse<(Instant, usize)>>,
+    idle_checks: Timers,
     live: Arc<AtomicUsize>,
     /// Set by [`SpliceEngine::shutdown`].
     closing: Arc<AtomicBool>,
@@ -429,14 +455,13 @@ impl Worker {
         loop {
             let now = Instant::now();
             let timeout = [
-                self.idle_checks.peek(),
-                self.polls.peek(),
-                self.arrival_deadlines.peek(),
+                self.idle_checks.next(),
+                self.polls.next(),
+                self.arrival_deadlines.next(),
+                self.accept_retry,
             ]
             .into_iter()
             .flatten()
-            .map(|Reverse((due, _))| *due)
-            .chain(self.accept_retry)
             .map(|due| due.saturating_duration_since(now))
             .min();
             if let Err(e) = self.epoll.wait(&mut events, timeout) {
@@ -543,11 +568,7 @@ impl Worker {
     /// Advances the arrivals whose deadline has passed: each checks the time itself.
     fn arrivals_due(&mut self) {
         let now = Instant::now();
-        while let Some(&Reverse((due, slot))) = self.arrival_deadlines.peek() {
-            if due > now {
-                return;
-            }
-            self.arrival_deadlines.pop();
+        while let Some((due, slot)) = self.arrival_deadlines.pop_due(now) {
             if self
                 .arrivals
                 .get_mut(slot)
@@ -615,7 +636,7 @@ impl Worker {
                     Ok(()) => {
                         waiting.registered[on as usize] = true;
                         if let Some(due) = new_deadline {
-                            self.arrival_deadlines.push(Reverse((due, slot)));
+                            self.arrival_deadlines.push(due, slot);
                         }
                     }
                     Err(e) => {
@@ -740,7 +761,7 @@ impl Worker {
         if let Some(timeout) = idle_timeout {
             let due = Instant::now() + timeout;
             pair.idle_check = Some((timeout, due));
-            self.idle_checks.push(Reverse((due, slot)));
+            self.idle_checks.push(due, slot);
         }
         for (cookie, side) in pair.kernel_sources() {
             self.sources.insert(cookie, (slot, side));
@@ -772,11 +793,7 @@ impl Worker {
     /// Advances the pairs whose look is due.
     fn poll_due(&mut self) {
         let now = Instant::now();
-        while let Some(&Reverse((due, slot))) = self.polls.peek() {
-            if due > now {
-                return;
-            }
-            self.polls.pop();
+        while let Some((due, slot)) = self.polls.pop_due(now) {
             let Some(pair) = self.pairs.get_mut(slot) else {
                 continue;
             };
@@ -793,11 +810,7 @@ impl Worker {
     /// last data, and schedules the next look at the others for when theirs could.
     fn check_idle(&mut self) {
         let now = Instant::now();
-        while let Some(&Reverse((due, slot))) = self.idle_checks.peek() {
-            if due > now {
-                return;
-            }
-            self.idle_checks.pop();
+        while let Some((due, slot)) = self.idle_checks.pop_due(now) {
             let Some(pair) = self.pairs.get_mut(slot) else {
                 continue;
             };
@@ -815,7 +828,7 @@ impl Worker {
             } else {
                 let next = now + (timeout - idle);
                 pair.idle_check = Some((timeout, next));
-                self.idle_checks.push(Reverse((next, slot)));
+                self.idle_checks.push(next, slot);
             }
         }
     }
@@ -844,7 +857,7 @@ impl Worker {
             && pair.poll_due.is_none_or(|scheduled| due < scheduled)
         {
             pair.poll_due = Some(due);
-            self.polls.push(Reverse((due, slot)));
+            self.polls.push(due, slot);
         }
         // Moving parked bytes needs readiness the spliced sockets are not watched for.
         for side in [Side::Client, Side::Upstream] {
