@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{InFlight, Routing};
 use crate::{
-    admission::{Admission, Ticket},
+    admission::Ticket,
     backend::{self, BackendState, Lease},
     metrics::{Metrics, Refusal},
     route::{Decision, FirstMessage, Forward},
@@ -74,8 +74,8 @@ pub(crate) struct Arrival {
     accepted: Instant,
     routing: Arc<Routing>,
     ticket: Ticket,
-    admission: Arc<Admission>,
-    metrics: Arc<Metrics>,
+    /// Counts it until the engine adopted it; also the way to the server's admission
+    /// counts and metrics.
     in_flight: InFlight,
     state: State,
 }
@@ -129,7 +129,6 @@ impl Arrival {
         client_addr: SocketAddr,
         routing: Arc<Routing>,
         ticket: Ticket,
-        admission: Arc<Admission>,
         in_flight: InFlight,
     ) -> Arrival {
         let max = routing.limits.first_message_max;
@@ -139,8 +138,6 @@ impl Arrival {
             accepted: Instant::now(),
             routing,
             ticket,
-            admission,
-            metrics: Arc::clone(&in_flight.metrics),
             in_flight,
             state: State::Reading {
                 bytes: vec![0; max.min(INITIAL_FIRST_MESSAGE_BUFFER)],
@@ -149,6 +146,11 @@ impl Arrival {
         }
     }
 
+    fn metrics(&self) -> &Metrics {
+        &self.in_flight.shared.metrics
+    }
+
+    /// The client's socket.
     pub fn client(&self) -> BorrowedFd<'_> {
         self.client.as_fd()
     }
@@ -269,7 +271,8 @@ impl Arrival {
 
     /// Acts on the router's decision about the whole first message `first`.
     fn route(&mut self, first: Vec<u8>, decision: Decision) -> Progress {
-        self.metrics.first_message_decided(self.accepted.elapsed());
+        self.metrics()
+            .first_message_decided(self.accepted.elapsed());
         let read = first.len() as u64;
         let forward = match decision {
             Decision::Forward(forward) => forward,
@@ -299,9 +302,11 @@ impl Arrival {
         };
         let route = Arc::clone(&forward.route);
         let route_max = self.routing.limits.route_max_connections(&route);
-        if let Err(refused) = self
-            .admission
-            .enter_route(&mut self.ticket, &route, route_max)
+        if let Err(refused) =
+            self.in_flight
+                .shared
+                .admission
+                .enter_route(&mut self.ticket, &route, route_max)
         {
             let _ = socket::reset_on_close(self.client.as_fd());
             return self.close(
@@ -399,7 +404,7 @@ impl Arrival {
     fn dial(&mut self, route: Route, next: usize, mut attempt: Attempt) -> Progress {
         match attempt.write(&route.out) {
             Ok(true) => {
-                self.metrics
+                self.metrics()
                     .backend_connected(attempt.backend, attempt.started.elapsed());
                 let lease = attempt.state.as_ref().map(|state| {
                     state.connected("a connection");
@@ -469,7 +474,7 @@ impl Arrival {
         state: Option<&BackendState>,
         error: &io::Error,
     ) {
-        self.metrics.backend_connect_failed(backend);
+        self.metrics().backend_connect_failed(backend);
         tracing::warn!(client = %self.client_addr, %route, %backend, "backend did not accept a connection: {error}");
         if let Some(state) = state {
             state.connect_failed("a connection", error);
@@ -498,7 +503,7 @@ impl Arrival {
         reason: Refusal,
         why: impl Display,
     ) -> Progress {
-        self.metrics.refused(reason);
+        self.metrics().refused(reason);
         let client = tracing::field::display(self.client_addr);
         let route = route.as_deref().map(tracing::field::display);
         let backend = backend.map(tracing::field::display);

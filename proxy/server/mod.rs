@@ -284,10 +284,10 @@ impl Shared {
     }
 }
 
-/// Counts a connection in flight, server-wide and in the metrics, until dropped.
+/// Counts a connection in flight, server-wide and in the metrics, until dropped; the
+/// arrival it belongs to reaches the server's admission and metrics through it.
 pub(crate) struct InFlight {
     shared: Arc<Shared>,
-    metrics: Arc<Metrics>,
 }
 
 impl InFlight {
@@ -296,7 +296,6 @@ impl InFlight {
         shared.metrics.accepted();
         InFlight {
             shared: Arc::clone(shared),
-            metrics: Arc::clone(&shared.metrics),
         }
     }
 }
@@ -304,7 +303,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.routed();
+        self.shared.metrics.routed();
         self.shared.notify_if_settled();
     }
 }
@@ -361,7 +360,6 @@ impl Front {
                 addr,
                 routing,
                 ticket,
-                Arc::clone(&self.shared.admission),
                 InFlight::new(&self.shared),
             )),
             Err(refused) => {
