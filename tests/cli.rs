@@ -264,40 +264,34 @@ fn check_log(
     }
 }
 
-#[test]
-fn splice_mode_proxies_and_logs_each_connection() {
+/// The binary as root with `--mode mode` in front of `backend`, once it says it listens
+/// and moves bytes as `moves` ("splice" or "copy"); then one echo exchange of `len`
+/// bytes (seeded by `seed`), checked by hash and by its access-log line.
+fn proxy_and_log(name: &str, mode: &str, moves: &str, len: usize, seed: u64) -> ProxyProcess {
     let backend = Backend::echo();
-    let routes = echo_routes("cli-splice", backend.addr);
+    let routes = echo_routes(name, backend.addr);
     let proxy = ProxyProcess::start(&[
         "--listen",
         "127.0.0.1:0",
         "--routes",
         routes.to_str().unwrap(),
         "--mode",
-        "splice",
+        mode,
     ]);
-    let addr = proxy.addr();
-    proxy.wait_for_log("(splice mode", LOG_LIMIT);
-    let (client, bytes) = echo_exchange(addr, 4 << 20, 1);
-    check_log(&proxy, client, backend.addr, "splice", bytes);
+    proxy.wait_for_log(&format!("({moves} mode"), LOG_LIMIT);
+    let (client, bytes) = echo_exchange(proxy.addr(), len, seed);
+    check_log(&proxy, client, backend.addr, moves, bytes);
+    proxy
+}
+
+#[test]
+fn splice_mode_proxies_and_logs_each_connection() {
+    proxy_and_log("cli-splice", "splice", "splice", 4 << 20, 1);
 }
 
 #[test]
 fn copy_mode_proxies_and_logs_copy() {
-    let backend = Backend::echo();
-    let routes = echo_routes("cli-copy", backend.addr);
-    let proxy = ProxyProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--mode",
-        "copy",
-    ]);
-    let addr = proxy.addr();
-    proxy.wait_for_log("(copy mode", LOG_LIMIT);
-    let (client, bytes) = echo_exchange(addr, 4 << 20, 2);
-    check_log(&proxy, client, backend.addr, "copy", bytes);
+    proxy_and_log("cli-copy", "copy", "copy", 4 << 20, 2);
 }
 
 /// The binary as user nobody with no capabilities. nobody must be able to reach and run
@@ -396,21 +390,8 @@ fn auto_mode_without_privileges_warns_once_and_copies() {
 fn auto_mode_splices_only_where_the_bound_is_tested() {
     let release = splice_proxy::probe::kernel_release().expect("/proc/sys/kernel/osrelease");
     let tested = splice_proxy::probe::bound_is_tested_on(&release);
-    let backend = Backend::echo();
-    let routes = echo_routes("cli-auto", backend.addr);
-    let proxy = ProxyProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--mode",
-        "auto",
-    ]);
-    let addr = proxy.addr();
-    let mode = if tested { "splice" } else { "copy" };
-    proxy.wait_for_log(&format!("({mode} mode"), LOG_LIMIT);
-    let (client, bytes) = echo_exchange(addr, 1 << 20, 20);
-    check_log(&proxy, client, backend.addr, mode, bytes);
+    let moves = if tested { "splice" } else { "copy" };
+    let proxy = proxy_and_log("cli-auto", "auto", moves, 1 << 20, 20);
     let warnings = proxy.log_lines(&format!("kernel {release}: the bound"));
     let want = if tested { 0 } else { 1 };
     assert_eq!(
