@@ -40,7 +40,8 @@
 //!
 //! `--quick` runs every workload briefly and once: it checks bytes, not speed. The exit
 //! status is non-zero if any run failed or any byte check failed, in either mode.
-//! BENCHMARKS.md records a full run and explains every figure.
+//! BENCHMARKS.md has the standings, the latest full run and what every figure means;
+//! the investigations behind them are in benchmarks/.
 //!
 //! The proxies run as child processes with configs generated into a temporary
 //! directory and are killed when the bench ends, however it ends (`process.rs`).
