@@ -33,7 +33,7 @@
 //! ```text
 //! cargo build --release && cargo run --release --example bench
 //! cargo run --release --example bench -- --quick --skip-missing   # smoke test
-//! cargo run --release --example bench -- --workloads bulk --targets splice
+//! cargo run --release --example bench -- --workloads bulk --targets splice-verdict
 //! scripts/bench-full    # waits (bounded) for a quiet machine, runs, keeps the report
 //! cargo test --release --example bench                            # the tool's own tests
 //! ```
