@@ -1,6 +1,6 @@
 //! A [`Config`] as `splice-proxy --check` prints it, one line per route.
 //!
-//! Apart from the types because it is the one place that writes them back in words:
+//! A file of its own, apart from the types because it is the one place that writes them back in words:
 //! an operator reads it to see what the proxy will do with the file it was given.
 
 use std::fmt;

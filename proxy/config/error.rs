@@ -1,7 +1,7 @@
 //! Why routes.toml could not be used: [`ConfigError`], and for a file that was read,
 //! where in it ([`Place`]) and what is wrong ([`Problem`]).
 //!
-//! Apart from the checks that raise them so that every message the person editing the
+//! A file of its own, apart from the checks that raise them so that every message the person editing the
 //! file can get is in one place, worded alike.
 
 use std::fmt;

@@ -1,7 +1,7 @@
 //! A route's matcher keys (prefix, at + bytes, min_length/max_length, sni, alpn,
 //! http_host, http_path_prefix, regex), checked and turned into [`Matcher`]s.
 //!
-//! Apart from the other route checks (validate.rs) because each kind of matcher has its
+//! A file of its own, apart from the other route checks (validate.rs) because each kind of matcher has its
 //! own parse (host patterns, ALPN names, path normalization, regexes) and its own ways
 //! of never matching, and together they outweigh the rest of a route.
 

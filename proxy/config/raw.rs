@@ -1,6 +1,6 @@
 //! The file as serde sees it: the keys routes.toml may have, each value with its span.
 //!
-//! Apart from the checks (validate.rs) because serde decides only the shape: an unknown
+//! A file of its own, apart from the checks (validate.rs) because serde decides only the shape: an unknown
 //! key, a missing one or a value of the wrong type is refused here, with serde's words;
 //! whether a value that has the right type makes sense is decided after, where the span
 //! still tells which line to blame.

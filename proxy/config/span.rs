@@ -1,7 +1,7 @@
 //! Where in routes.toml a byte offset is: its line, and the route and key whose text
 //! holds it.
 //!
-//! Apart from the schema and the checks because it reads the spanned TOML document
+//! A file of its own, apart from the schema and the checks because it reads the spanned TOML document
 //! rather than what serde made of it: a syntax or schema error comes with a byte offset
 //! only, and is placed here even when the file could not be read as routes.
 

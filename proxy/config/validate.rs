@@ -2,7 +2,7 @@
 //! defaults and limits, each route's keys, and what must hold across routes (one name
 //! each, one default, one health check per backend address).
 //!
-//! Apart from the schema (raw.rs) because serde only knows a value's type; whether it is
+//! A file of its own, apart from the schema (raw.rs) because serde only knows a value's type; whether it is
 //! in range, what it defaults to and what it means for other keys are decided here. The
 //! matcher keys, the bulk of what a route can say, are checked in matchers.rs.
 

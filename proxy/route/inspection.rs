@@ -2,7 +2,7 @@
 //! for ([`Parsed`]), whether the message kept the protocol it claimed, and the log of
 //! what the parsers found.
 //!
-//! Apart from the matchers because it is shared by all of them for one decision, so that
+//! A file of its own, apart from the matchers because it is shared by all of them for one decision, so that
 //! each parser runs at most once however many routes ask; apart from the table because it
 //! is about one message, not the routes.
 

@@ -1,7 +1,7 @@
 //! One test on a first message, [`Matcher`], and what it makes of the bytes received so
 //! far, [`Verdict`].
 //!
-//! Apart from the route table because a matcher is decided alone, on one message, and
+//! A file of its own, apart from the route table because a matcher is decided alone, on one message, and
 //! must never panic whatever the client sent; the table only combines verdicts and
 //! orders routes.
 

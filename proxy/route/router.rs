@@ -1,7 +1,7 @@
 //! What the server asks of whatever routes: a connection's [`FirstMessage`] in, a
 //! [`Decision`] out, through the [`Router`] trait.
 //!
-//! Apart from the route table because it is the whole contract: a program embedding the
+//! A file of its own, apart from the route table because it is the whole contract: a program embedding the
 //! library routes with its own closure through these types and needs nothing else here.
 
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! file order, each with its own [`Balancer`], and [`OnUnparsed`] says what it does with
 //! a first message that broke the protocol it claimed.
 //!
-//! Apart from the matchers because the order of routes, the default route and what an
+//! A file of its own, apart from the matchers because the order of routes, the default route and what an
 //! unparsed message gets are decisions between routes, not about any one of them.
 
 use std::fmt;
