@@ -21,12 +21,17 @@ pub mod admission;
 pub mod backend;
 pub mod balance;
 pub mod config;
+mod count;
 pub mod logging;
 pub mod metrics;
 pub mod privileges;
 pub mod probe;
 pub mod proxy_protocol;
 pub mod route;
-pub mod server;
+mod running;
+mod server;
 mod socket;
 pub mod splice;
+
+pub use running::{Proxy, ProxyBuilder, ProxyError, Splicing};
+pub use server::Limits;

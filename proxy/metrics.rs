@@ -447,20 +447,47 @@ impl Collector for BackendHealth {
     }
 }
 
+/// The HTTP endpoint that serves the metrics, on a thread of its own; dropping it stops
+/// the thread and closes the listener.
+pub struct Endpoint {
+    server: Arc<tiny_http::Server>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Endpoint {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.server.server_addr().to_ip()
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the metrics endpoint had panicked");
+        }
+    }
+}
+
 /// Serves `metrics` as `GET /metrics` on `listener` from a thread of its own until the
-/// process exits; any other path is 404, any other method 405.
-pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
-    let server = tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)?;
+/// returned endpoint is dropped; any other path is 404, any other method 405.
+pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<Endpoint> {
+    let server =
+        Arc::new(tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)?);
     let content_type = tiny_http::Header::from_bytes(
         "Content-Type",
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )
     .map_err(|()| io::Error::other("invalid Content-Type header"))?;
+    let serving = Arc::clone(&server);
     // Not named splice-*: the tests count those threads' reads as the proxy's.
-    thread::Builder::new()
+    let thread = thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
-            for request in server.incoming_requests() {
+            for request in serving.incoming_requests() {
                 let response = match (request.method(), request.url()) {
                     (tiny_http::Method::Get, "/metrics") => {
                         tiny_http::Response::from_string(metrics.encode())
@@ -477,5 +504,8 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
                 }
             }
         })?;
-    Ok(())
+    Ok(Endpoint {
+        server,
+        thread: Some(thread),
+    })
 }
