@@ -2,10 +2,7 @@
 //! listeners and the metrics endpoint, and [`ProxyBuilder`] starts it, in the order the
 //! kernel and privileges ask for (probe and sockets first, threads last).
 //!
-//! Dropping a [`Proxy`] ends it at once: its listeners refuse new connects, every
-//! connection it holds is reset (a connection cannot outlive the probe, whose programs
-//! detach when it is dropped, and a reset tells both peers the stream was cut), and the
-//! drop returns once its threads have ended. [`Proxy::shutdown`] is the graceful way.
+//! Dropping a [`Proxy`] resets what it holds and joins its threads (see its docs).
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -291,8 +288,13 @@ impl ProxyBuilder {
 }
 
 /// A running proxy: it accepts on its listeners, routes each connection on its first
-/// message, and splices or copies it until it closes, on threads of its own. See the
-/// [module](self) for what dropping it does.
+/// message, and splices or copies it until it closes, on threads of its own.
+///
+/// Dropping it ends it at once: its listeners refuse new connects, every connection it
+/// holds is reset and logged (a connection cannot outlive the probe, whose programs
+/// detach when it is dropped, and a reset tells both peers the stream was cut rather
+/// than ended), and the drop returns once its threads have ended. [`Proxy::shutdown`]
+/// lets the connections finish first.
 pub struct Proxy {
     // Dropped first: the workers end, resetting what they hold, before the listeners'
     // duplicates and the metrics endpoint close.

@@ -68,7 +68,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 /// A connection whose first message has been routed and written to the upstream. Its
 /// sockets may be blocking or not: the engine never waits on them.
 pub struct Connection {
+    /// The client's socket.
     pub client: OwnedFd,
+    /// The socket connected to the backend.
     pub upstream: OwnedFd,
     /// Bytes the caller read from the client and wrote, all of them, to the upstream.
     pub forwarded: u64,
@@ -77,6 +79,7 @@ pub struct Connection {
     /// The connection's places in the [`Admission`](crate::admission::Admission)
     /// counts, given back when the engine closes it (`Ticket::default()` holds none).
     pub ticket: Ticket,
+    /// What its access-log line and metrics say about it.
     pub info: ConnectionInfo,
     /// Counts the connection against its backend (least-conn) until the engine closes
     /// it. None for an address no route lists (a custom [`Router`] may name any).
@@ -88,9 +91,13 @@ pub struct Connection {
 /// What the access log says about a connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
+    /// The client's address.
     pub client: SocketAddr,
+    /// The route's name.
     pub route: Arc<str>,
+    /// The backend's address.
     pub backend: SocketAddr,
+    /// When it was accepted: its duration counts from here.
     pub accepted: Instant,
 }
 
@@ -98,11 +105,14 @@ pub struct ConnectionInfo {
 /// with either direction in the kernel counts as spliced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
+    /// At least one direction moves in the kernel.
     Splice,
+    /// Both directions are copied in userspace.
     Copy,
 }
 
 impl Mode {
+    /// The label value, as the metrics and the access log write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Splice => "splice",
