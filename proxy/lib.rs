@@ -85,6 +85,8 @@
 //!   it is routed and dialed, in the engine worker that accepted it.
 //! - [`Proxy`] (running.rs): all of these started in order, as one value.
 
+#![warn(missing_docs)]
+
 pub mod admission;
 pub mod backend;
 pub mod balance;

@@ -40,11 +40,21 @@ pub enum Matcher {
     /// The message starts with these bytes.
     Prefix(Vec<u8>),
     /// These bytes sit at this offset of the message.
-    At { offset: usize, bytes: Vec<u8> },
+    At {
+        /// From the start of the message, 0-based.
+        offset: usize,
+        /// The bytes expected there.
+        bytes: Vec<u8>,
+    },
     /// The message is `min..=max` bytes long. "Long" means the bytes received when the
     /// route is decided: a client that sends its first message in one write is routed on
     /// that write's length, whatever it sends afterwards.
-    Length { min: usize, max: usize },
+    Length {
+        /// The fewest bytes.
+        min: usize,
+        /// The most bytes.
+        max: usize,
+    },
     /// The message is a TLS ClientHello whose server_name (SNI) fits the pattern.
     Sni(HostPattern),
     /// The message is a TLS ClientHello that offers at least one of these ALPN
@@ -56,7 +66,12 @@ pub enum Matcher {
     /// The message is an HTTP/1.x request whose path (query included), read as `form`
     /// says, starts with `prefix`. Like `HttpHost`, decided once the whole head has
     /// arrived.
-    HttpPathPrefix { prefix: String, form: PathForm },
+    HttpPathPrefix {
+        /// What the path starts with, e.g. `/api/`.
+        prefix: String,
+        /// Normalized or as sent.
+        form: PathForm,
+    },
     /// The regex matches somewhere in the message (see [`MessageRegex`]).
     Regex(MessageRegex),
 }
@@ -77,6 +92,7 @@ pub enum Parsed<T> {
 /// What one matcher, or one route, makes of the bytes received so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// Matches, whatever else arrives.
     Match,
     /// Can never match, whatever else arrives.
     NoMatch,
@@ -357,17 +373,20 @@ impl fmt::Display for Matcher {
 /// A connection's first message as read so far.
 #[derive(Debug, Clone, Copy)]
 pub struct FirstMessage<'a> {
+    /// The bytes read so far, from the first.
     pub bytes: &'a [u8],
     /// No more bytes will be read before routing: the read reached `first_message_max`,
     /// `first_message_timeout` passed, or the client half-closed. A router must then give
     /// a final answer, never [`Decision::NeedMore`].
     pub complete: bool,
+    /// The client's address.
     pub client: SocketAddr,
 }
 
 /// Where a connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// Connect to a backend of this route and forward the message.
     Forward(Forward),
     /// Read more of the first message and ask again.
     NeedMore,
@@ -406,6 +425,7 @@ impl fmt::Display for OnUnparsed {
     }
 }
 
+/// Where a forwarded connection goes: a route and its backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
     /// The route's name, for logs and metrics.
@@ -439,6 +459,9 @@ pub struct Forward {
 /// takes_router(router);
 /// ```
 pub trait Router: Send + Sync + 'static {
+    /// Where the connection whose first message is `first` goes, or
+    /// [`Decision::NeedMore`] to be asked again when more has arrived (never when
+    /// `first.complete`).
     fn decide(&self, first: &FirstMessage<'_>) -> Decision;
 }
 
