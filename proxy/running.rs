@@ -93,13 +93,15 @@ pub enum Splicing {
 /// privileges are dropped: it starts the backends' health-check threads.
 enum Routes {
     File(Config),
-    Router(Arc<dyn Router>, Limits),
+    Router(Arc<dyn Router>),
 }
 
 /// How to start a [`Proxy`]: everything but the routes has a default.
 #[must_use = "a builder does nothing until start() is called"]
 pub struct ProxyBuilder {
     routes: Routes,
+    /// `None`: the routes file's, or [`Limits::default`] for a router.
+    limits: Option<Limits>,
     listen: SocketAddr,
     workers: usize,
     splicing: Splicing,
@@ -113,6 +115,7 @@ impl ProxyBuilder {
     fn new(routes: Routes, backlog: Backlog) -> ProxyBuilder {
         ProxyBuilder {
             routes,
+            limits: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             workers: 0,
             splicing: Splicing::Auto,
@@ -150,12 +153,11 @@ impl ProxyBuilder {
         self
     }
 
-    /// The timeouts and connection limits of a router's routes (a routes file brings
-    /// its own). Default: [`Limits::default`].
+    /// The timeouts and connection limits, instead of the routes file's (a
+    /// [`Proxy::reload`] brings the new file's). Default: the routes file's, or
+    /// [`Limits::default`] for a router.
     pub fn limits(mut self, limits: Limits) -> ProxyBuilder {
-        if let Routes::Router(_, current) = &mut self.routes {
-            *current = limits;
-        }
+        self.limits = Some(limits);
         self
     }
 
@@ -212,8 +214,9 @@ impl ProxyBuilder {
             })?;
         let metrics_listener = self
             .metrics
-            .map(|addr| {
-                TcpListener::bind(addr).map_err(|source| ProxyError::Metrics { addr, source })
+            .map(|addr| match TcpListener::bind(addr) {
+                Ok(listener) => Ok((addr, listener)),
+                Err(source) => Err(ProxyError::Metrics { addr, source }),
             })
             .transpose()?;
         // Before any thread starts: each thread keeps the capabilities it was started
@@ -264,18 +267,18 @@ impl ProxyBuilder {
         }
 
         let engine = SpliceEngine::new(probe.map(Arc::new), workers).map_err(ProxyError::Engine)?;
-        let metrics = match metrics_listener {
-            Some(listener) => {
-                let addr = self.metrics.unwrap_or(self.listen);
-                let endpoint = metrics::serve(listener, Arc::clone(engine.metrics()))
-                    .map_err(|source| ProxyError::Metrics { addr, source })?;
-                Some(endpoint)
-            }
-            None => None,
-        };
+        let metrics = metrics_listener
+            .map(|(addr, listener)| {
+                metrics::serve(listener, Arc::clone(engine.metrics()))
+                    .map_err(|source| ProxyError::Metrics { addr, source })
+            })
+            .transpose()?;
         let (router, limits): (Arc<dyn Router>, Limits) = match self.routes {
-            Routes::File(config) => (Arc::new(RouteTable::new(&config)), Limits::from(&config)),
-            Routes::Router(router, limits) => (router, limits),
+            Routes::File(config) => (
+                Arc::new(RouteTable::new(&config)),
+                self.limits.unwrap_or_else(|| Limits::from(&config)),
+            ),
+            Routes::Router(router) => (router, self.limits.unwrap_or_default()),
         };
         let server =
             Server::start(listeners, router, limits, &engine).map_err(ProxyError::Accept)?;
@@ -311,10 +314,7 @@ impl Proxy {
     /// [`FirstMessage`]: crate::route::FirstMessage
     /// [`Decision`]: crate::route::Decision
     pub fn builder(router: impl Router) -> ProxyBuilder {
-        ProxyBuilder::new(
-            Routes::Router(Arc::new(router), Limits::default()),
-            Backlog::default(),
-        )
+        ProxyBuilder::new(Routes::Router(Arc::new(router)), Backlog::default())
     }
 
     /// A proxy that routes as a routes file says, with its limits and its

@@ -2,9 +2,9 @@
 //! connections and leaves live ones alone (a broken file keeps the old routes), SIGTERM
 //! stops accepting, lets live transfers finish intact and exits 0, and a grace period
 //! bounds how long it waits. And the library's side: after `Proxy::stop_accepting`,
-//! `Proxy::shutdown` returns once the last connection has closed, and dropping a proxy
-//! resets its connections and ends its threads. Every wait is bounded and every transfer
-//! checked by hash.
+//! `Proxy::shutdown` returns once the last connection has closed, `replace_routing` is a
+//! reload for a program's own router, and dropping a proxy resets its connections and
+//! ends its threads. Every wait is bounded and every transfer checked by hash.
 
 mod support;
 
@@ -369,6 +369,35 @@ fn dropping_a_proxy_resets_its_connections_and_ends_its_threads_and_probe() {
         Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
         Ok(n) => panic!("read {n} bytes (want a reset) from a dropped proxy's connection"),
     }
+}
+
+/// The library's reload for a program's own router: new connections take the new one,
+/// and one accepted before keeps the backend it had.
+#[test]
+fn replace_routing_routes_new_connections_and_leaves_live_ones() {
+    let _alone = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    let a = Backend::greeter(b"A");
+    let b = Backend::greeter(b"B");
+    let proxy = proxy_to(a.addr, Splicing::Off);
+    let (before, greeting) = greeted(proxy.local_addr());
+    assert_eq!(greeting, b'A', "before the replacement");
+
+    let to = b.addr;
+    proxy.replace_routing(
+        move |_: &FirstMessage<'_>| {
+            Decision::Forward(Forward {
+                route: "b".into(),
+                backends: vec![to],
+                send_proxy: None,
+            })
+        },
+        Limits::default(),
+    );
+    let (after, greeting) = greeted(proxy.local_addr());
+    assert_eq!(greeting, b'B', "a new connection after the replacement");
+    echo_checked(after, shared_payload(1 << 16, 41));
+    echo_checked(before, shared_payload(1 << 16, 42));
+    assert_eq!((a.accepted(), b.accepted()), (1, 1));
 }
 
 /// This process's threads named as the engine names its workers.
