@@ -173,7 +173,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let proxy = proxy.start().map_err(|e| match (&e, &args.user) {
         (ProxyError::ProbeLoad(_), _) => anyhow::Error::new(e).context("--mode splice"),
-        (ProxyError::Privileges(_) | ProxyError::MapsRefused(_), Some(user)) => {
+        (ProxyError::MapsRefused(_), Some(user)) => {
+            anyhow!("--user {user}: {e}; run without --user, or with --mode copy")
+        }
+        (ProxyError::Privileges(_), Some(user)) => {
             anyhow::Error::new(e).context(format!("--user {user}"))
         }
         _ => e.into(),
