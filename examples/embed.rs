@@ -18,17 +18,14 @@ use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::ExitCode,
-    sync::Arc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use clap::Parser;
 use splice_proxy::{
-    probe::{Backlog, Probe},
+    Limits, Proxy,
     route::{Decision, FirstMessage, Forward},
-    server::{Limits, Listeners, Server},
-    splice::SpliceEngine,
 };
 
 /// Routes "GET " to one backend and the rest to another, with a closure.
@@ -43,6 +40,11 @@ struct Args {
 
 fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
+    // The library logs through tracing: its warnings (why it copies, say) go to stderr.
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .init();
     let web = start_named_echo("web")?;
     let other = start_named_echo("other")?;
 
@@ -63,34 +65,30 @@ fn main() -> anyhow::Result<ExitCode> {
         })
     };
 
-    let probe = match Probe::load(1 << 12, Backlog::default()) {
-        Ok(probe) => Some(Arc::new(probe)),
-        Err(e) => {
-            println!("embed: the probe could not be loaded, so bytes are copied: {e}");
-            None
-        }
+    // Splices if the probe loads (as root), else copies and warns why.
+    let proxy = Proxy::builder(router)
+        .listen(args.listen)
+        .workers(1)
+        .map_capacity(1 << 12)
+        .limits(Limits {
+            first_message_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        })
+        .start()?;
+    let mode = if proxy.is_splicing() {
+        "splice"
+    } else {
+        "copy"
     };
-    let engine = Arc::new(SpliceEngine::new(probe.clone(), 1)?);
-    let limits = Limits {
-        first_message_timeout: Duration::from_secs(1),
-        first_message_max: 4096,
-        connect_timeout: Duration::from_secs(1),
-        max_connections: None,
-        idle_timeout: None,
-        route_max_connections: Default::default(),
-    };
-    let listeners = Listeners::bind(args.listen, 1)?;
-    let server = Server::start(listeners, Arc::new(router), limits, Arc::clone(&engine))?;
-    let proxy = server.local_addr();
-    let mode = if probe.is_some() { "splice" } else { "copy" };
-    println!("embed: proxy listening on {proxy} ({mode} mode); web {web}, other {other}");
+    let addr = proxy.local_addr();
+    println!("embed: proxy listening on {addr} ({mode} mode); web {web}, other {other}");
 
     let mut as_expected = true;
     for (first, route) in [
         (&b"GET /index.html\n"[..], "web"),
         (b"HELLO there\n", "other"),
     ] {
-        let outcome = match exchange(proxy, first, 1 << 20) {
+        let outcome = match exchange(addr, first, 1 << 20) {
             Ok((backend, intact)) => {
                 as_expected &= intact && backend == route;
                 let echo = if intact { "intact" } else { "CORRUPTED" };
@@ -104,16 +102,11 @@ fn main() -> anyhow::Result<ExitCode> {
         println!("\"{}\" -> {outcome}", first.escape_ascii());
     }
 
-    // The engine closes both sockets of a connection once both sides are done.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while engine.live() > 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(10));
-    }
-    let moved = probe.map_or(Ok(0), |p| p.counters().map(|c| c.redirected_bytes))?;
-    println!(
-        "embed: {} connections still live; the kernel redirected {moved} bytes",
-        engine.live()
-    );
+    let moved = proxy
+        .engine()
+        .probe()
+        .map_or(Ok(0), |p| p.counters().map(|c| c.redirected_bytes))?;
+    println!("embed: the kernel redirected {moved} bytes");
     println!(
         "embed: {}",
         if as_expected {
@@ -124,9 +117,15 @@ fn main() -> anyhow::Result<ExitCode> {
     );
 
     if args.serve {
-        println!("embed: serving on {proxy} until stopped");
-        server.join();
+        println!("embed: serving on {addr} until stopped");
+        // The proxy serves on threads of its own: this one has nothing left to do.
+        loop {
+            thread::park();
+        }
     }
+    // The exchanges are over, and the engine closes a connection once both sides are
+    // done: this returns when it has closed the last.
+    proxy.shutdown(Duration::from_secs(5));
     Ok(if as_expected {
         ExitCode::SUCCESS
     } else {

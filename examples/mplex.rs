@@ -24,20 +24,13 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::ExitCode,
-    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use clap::Parser;
-use splice_proxy::{
-    config::Config,
-    probe::{Backlog, Probe},
-    route::RouteTable,
-    server::{Limits, Listeners, Server},
-    splice::SpliceEngine,
-};
+use splice_proxy::{Proxy, config::Config};
 
 /// Routes on a tag at byte offset 20 (see examples/mplex-routes.toml).
 #[derive(Parser)]
@@ -84,28 +77,23 @@ fn main() -> anyhow::Result<ExitCode> {
         start_tagged_echo(backend)?;
     }
 
-    let probe = match Probe::load(1 << 12, Backlog::default()) {
-        Ok(probe) => Some(Arc::new(probe)),
-        Err(e) => {
-            println!("mplex: the probe could not be loaded, so bytes are copied: {e}");
-            None
-        }
+    // Read before the proxy takes the file's routes.
+    let read_limit = config.first_message_timeout + Duration::from_secs(5);
+    // Splices if the probe loads (as root), else copies, and logs why.
+    let running = Proxy::from_config(config)
+        .listen(args.listen)
+        .workers(2)
+        .map_capacity(1 << 12)
+        .start()?;
+    let proxy = running.local_addr();
+    let mode = if running.is_splicing() {
+        "splice"
+    } else {
+        "copy"
     };
-    let mode = if probe.is_some() { "splice" } else { "copy" };
-    let engine = Arc::new(SpliceEngine::new(probe, 2)?);
-    let listeners =
-        Listeners::bind(args.listen, 2).with_context(|| format!("bind {}", args.listen))?;
-    let server = Server::start(
-        listeners,
-        Arc::new(RouteTable::new(&config)),
-        Limits::from(&config),
-        engine,
-    )?;
-    let proxy = server.local_addr();
     println!("mplex: proxy listening on {proxy} ({mode} mode), backends {backends:?}");
 
     // Every case at once: the short message waits for first_message_timeout.
-    let read_limit = config.first_message_timeout + Duration::from_secs(5);
     let clients: Vec<_> = CASES
         .iter()
         .map(|&(label, len, tag)| {
@@ -154,8 +142,13 @@ fn main() -> anyhow::Result<ExitCode> {
 
     if args.serve {
         println!("mplex: serving on {proxy} until stopped");
-        server.join();
+        // The proxy serves on threads of its own: this one has nothing left to do.
+        loop {
+            thread::park();
+        }
     }
+    // Every client has its answer; this returns once the engine has closed the last.
+    running.shutdown(Duration::from_secs(5));
     Ok(if as_expected {
         ExitCode::SUCCESS
     } else {

@@ -81,15 +81,26 @@ impl fmt::Debug for Ticket {
 /// Which limit turned a client away.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
+    /// The proxy held its own `max_connections` (`max`).
     #[error("the proxy already holds max_connections ({max}) connections")]
-    Proxy { max: usize },
+    Proxy {
+        /// The limit.
+        max: usize,
+    },
+    /// The route `route` held its `max_connections` (`max`).
     #[error("route {route:?} already holds its max_connections ({max}) connections")]
-    Route { route: Arc<str>, max: usize },
+    Route {
+        /// The route's name.
+        route: Arc<str>,
+        /// Its limit.
+        max: usize,
+    },
 }
 
 /// One route's counts, as [`Admission::routes`] reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteCounts {
+    /// The route's name.
     pub route: Arc<str>,
     /// Connections routed here and not yet closed.
     pub held: usize,
@@ -111,6 +122,7 @@ impl Default for Admission {
 }
 
 impl Admission {
+    /// Counts at zero, for a proxy that holds nothing yet.
     pub fn new() -> Admission {
         Admission {
             proxy: Arc::default(),

@@ -49,6 +49,7 @@ impl HealthCheck {
         timeout: Duration::ZERO,
     };
 
+    /// Whether the backend is checked at all (an interval is set).
     pub fn is_on(&self) -> bool {
         !self.interval.is_zero()
     }
@@ -147,6 +148,7 @@ impl BackendState {
         self.check().is_on()
     }
 
+    /// The backend's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -60,6 +60,7 @@ pub enum ParseBalanceError {
     #[error(
         "{0:?} is not a balance policy (expected \"round-robin\", \"least-conn\" or \"source-hash\")"
     )]
+    /// Not one of the policies; the value as given.
     Unknown(String),
 }
 
@@ -79,6 +80,7 @@ impl FromStr for Balance {
 /// One entry of a route's `backends`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WeightedBackend {
+    /// The backend's address.
     pub addr: SocketAddr,
     /// 1..=[`MAX_WEIGHT`]; its share of the route's connections.
     pub weight: u32,

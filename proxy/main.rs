@@ -3,12 +3,11 @@
 //! or SIGINT; SIGHUP reloads the routes.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::Arc,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, anyhow};
@@ -17,16 +16,7 @@ use signal_hook::{
     consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
-use splice_proxy::logging;
-use splice_proxy::{
-    config::Config,
-    metrics,
-    privileges::{self, Identity},
-    probe::{self, Backlog, Probe},
-    route::RouteTable,
-    server::{Limits, Listeners, Server},
-    splice::{SPLICED_SEND_BUFFER, SpliceEngine},
-};
+use splice_proxy::{Proxy, ProxyError, Splicing, config::Config, logging, privileges::Identity};
 
 /// A TCP reverse proxy that routes each connection on its first message (TLS SNI and
 /// ALPN, HTTP Host and path, a byte prefix, bytes at an offset, a regex, a length, or a
@@ -156,144 +146,90 @@ fn run(args: Args) -> anyhow::Result<()> {
         print!("{config}");
         return Ok(());
     }
-
-    let backlog = Backlog {
-        bytes: config.splice_backlog_max,
-    };
-    let mut probe = match args.mode {
-        Mode::Copy => None,
-        Mode::Splice => Some(Probe::load(args.map_capacity, backlog).map_err(|e| {
-            anyhow!(
-                "--mode splice: the probe could not be loaded: {}",
-                with_root_cause(&e)
-            )
-        })?),
-        Mode::Auto => match Probe::load(args.map_capacity, backlog) {
-            Ok(probe) => Some(probe),
-            Err(e) => {
-                tracing::warn!(
-                    "the probe could not be loaded, so every connection is copied in userspace: {}",
-                    with_root_cause(&e)
-                );
-                None
-            }
-        },
-    };
-    raise_fd_limit();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let or_cpus = |n: usize| if n == 0 { cpus } else { n };
-    let workers = or_cpus(args.workers);
-    let listeners = Listeners::bind(args.listen, workers)
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let metrics_listener = args
-        .metrics
-        .map(|addr| {
-            TcpListener::bind(addr).with_context(|| format!("--metrics: listening on {addr}"))
+    let identity = args
+        .user
+        .as_deref()
+        .map(|user| {
+            Identity::lookup(user, args.group.as_deref()).with_context(|| format!("--user {user}"))
         })
         .transpose()?;
-    // Before the engine starts its threads: each thread keeps the capabilities it was
-    // started with.
-    if let Some(user) = &args.user {
-        let identity = Identity::lookup(user, args.group.as_deref())
-            .with_context(|| format!("--user {user}"))?;
-        privileges::drop_to(&identity).with_context(|| format!("--user {user}"))?;
-        tracing::info!(
-            "running as {}:{} ({}:{}) with no capabilities",
-            identity.user,
-            identity.group,
-            identity.uid,
-            identity.gid
-        );
-        // Kernels before 5.11 (Debian 11's 5.10 among them) refuse every bpf() command,
-        // on maps already open too, to a process without CAP_BPF or CAP_SYS_ADMIN while
-        // unprivileged BPF is disabled: then the maps are useless from here on.
-        if let Some(loaded) = &probe
-            && let Err(e) = loaded.counters()
-        {
-            let why = format!(
-                "--user: this kernel refuses the probe's maps to a process without capabilities ({}), so it cannot splice after dropping them",
-                with_root_cause(&e)
-            );
-            match args.mode {
-                Mode::Splice => {
-                    return Err(anyhow!("{why}; run without --user, or with --mode copy"));
-                }
-                _ => {
-                    tracing::warn!("{why}: every connection is copied in userspace");
-                    probe = None;
-                }
-            }
-        }
-        if probe.is_some() {
-            warn_if_send_buffers_capped();
-        }
-    }
-    if probe.is_some()
-        && let Some(release) = probe::kernel_release()
-        && !probe::bound_is_tested_on(&release)
-    {
-        let why = format!(
-            "kernel {release}: the bound on a spliced direction (splice_backlog_max) is tested on 6.1, 6.12 and 6.18, not on older kernels, and on 5.10 a throttled direction stalled and once delivered wrong bytes (docs/flow-control.md)"
-        );
-        match args.mode {
-            Mode::Splice => tracing::warn!("{why}; splicing as --mode splice asks"),
-            _ => {
-                tracing::warn!("{why}: every connection is copied in userspace");
-                probe = None;
-            }
-        }
-    }
-    let mode = if probe.is_some() { "splice" } else { "copy" };
+    raise_fd_limit();
 
-    let engine = Arc::new(
-        SpliceEngine::new(probe.map(Arc::new), workers).context("starting the splice workers")?,
-    );
-    if let Some(listener) = metrics_listener {
-        let addr = listener.local_addr()?;
-        metrics::serve(listener, Arc::clone(engine.metrics()))
-            .context("starting the metrics endpoint")?;
+    let routes = config.routes.len();
+    let mut proxy = Proxy::from_config(config)
+        .listen(args.listen)
+        .workers(args.workers)
+        .map_capacity(args.map_capacity)
+        .splicing(match args.mode {
+            Mode::Auto => Splicing::Auto,
+            Mode::Splice => Splicing::Required,
+            Mode::Copy => Splicing::Off,
+        });
+    if let Some(addr) = args.metrics {
+        proxy = proxy.metrics(addr);
+    }
+    if let Some(identity) = identity {
+        proxy = proxy.run_as(identity);
+    }
+    let proxy = proxy.start().map_err(|e| match (&e, &args.user) {
+        (ProxyError::ProbeLoad(_), _) => anyhow::Error::new(e).context("--mode splice"),
+        (ProxyError::MapsRefused(_), Some(user)) => {
+            anyhow!("--user {user}: {e}; run without --user, or with --mode copy")
+        }
+        (ProxyError::Privileges(_), Some(user)) => {
+            anyhow::Error::new(e).context(format!("--user {user}"))
+        }
+        _ => e.into(),
+    })?;
+    if let Some(addr) = proxy.metrics_addr() {
         tracing::info!("metrics at http://{addr}/metrics");
     }
-    let limits = Limits::from(&config);
-    let router = Arc::new(RouteTable::new(&config));
     // Before the "listening" line, so that a signal sent once it is logged is handled.
     let mut signals =
         Signals::new([SIGHUP, SIGTERM, SIGINT]).context("installing the signal handlers")?;
-    let server = Server::start(listeners, router, limits, Arc::clone(&engine))
-        .context("starting to accept")?;
+    let mode = if proxy.is_splicing() {
+        "splice"
+    } else {
+        "copy"
+    };
     tracing::info!(
-        "listening on {} ({mode} mode, {} routes from {})",
-        server.local_addr(),
-        config.routes.len(),
+        "listening on {} ({mode} mode, {routes} routes from {})",
+        proxy.local_addr(),
         args.routes.display()
     );
     for signal in signals.forever() {
         match signal {
-            SIGHUP => reload(&server, &engine, &args.routes),
+            SIGHUP => reload(&proxy, &args.routes),
             _ => break,
         }
     }
-    shut_down(&server, &engine, &mut signals, args.shutdown_grace);
+    // A second SIGTERM or SIGINT ends the grace at once.
+    let closer = proxy.closer();
+    let handle = signals.handle();
+    let second = thread::spawn(move || {
+        if signals
+            .forever()
+            .any(|signal| signal == SIGTERM || signal == SIGINT)
+        {
+            tracing::info!("a second signal: closing every connection now");
+            closer.close_now();
+        }
+    });
+    proxy.shutdown(args.shutdown_grace);
+    handle.close();
+    second
+        .join()
+        .map_err(|_| anyhow!("the thread that waits for a second signal panicked"))?;
     Ok(())
 }
 
 /// Replaces the routes and limits of new connections with the file's, if it is valid.
 /// Connections already accepted keep the routing they started with.
-fn reload(server: &Server, engine: &SpliceEngine, routes: &Path) {
+fn reload(proxy: &Proxy, routes: &Path) {
     match Config::load(routes) {
         Ok(config) => {
-            server
-                .routing()
-                .replace(Arc::new(RouteTable::new(&config)), Limits::from(&config));
-            let backlog = Backlog {
-                bytes: config.splice_backlog_max,
-            };
-            if let Some(probe) = engine.probe()
-                && let Err(e) = probe.set_backlog(backlog)
-            {
-                tracing::warn!(
-                    "reload: setting splice_backlog_max failed, keeping the old one: {e}"
-                );
+            if let Err(e) = proxy.reload(&config) {
+                tracing::warn!("reload: {:#}", anyhow::Error::new(e));
             }
             tracing::info!(
                 "reloaded {} routes from {}",
@@ -302,38 +238,6 @@ fn reload(server: &Server, engine: &SpliceEngine, routes: &Path) {
             );
         }
         Err(e) => tracing::warn!("reload failed, keeping the current routes: {e}"),
-    }
-}
-
-/// Stops accepting, waits up to `grace` for the connections the proxy holds (reading
-/// their first message, or adopted by the engine) to end, then resets what is left.
-fn shut_down(server: &Server, engine: &SpliceEngine, signals: &mut Signals, grace: Duration) {
-    let deadline = Instant::now() + grace;
-    if let Err(e) = server.stop_accepting() {
-        tracing::error!("stopping the listeners failed: {e}");
-    }
-    let live = || server.in_flight() + engine.live();
-    tracing::info!("shutting down: {} connections live", live());
-    loop {
-        if live() == 0 {
-            tracing::info!("shutdown complete");
-            return;
-        }
-        let again = signals
-            .pending()
-            .any(|signal| signal == SIGTERM || signal == SIGINT);
-        if again || Instant::now() >= deadline {
-            break;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    tracing::info!("grace period over: closing {} connections", live());
-    engine.shutdown();
-    // Let the workers send their resets and log each connection; connections still
-    // reading their first message close when the process exits.
-    let limit = Instant::now() + Duration::from_secs(1);
-    while engine.live() > 0 && Instant::now() < limit {
-        thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -351,37 +255,5 @@ fn raise_fd_limit() {
     match raised {
         Ok(limit) => tracing::debug!("descriptor limit: {limit}"),
         Err(e) => tracing::warn!("raising the descriptor limit to its hard limit failed: {e}"),
-    }
-}
-
-/// Without CAP_NET_ADMIN the spliced sockets' send buffers stop at net.core.wmem_max,
-/// and a splice with small buffers is no faster than a copy: say so once, with the fix.
-fn warn_if_send_buffers_capped() {
-    let path = "/proc/sys/net/core/wmem_max";
-    let Some(max) = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| text.trim().parse::<usize>().ok())
-    else {
-        return;
-    };
-    if max < SPLICED_SEND_BUFFER {
-        tracing::warn!(
-            "without CAP_NET_ADMIN the spliced sockets' send buffers stop at net.core.wmem_max = {max} bytes, \
-             not {SPLICED_SEND_BUFFER}, which slows splicing: sysctl net.core.wmem_max={SPLICED_SEND_BUFFER} restores them"
-        );
-    }
-}
-
-/// An error's message and its innermost cause (the OS error, usually). aya's errors
-/// repeat their cause at every level, so the whole chain would say it three times.
-fn with_root_cause(error: &dyn std::error::Error) -> String {
-    let mut root = error;
-    while let Some(source) = root.source() {
-        root = source;
-    }
-    if std::ptr::addr_eq(root, error) {
-        error.to_string()
-    } else {
-        format!("{error}: {root}")
     }
 }

@@ -1,6 +1,7 @@
 //! The proxy's metrics: what the server and the engine count about each connection, the
 //! probe's counters and each backend's health and connections read at scrape time, and
-//! their Prometheus exposition ([`Metrics::encode`], served over HTTP by [`serve`]). One
+//! their Prometheus exposition ([`Metrics::encode`], served over HTTP when
+//! [`ProxyBuilder::metrics`](crate::ProxyBuilder::metrics) asks). One
 //! [`Metrics`] per engine; the server records through the engine's.
 //!
 //! Bytes per route are counted when a connection closes, from the kernel's TCP_INFO of
@@ -61,6 +62,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The label value, as the metrics and the access log write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::ClientGone => "client_gone",
@@ -123,7 +125,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Metrics for an engine; with a probe, its counters are exported too.
-    pub fn new(probe: Option<Arc<Probe>>) -> Metrics {
+    pub(crate) fn new(probe: Option<Arc<Probe>>) -> Metrics {
         let metrics = Metrics {
             registry: Registry::with_prefix("splice_proxy"),
             accepted: Counter::default(),
@@ -210,44 +212,48 @@ impl Metrics {
     }
 
     /// The bytes the kernel holds for spliced directions changed by `delta`.
-    pub fn held(&self, delta: i64) {
+    pub(crate) fn held(&self, delta: i64) {
         self.held.inc_by(delta);
     }
 
     /// Spliced directions parked `times` more times.
-    pub fn throttled(&self, times: u64) {
+    pub(crate) fn throttled(&self, times: u64) {
         self.throttled.inc_by(times);
     }
 
     /// A client connected; it counts as routing until [`Metrics::routed`].
-    pub fn accepted(&self) {
+    pub(crate) fn accepted(&self) {
         self.accepted.inc();
         self.routing.inc();
     }
 
     /// A connection counted by [`Metrics::accepted`] left the server: handed to the
     /// engine, or closed.
-    pub fn routed(&self) {
+    pub(crate) fn routed(&self) {
         self.routing.dec();
     }
 
-    pub fn first_message_decided(&self, after: Duration) {
+    /// A route was decided this long after accept.
+    pub(crate) fn first_message_decided(&self, after: Duration) {
         self.first_message.observe(after.as_secs_f64());
     }
 
-    pub fn backend_connected(&self, backend: SocketAddr, after: Duration) {
+    /// A connect to `backend` succeeded after this long.
+    pub(crate) fn backend_connected(&self, backend: SocketAddr, after: Duration) {
         self.connect
             .get_or_create(&backend_labels(backend))
             .observe(after.as_secs_f64());
     }
 
-    pub fn backend_connect_failed(&self, backend: SocketAddr) {
+    /// A connect to `backend` failed or timed out.
+    pub(crate) fn backend_connect_failed(&self, backend: SocketAddr) {
         self.connect_failures
             .get_or_create(&backend_labels(backend))
             .inc();
     }
 
-    pub fn refused(&self, reason: Refusal) {
+    /// A connection ended before the engine had it, for `reason`.
+    pub(crate) fn refused(&self, reason: Refusal) {
         self.refused
             .get_or_create(&ReasonLabels {
                 reason: reason.as_str(),
@@ -256,7 +262,7 @@ impl Metrics {
     }
 
     /// The engine took a connection and moves it in `mode`.
-    pub fn proxy_started(&self, route: &str, backend: SocketAddr, mode: Mode) {
+    pub(crate) fn proxy_started(&self, route: &str, backend: SocketAddr, mode: Mode) {
         let labels = pair_labels(route, backend, mode);
         self.proxied.get_or_create(&labels).inc();
         self.active.get_or_create(&labels).inc();
@@ -264,7 +270,14 @@ impl Metrics {
 
     /// A connection [`Metrics::proxy_started`] counted closed, after its peers sent
     /// `up` (client) and `down` (backend) bytes.
-    pub fn proxy_closed(&self, route: &str, backend: SocketAddr, mode: Mode, up: u64, down: u64) {
+    pub(crate) fn proxy_closed(
+        &self,
+        route: &str,
+        backend: SocketAddr,
+        mode: Mode,
+        up: u64,
+        down: u64,
+    ) {
         self.active
             .get_or_create(&pair_labels(route, backend, mode))
             .dec();
@@ -447,20 +460,47 @@ impl Collector for BackendHealth {
     }
 }
 
+/// The HTTP endpoint that serves the metrics, on a thread of its own; dropping it stops
+/// the thread and closes the listener.
+pub(crate) struct Endpoint {
+    server: Arc<tiny_http::Server>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Endpoint {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.server.server_addr().to_ip()
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the metrics endpoint had panicked");
+        }
+    }
+}
+
 /// Serves `metrics` as `GET /metrics` on `listener` from a thread of its own until the
-/// process exits; any other path is 404, any other method 405.
-pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
-    let server = tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)?;
+/// returned endpoint is dropped; any other path is 404, any other method 405.
+pub(crate) fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<Endpoint> {
+    let server =
+        Arc::new(tiny_http::Server::from_listener(listener, None).map_err(io::Error::other)?);
     let content_type = tiny_http::Header::from_bytes(
         "Content-Type",
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )
     .map_err(|()| io::Error::other("invalid Content-Type header"))?;
+    let serving = Arc::clone(&server);
     // Not named splice-*: the tests count those threads' reads as the proxy's.
-    thread::Builder::new()
+    let thread = thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
-            for request in server.incoming_requests() {
+            for request in serving.incoming_requests() {
                 let response = match (request.method(), request.url()) {
                     (tiny_http::Method::Get, "/metrics") => {
                         tiny_http::Response::from_string(metrics.encode())
@@ -477,5 +517,8 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
                 }
             }
         })?;
-    Ok(())
+    Ok(Endpoint {
+        server,
+        thread: Some(thread),
+    })
 }

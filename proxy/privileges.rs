@@ -17,30 +17,45 @@ use nix::unistd::{Gid, Group, Uid, User};
 /// that a chain printed whole says each once.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
+    /// No user has this name.
     #[error("no user named {0:?}")]
     NoUser(String),
+    /// No group has this name.
     #[error("no group named {0:?}")]
     NoGroup(String),
+    /// Looking a name up failed.
     #[error("looking up {what} {name:?}: {cause}")]
     Lookup {
+        /// "user" or "group".
         what: &'static str,
+        /// The name looked up.
         name: String,
+        /// The system's answer.
         cause: nix::Error,
     },
+    /// Other threads run, which would keep their credentials; how many.
     #[error("privileges must be dropped before any thread starts, and {0} threads are running")]
     Threads(usize),
+    /// A step of the switch failed.
     #[error("{step} failed: {cause}")]
     Step {
+        /// The step, as its call is named.
         step: &'static str,
+        /// Why it failed.
         cause: nix::Error,
     },
+    /// Clearing a capability set failed.
     #[error("{step} failed: {cause}")]
     Capabilities {
+        /// The step, as its call is named.
         step: &'static str,
+        /// Why it failed.
         cause: CapsError,
     },
+    /// The check afterwards could not read the process status.
     #[error("reading /proc/self/status: {0}")]
     Status(io::Error),
+    /// The check afterwards found a capability set not empty; which.
     #[error("after the switch the process still has {0}")]
     Kept(String),
 }
@@ -48,9 +63,13 @@ pub enum PrivilegeError {
 /// A user and group to run as.
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// The user's name.
     pub user: String,
+    /// The user's id.
     pub uid: Uid,
+    /// The group's name.
     pub group: String,
+    /// The group's id.
     pub gid: Gid,
 }
 

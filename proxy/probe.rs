@@ -37,30 +37,43 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// (anyhow's `{:#}`) to see both.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The kernel refused the object, or a map of it.
     #[error(
         "loading the probe object into the kernel failed (needs root, or CAP_BPF and CAP_NET_ADMIN; kernels before 5.11 also need RLIMIT_MEMLOCK to cover the maps)"
     )]
     Load(#[from] aya::EbpfError),
+    /// The object lacks a program or map this build expects.
     #[error("the probe object has no {kind} named {name}: it was built from other sources")]
     Missing {
+        /// "program" or "map".
         kind: &'static str,
+        /// Its name in the object.
         name: &'static str,
     },
+    /// Loading or attaching the verdict program failed.
     #[error("program {name}")]
     Program {
+        /// Its name in the object.
         name: &'static str,
+        /// Why it failed.
         #[source]
         source: ProgramError,
     },
+    /// Reading or writing a map failed.
     #[error("map {name}")]
     Map {
+        /// Its name in the object.
         name: &'static str,
+        /// Why it failed.
         #[source]
         source: MapError,
     },
+    /// Duplicating a map's descriptor for a worker failed.
     #[error("duplicating the descriptor of map {name}")]
     Duplicate {
+        /// Its name in the object.
         name: &'static str,
+        /// Why it failed.
         #[source]
         source: std::io::Error,
     },
@@ -69,9 +82,13 @@ pub enum ProbeError {
 /// Sums over all CPUs of the probe's counters, since it was loaded.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
+    /// Bytes the verdict redirected to a peer socket.
     pub redirected_bytes: u64,
+    /// Messages (skbs) it redirected.
     pub redirected_messages: u64,
+    /// Messages it dropped because their socket had no peer in the maps.
     pub redirect_failures: u64,
+    /// The bytes of those messages.
     pub dropped_bytes: u64,
     /// Bytes the verdict parked in their own socket for want of credit.
     pub parked_bytes: u64,
@@ -95,6 +112,7 @@ pub struct Counters {
 /// Until userspace grants a direction its own [`Credit`], it has [`Backlog::first_credit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backlog {
+    /// The bound in bytes: routes.toml's `splice_backlog_max`.
     pub bytes: u64,
 }
 
@@ -149,6 +167,8 @@ pub fn bound_is_tested_on(release: &str) -> bool {
     }
 }
 
+/// The verdict program, loaded and attached to `SPLICED`, and its maps. Dropping it
+/// detaches the program: spliced sockets stop moving.
 pub struct Probe {
     /// Owns the program and its attachment to `SPLICED`.
     _ebpf: Ebpf,
@@ -255,6 +275,7 @@ impl Probe {
         })
     }
 
+    /// The counters summed over every CPU, read now.
     pub fn counters(&self) -> Result<Counters, ProbeError> {
         let sum = |slot: u32| -> Result<u64, ProbeError> {
             let per_cpu = self
@@ -315,6 +336,7 @@ pub struct Asks {
 }
 
 impl Asks {
+    /// The ring's descriptor, readable when a request waits.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.ring.as_fd()
     }
@@ -334,7 +356,9 @@ impl Asks {
 #[derive(Debug, thiserror::Error)]
 #[error("the kernel refused {refused}")]
 pub struct JoinError {
+    /// What the kernel refused.
     pub refused: Refused,
+    /// The map update's error.
     #[source]
     pub source: MapError,
 }
@@ -358,9 +382,12 @@ impl fmt::Display for Refused {
     }
 }
 
+/// One of the two sockets of a pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// The socket accepted from the client.
     Client,
+    /// The socket connected to the backend.
     Upstream,
 }
 
@@ -385,7 +412,9 @@ pub enum JoinOutcome {
 /// One socket as the maps know it.
 #[derive(Clone, Copy)]
 pub struct MapSocket<'a> {
+    /// The socket.
     pub fd: BorrowedFd<'a>,
+    /// Its socket cookie (`SO_COOKIE`).
     pub cookie: u64,
 }
 

@@ -207,7 +207,7 @@ fn stalled_reader_is_bounded(moving: Moving, upload: bool) {
     assert_eq!(read_hash, hash, "hash of the bytes read");
     drop(sender);
     proxy.wait_idle(IO_TIMEOUT);
-    if let Some(probe) = &proxy.probe {
+    if let Some(probe) = proxy.probe() {
         assert!(
             probe.counters().unwrap().asks > 0,
             "the direction never asked for credit, so the test did not test the bound"
@@ -250,7 +250,7 @@ fn echo_through_a_small_bound(moving: Moving) {
             (6 + data.len() as u64, sha256_concat(&[b"hello\n", &data])),
             "round {round}: echo of {} bytes; probe {:?}",
             data.len(),
-            proxy.probe.as_ref().map(|p| p.counters().unwrap())
+            proxy.probe().map(|p| p.counters().unwrap())
         );
     }
     proxy.wait_idle(IO_TIMEOUT);
@@ -310,7 +310,7 @@ fn bursts_through_a_small_bound_keep_every_byte() {
         echoed,
         (data.len() as u64, sha256(&data)),
         "probe {:?}",
-        proxy.probe.as_ref().map(|p| p.counters().unwrap())
+        proxy.probe().map(|p| p.counters().unwrap())
     );
     proxy.wait_idle(IO_TIMEOUT);
 }
@@ -438,7 +438,7 @@ fn a_reader_that_alternates_gets_every_byte_in_place() {
                     eprintln!("at {at}: got {:02x?}", &buffer[i..(i + 32).min(n)]);
                     panic!(
                         "upload {upload}: byte {at} is wrong; the word there came from offset {word:?}; probe {:?}",
-                        proxy.probe.as_ref().map(|p| p.counters().unwrap())
+                        proxy.probe().map(|p| p.counters().unwrap())
                     );
                 }
                 read += n as u64;
@@ -460,8 +460,7 @@ fn everything_parked_arrives_in_place() {
     let (backend, held) = holding_backend();
     let proxy = Proxy::start(&routes(backend.addr), SPLICE);
     proxy
-        .probe
-        .as_ref()
+        .probe()
         .unwrap()
         .set_backlog(splice_proxy::probe::Backlog { bytes: 1 })
         .unwrap();
@@ -655,7 +654,7 @@ fn many_stalled_readers_are_bounded(upload: bool) {
         let (index, stream) = upstream_rx.recv_timeout(IO_TIMEOUT).unwrap_or_else(|e| {
             panic!(
                 "{arrived} of {MANY} connections reached the backend ({e}); the proxy holds {}",
-                proxy.admission.held()
+                proxy.admission().held()
             )
         });
         upstreams[index] = Some(stream);

@@ -64,7 +64,7 @@ fn assert_refused(addr: SocketAddr, first: &[u8]) -> SocketAddr {
 
 fn route_counts(proxy: &Proxy, route: &str) -> (usize, u64) {
     proxy
-        .admission
+        .admission()
         .routes()
         .into_iter()
         .find(|counts| &*counts.route == route)
@@ -88,8 +88,8 @@ fn proxy_limit(mode: Moving) {
     proxy.wait_handed_off(2, WAIT);
 
     assert_refused(proxy.addr, b"a3");
-    assert_eq!(proxy.admission.refused(), 1);
-    assert_eq!(proxy.admission.held(), 3);
+    assert_eq!(proxy.admission().refused(), 1);
+    assert_eq!(proxy.admission().held(), 3);
 
     drop(first);
     proxy.wait_handed_off(1, WAIT);
@@ -99,7 +99,7 @@ fn proxy_limit(mode: Moving) {
     drop(silent);
     proxy.wait_held(0, WAIT);
     proxy.wait_idle(WAIT);
-    assert_eq!(proxy.admission.refused(), 1);
+    assert_eq!(proxy.admission().refused(), 1);
     assert_eq!(route_counts(&proxy, "prefix"), (0, 0));
 }
 
@@ -129,7 +129,7 @@ fn route_limit(mode: Moving) {
     assert_eq!(route_counts(&proxy, "limited"), (1, 1));
     assert_eq!(route_counts(&proxy, "open"), (2, 0));
     assert_eq!(
-        proxy.admission.refused(),
+        proxy.admission().refused(),
         0,
         "the proxy's own limit refused none"
     );

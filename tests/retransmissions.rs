@@ -120,7 +120,7 @@ fn streams_arrive_in_place_here(moving: Moving) {
     proxy.wait_handed_off(CONNECTIONS, IO_TIMEOUT);
     go.wait();
     let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    let counters = proxy.probe.as_ref().map(|p| p.counters().unwrap());
+    let counters = proxy.probe().map(|p| p.counters().unwrap());
     eprintln!("{moving:?}: probe counters {counters:?}");
     for (i, got) in results.into_iter().enumerate() {
         assert_eq!(got, Ok(STREAM), "backend to client {i}; {counters:?}");

@@ -1,9 +1,10 @@
 //! The binary under signals, as an operator sends them: SIGHUP reloads the routes for new
 //! connections and leaves live ones alone (a broken file keeps the old routes), SIGTERM
 //! stops accepting, lets live transfers finish intact and exits 0, and a grace period
-//! bounds how long it waits. And the library's side: after `Server::stop_accepting`,
-//! `Server::join` returns once the connections in flight are handed off. Every wait is
-//! bounded and every transfer checked by hash.
+//! bounds how long it waits. And the library's side: after `Proxy::stop_accepting`,
+//! `Proxy::shutdown` returns once the last connection has closed, `replace_routing` is a
+//! reload for a program's own router, and dropping a proxy resets its connections and
+//! ends its threads. Every wait is bounded and every transfer checked by hash.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     thread,
@@ -20,9 +21,8 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use splice_proxy::{
+    Limits, Proxy, Splicing,
     route::{Decision, FirstMessage, Forward},
-    server::{Limits, Listeners, Server},
-    splice::SpliceEngine,
 };
 use support::*;
 
@@ -266,12 +266,12 @@ fn sigterm_closes_what_outlives_the_grace_period() {
     }
 }
 
-#[test]
-fn stop_accepting_refuses_connects_and_join_waits_for_those_in_flight() {
-    let backend = Backend::echo();
-    let engine = Arc::new(SpliceEngine::new(None, 1).expect("engine"));
-    let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).expect("bind");
-    let to = backend.addr;
+/// The library's proxies of this file run one at a time: the drop test counts the
+/// process's worker threads.
+static IN_PROCESS: Mutex<()> = Mutex::new(());
+
+/// A proxy in this process routing everything to `to`.
+fn proxy_to(to: SocketAddr, splicing: Splicing) -> Proxy {
     let router = move |_: &FirstMessage<'_>| {
         Decision::Forward(Forward {
             route: "all".into(),
@@ -279,53 +279,137 @@ fn stop_accepting_refuses_connects_and_join_waits_for_those_in_flight() {
             send_proxy: None,
         })
     };
-    let limits = Limits {
-        first_message_timeout: Duration::from_secs(5),
-        first_message_max: 1024,
-        connect_timeout: Duration::from_secs(1),
-        max_connections: None,
-        idle_timeout: None,
-        route_max_connections: Default::default(),
-    };
-    let server =
-        Server::start(listeners, Arc::new(router), limits, Arc::clone(&engine)).expect("start");
-    let addr = server.local_addr();
+    Proxy::builder(router)
+        .limits(Limits {
+            first_message_timeout: Duration::from_secs(5),
+            first_message_max: 1024,
+            connect_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        })
+        .workers(2)
+        .splicing(splicing)
+        .start()
+        .expect("start")
+}
+
+#[test]
+fn stop_accepting_refuses_connects_and_shutdown_waits_for_every_connection() {
+    let _alone = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    let backend = Backend::echo();
+    let proxy = proxy_to(backend.addr, Splicing::Off);
+    let addr = proxy.local_addr();
     echo_checked_plain(addr);
 
     // A connection reading its first message is in flight until it is handed off.
     let mut pending = connect(addr);
     let deadline = Instant::now() + LOG_LIMIT;
-    while server.in_flight() == 0 {
+    while proxy.in_flight() == 0 {
         assert!(Instant::now() < deadline, "never accepted");
         thread::sleep(Duration::from_millis(1));
     }
-    server.stop_accepting().expect("stop accepting");
-    server.stop_accepting().expect("a second call does nothing");
+    proxy.stop_accepting().expect("stop accepting");
+    proxy.stop_accepting().expect("a second call does nothing");
     match TcpStream::connect(addr) {
         Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}"),
         Ok(_) => panic!("connected after stop_accepting"),
     }
-    assert_eq!(server.in_flight(), 1);
+    assert_eq!(proxy.in_flight(), 1);
 
+    // A grace far longer than the test waits: returning within it means the last
+    // connection closed.
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
-        server.join();
+        proxy.shutdown(Duration::from_secs(600));
         let _ = tx.send(());
     });
     assert!(
         rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "join returned with a connection still in flight"
+        "shutdown returned with a connection still in flight"
     );
     pending.write_all(b"late").unwrap();
     assert_eq!(read_exactly(&mut pending, 4).unwrap(), b"late");
-    rx.recv_timeout(LOG_LIMIT)
-        .expect("join returns once the connections in flight are handed off");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "shutdown returned with a connection still live in the engine"
+    );
     drop(pending);
+    rx.recv_timeout(LOG_LIMIT)
+        .expect("shutdown returns once the last connection has closed");
+}
+
+#[test]
+fn dropping_a_proxy_resets_its_connections_and_ends_its_threads_and_probe() {
+    let _alone = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    let workers_before = proxy_threads();
+    let backend = Backend::echo();
+    let proxy = proxy_to(backend.addr, Splicing::Required);
+    let addr = proxy.local_addr();
+    let probe = Arc::downgrade(proxy.engine().probe().expect("the probe is loaded"));
+    // A thread names itself once it runs: until then it has its parent's name.
     let deadline = Instant::now() + LOG_LIMIT;
-    while engine.live() > 0 {
-        assert!(Instant::now() < deadline, "the engine kept the connection");
-        thread::sleep(Duration::from_millis(5));
+    while proxy_threads() <= workers_before {
+        assert!(Instant::now() < deadline, "no worker thread started");
+        thread::sleep(Duration::from_millis(1));
     }
+    let mut open = connect(addr);
+    open.write_all(b"held").unwrap();
+    assert_eq!(read_exactly(&mut open, 4).unwrap(), b"held");
+
+    drop(proxy);
+    // The drop returned: the workers are gone, and so are their listeners and the probe
+    // (its programs detach with it).
+    assert_eq!(proxy_threads(), workers_before);
+    assert!(probe.upgrade().is_none(), "the probe outlived the proxy");
+    match TcpStream::connect(addr) {
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}"),
+        Ok(_) => panic!("connected after the proxy was dropped"),
+    }
+    let mut buf = [0u8; 16];
+    match open.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("read {n} bytes (want a reset) from a dropped proxy's connection"),
+    }
+}
+
+/// The library's reload for a program's own router: new connections take the new one,
+/// and one accepted before keeps the backend it had.
+#[test]
+fn replace_routing_routes_new_connections_and_leaves_live_ones() {
+    let _alone = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+    let a = Backend::greeter(b"A");
+    let b = Backend::greeter(b"B");
+    let proxy = proxy_to(a.addr, Splicing::Off);
+    let (before, greeting) = greeted(proxy.local_addr());
+    assert_eq!(greeting, b'A', "before the replacement");
+
+    let to = b.addr;
+    proxy.replace_routing(
+        move |_: &FirstMessage<'_>| {
+            Decision::Forward(Forward {
+                route: "b".into(),
+                backends: vec![to],
+                send_proxy: None,
+            })
+        },
+        Limits::default(),
+    );
+    let (after, greeting) = greeted(proxy.local_addr());
+    assert_eq!(greeting, b'B', "a new connection after the replacement");
+    echo_checked(after, shared_payload(1 << 16, 41));
+    echo_checked(before, shared_payload(1 << 16, 42));
+    assert_eq!((a.accepted(), b.accepted()), (1, 1));
+}
+
+/// This process's threads named as the engine names its workers.
+fn proxy_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with("splice-"))
+        })
+        .count()
 }
 
 fn echo_checked_plain(addr: SocketAddr) {

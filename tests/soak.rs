@@ -111,7 +111,7 @@ fn soak() {
     let started = Instant::now();
     peer.request(&format!("hold {} {held_count}", proxy.addr));
     proxy.wait_handed_off(held_count, WAIT);
-    assert_eq!(proxy.admission.held(), held_count);
+    assert_eq!(proxy.admission().held(), held_count);
     peer.request("echo 1");
     let fds_held = fd_count();
     eprintln!(

@@ -16,8 +16,15 @@ use crate::route::{HostPatternError, RegexError};
 /// Why routes.toml could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("{}: {error}", file.display())]
-    Read { file: PathBuf, error: io::Error },
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        error: io::Error,
+    },
+    /// The file says something wrong; its message names the line and the key.
     #[error(transparent)]
     Invalid(Box<Invalid>),
 }
@@ -26,23 +33,23 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{}:{line}: {place}{problem}", file.display())]
 pub struct Invalid {
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// 1-based.
-    pub line: usize,
-    pub place: Place,
-    pub problem: Problem,
+    pub(crate) line: usize,
+    pub(crate) place: Place,
+    pub(crate) problem: Problem,
 }
 
 /// The route and key an error is about, as far as they are known.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Place {
+pub(crate) struct Place {
     pub route: Option<RouteLabel>,
     pub key: Option<String>,
 }
 
 /// How an error refers to a route: by name, or by position when it has no usable name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteLabel {
+pub(crate) enum RouteLabel {
     Named(String),
     /// 1-based position among the `[[route]]` tables.
     Numbered(usize),
@@ -65,7 +72,7 @@ impl fmt::Display for Place {
 
 /// What is wrong, in words for the person editing the file.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Problem {
+pub(crate) enum Problem {
     #[error("TOML syntax: {0}")]
     Syntax(String),
     /// An unknown key, a missing key or a value of the wrong type, as serde put it.

@@ -36,7 +36,8 @@ use crate::balance::{Balance, WeightedBackend};
 use crate::proxy_protocol::ProxyProtocol;
 use crate::route::{Matcher, OnUnparsed};
 
-pub use self::error::{ConfigError, Invalid, Place, Problem, RouteLabel};
+use self::error::Problem;
+pub use self::error::{ConfigError, Invalid};
 use self::raw::RawConfig;
 use self::span::Source;
 
@@ -75,6 +76,7 @@ pub struct Config {
 /// One `[[route]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
+    /// Unique in the file; names the route in logs and metrics.
     pub name: String,
     /// All must hold. Empty for the default route.
     pub matchers: Vec<Matcher>,
@@ -82,6 +84,7 @@ pub struct RouteConfig {
     pub default: bool,
     /// In file order, each with its weight (1 unless given).
     pub backends: Vec<WeightedBackend>,
+    /// The order its backends are tried in.
     pub balance: Balance,
     /// How its backends' health is checked: its own keys, else the top-level ones.
     pub health: HealthCheck,

@@ -18,19 +18,30 @@ pub struct HostPattern {
 /// Why a host pattern was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostPatternError {
+    /// The pattern is empty.
     #[error("a host name cannot be empty")]
     Empty,
+    /// Longer than 253 characters.
     #[error("longer than the 253 characters a host name can have")]
     TooLong,
+    /// A `*` anywhere but as the whole first label.
     #[error("a wildcard is only allowed as the whole first label, as in \"*.example.com\"")]
     MisplacedWildcard,
+    /// A label is empty or longer than 63 characters.
     #[error("label {label:?} is empty or longer than 63 characters")]
-    BadLabelLength { label: String },
+    BadLabelLength {
+        /// The label, as written.
+        label: String,
+    },
     #[error(
         "label {label:?} has a character other than ASCII letters, digits, '-' and '_', \
          or starts or ends with '-' (write internationalised names in their xn-- form)"
     )]
-    BadLabel { label: String },
+    /// A label has a character a host name cannot have.
+    BadLabel {
+        /// The label, as written.
+        label: String,
+    },
 }
 
 impl HostPattern {

@@ -9,6 +9,7 @@ const MAX_HEADERS: usize = 100;
 /// What routing reads from a request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request<'a> {
+    /// The method, e.g. `GET`.
     pub method: &'a str,
     /// The request target as sent.
     pub target: &'a str,

@@ -18,11 +18,21 @@ pub enum Matcher {
     /// The message starts with these bytes.
     Prefix(Vec<u8>),
     /// These bytes sit at this offset of the message.
-    At { offset: usize, bytes: Vec<u8> },
+    At {
+        /// From the start of the message, 0-based.
+        offset: usize,
+        /// The bytes expected there.
+        bytes: Vec<u8>,
+    },
     /// The message is `min..=max` bytes long. "Long" means the bytes received when the
     /// route is decided: a client that sends its first message in one write is routed on
     /// that write's length, whatever it sends afterwards.
-    Length { min: usize, max: usize },
+    Length {
+        /// The fewest bytes.
+        min: usize,
+        /// The most bytes.
+        max: usize,
+    },
     /// The message is a TLS ClientHello whose server_name (SNI) fits the pattern.
     Sni(HostPattern),
     /// The message is a TLS ClientHello that offers at least one of these ALPN
@@ -34,7 +44,12 @@ pub enum Matcher {
     /// The message is an HTTP/1.x request whose path (query included), read as `form`
     /// says, starts with `prefix`. Like `HttpHost`, decided once the whole head has
     /// arrived.
-    HttpPathPrefix { prefix: String, form: PathForm },
+    HttpPathPrefix {
+        /// What the path starts with, e.g. `/api/`.
+        prefix: String,
+        /// Normalized or as sent.
+        form: PathForm,
+    },
     /// The regex matches somewhere in the message (see [`MessageRegex`]).
     Regex(MessageRegex),
 }
@@ -42,6 +57,7 @@ pub enum Matcher {
 /// What one matcher, or one route, makes of the bytes received so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// Matches, whatever else arrives.
     Match,
     /// Can never match, whatever else arrives.
     NoMatch,

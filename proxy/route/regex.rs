@@ -44,12 +44,14 @@ struct DeadEnd {
 /// Why a `regex` was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RegexError {
+    /// The regex does not parse or compile; the parser's message.
     #[error("not a valid regex: {0}")]
     Invalid(String),
     #[error(
         "this regex matches an empty string anywhere, so it matches every first message; \
          for a catch-all route use default = true"
     )]
+    /// The regex matches the empty string, so it would take every message.
     MatchesEverything,
 }
 

@@ -12,17 +12,20 @@ use crate::proxy_protocol::ProxyProtocol;
 /// A connection's first message as read so far.
 #[derive(Debug, Clone, Copy)]
 pub struct FirstMessage<'a> {
+    /// The bytes read so far, from the first.
     pub bytes: &'a [u8],
     /// No more bytes will be read before routing: the read reached `first_message_max`,
     /// `first_message_timeout` passed, or the client half-closed. A router must then give
     /// a final answer, never [`Decision::NeedMore`].
     pub complete: bool,
+    /// The client's address.
     pub client: SocketAddr,
 }
 
 /// Where a connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// Connect to a backend of this route and forward the message.
     Forward(Forward),
     /// Read more of the first message and ask again.
     NeedMore,
@@ -34,6 +37,7 @@ pub enum Decision {
     Reset,
 }
 
+/// Where a forwarded connection goes: a route and its backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
     /// The route's name, for logs and metrics.
@@ -67,6 +71,9 @@ pub struct Forward {
 /// takes_router(router);
 /// ```
 pub trait Router: Send + Sync + 'static {
+    /// Where the connection whose first message is `first` goes, or
+    /// [`Decision::NeedMore`] to be asked again when more has arrived (never when
+    /// `first.complete`).
     fn decide(&self, first: &FirstMessage<'_>) -> Decision;
 }
 

@@ -5,9 +5,9 @@
 //! arrival.rs) and into the engine on the same thread: one owner per connection, from
 //! accept to close.
 //!
-//! The routing (router and limits) sits in a [`RoutingSlot`] that can be replaced while
+//! The routing (router and limits) sits in a `RoutingSlot` that can be replaced while
 //! the server runs: each connection reads it once, at accept, and keeps what it read.
-//! [`Server::stop_accepting`] closes the listeners for a graceful shutdown.
+//! `Server::stop_accepting` closes the listeners for a graceful shutdown.
 //!
 //! Every connection holds a [`Ticket`](crate::admission::Ticket) of the server's
 //! [`Admission`] from accept until it closes: a client beyond `max_connections` (the
@@ -21,10 +21,10 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     sync::{
-        Arc, Condvar, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -35,6 +35,7 @@ pub(crate) use arrival::{Arrival, Step, Waiting};
 use crate::{
     admission::Admission,
     config::Config,
+    count::ConnectionCount,
     metrics::{Metrics, Refusal},
     route::Router,
     socket,
@@ -42,7 +43,8 @@ use crate::{
 };
 
 /// How long a connection may take before it is handed to the engine, and how many the
-/// proxy and each route hold.
+/// proxy and each route hold. [`Limits::default`] is what a routes file without these
+/// keys gets.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Wait at most this long for the client's first bytes to decide a route; then the
@@ -69,6 +71,22 @@ impl Limits {
     }
 }
 
+impl Default for Limits {
+    /// The defaults of routes.toml: 3 s and 16 KiB for the first message, 2 s per
+    /// backend's connect, and no limit on connections or idleness.
+    fn default() -> Limits {
+        Limits {
+            first_message_timeout: Duration::from_secs(3),
+            first_message_max: 16 * 1024,
+            connect_timeout: Duration::from_secs(2),
+            max_connections: None,
+            idle_timeout: None,
+            route_max_connections: HashMap::new(),
+        }
+    }
+}
+
+/// The limits a routes file sets.
 impl From<&Config> for Limits {
     fn from(config: &Config) -> Limits {
         Limits {
@@ -88,16 +106,16 @@ impl From<&Config> for Limits {
 
 /// What a connection is routed with: the router and the limits, taken together so that a
 /// reload changes both at once.
-pub struct Routing {
+pub(crate) struct Routing {
     pub router: Arc<dyn Router>,
     pub limits: Limits,
 }
 
-/// The [`Routing`] new connections use, replaceable while the server runs (the binary
-/// replaces it on SIGHUP). A connection loads it once, when it is accepted, and keeps
+/// The [`Routing`] new connections use, replaceable while the server runs (a reload
+/// replaces it). A connection loads it once, when it is accepted, and keeps
 /// that routing until it is handed off, so a replacement never changes a connection
 /// that is already reading its first message. Loading it takes no lock.
-pub struct RoutingSlot(ArcSwap<Routing>);
+pub(crate) struct RoutingSlot(ArcSwap<Routing>);
 
 impl RoutingSlot {
     pub fn new(router: Arc<dyn Router>, limits: Limits) -> RoutingSlot {
@@ -117,7 +135,7 @@ impl RoutingSlot {
 
 /// Listening sockets, bound before any worker accepts so that the address (and a port
 /// the kernel chose for `:0`) is known and shared by every worker.
-pub struct Listeners {
+pub(crate) struct Listeners {
     sockets: Vec<OwnedFd>,
     local_addr: SocketAddr,
 }
@@ -137,10 +155,6 @@ impl Listeners {
             local_addr,
         })
     }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -158,9 +172,8 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 /// The running server. Its listeners are in the engine's workers; it keeps duplicates
 /// of them to shut them down.
-pub struct Server {
+pub(crate) struct Server {
     local_addr: SocketAddr,
-    routing: Arc<RoutingSlot>,
     listening: Vec<OwnedFd>,
     shared: Arc<Shared>,
 }
@@ -173,21 +186,19 @@ impl Server {
         listeners: Listeners,
         router: Arc<dyn Router>,
         limits: Limits,
-        engine: Arc<SpliceEngine>,
+        engine: &SpliceEngine,
     ) -> io::Result<Server> {
         let listening = listeners
             .sockets
             .iter()
             .map(|fd| fd.try_clone())
             .collect::<io::Result<Vec<_>>>()?;
-        let routing = Arc::new(RoutingSlot::new(router, limits));
         let shared = Arc::new(Shared {
-            routing: Arc::clone(&routing),
+            routing: RoutingSlot::new(router, limits),
             admission: Arc::new(Admission::new()),
             metrics: Arc::clone(engine.metrics()),
             stopping: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
-            settled: (Mutex::new(()), Condvar::new()),
+            in_flight: ConnectionCount::default(),
         });
         for listener in listeners.sockets {
             engine.listen(Front {
@@ -197,7 +208,6 @@ impl Server {
         }
         Ok(Server {
             local_addr: listeners.local_addr,
-            routing,
             listening,
             shared,
         })
@@ -208,8 +218,8 @@ impl Server {
     }
 
     /// The routing new connections get: replace it to reload routes and limits.
-    pub fn routing(&self) -> &Arc<RoutingSlot> {
-        &self.routing
+    pub fn routing(&self) -> &RoutingSlot {
+        &self.shared.routing
     }
 
     /// Stops accepting: from now on connects to the address are refused. Connections
@@ -229,7 +239,6 @@ impl Server {
                 result = Err(io::Error::last_os_error());
             }
         }
-        self.shared.notify_if_settled();
         result
     }
 
@@ -237,7 +246,7 @@ impl Server {
     /// message, or connecting to a backend. With [`SpliceEngine::live`] it counts every
     /// connection the proxy holds.
     pub fn in_flight(&self) -> usize {
-        self.shared.in_flight.load(Ordering::SeqCst)
+        self.shared.in_flight.get()
     }
 
     /// Connections held, by the proxy and by each route, and clients refused by
@@ -246,42 +255,21 @@ impl Server {
         &self.shared.admission
     }
 
-    /// Blocks until [`Server::stop_accepting`] has been called and every connection
-    /// accepted before has been handed to the engine or closed.
-    pub fn join(self) {
-        let (lock, settled) = &self.shared.settled;
-        let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        while !self.shared.is_settled() {
-            guard = settled.wait(guard).unwrap_or_else(|e| e.into_inner());
-        }
+    /// Waits until no connection is in flight or `deadline` passes; true if none is.
+    /// Once the server has stopped accepting, none comes back.
+    pub fn wait_handed_off(&self, deadline: Instant) -> bool {
+        self.shared.in_flight.wait_zero(deadline)
     }
 }
 
 /// What the listeners' workers share with the server.
 struct Shared {
-    routing: Arc<RoutingSlot>,
+    routing: RoutingSlot,
     admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     stopping: AtomicBool,
     /// Connections accepted and not yet handed to the engine (or closed).
-    in_flight: AtomicUsize,
-    /// Signalled when the server has stopped accepting and holds nothing in flight.
-    settled: (Mutex<()>, Condvar),
-}
-
-impl Shared {
-    fn is_settled(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst) && self.in_flight.load(Ordering::SeqCst) == 0
-    }
-
-    fn notify_if_settled(&self) {
-        if self.is_settled() {
-            // Under the lock, so that a joiner between its check and its wait is not
-            // missed.
-            let _guard = self.settled.0.lock().unwrap_or_else(|e| e.into_inner());
-            self.settled.1.notify_all();
-        }
-    }
+    in_flight: ConnectionCount,
 }
 
 /// Counts a connection in flight, server-wide and in the metrics, until dropped; the
@@ -292,7 +280,7 @@ pub(crate) struct InFlight {
 
 impl InFlight {
     fn new(shared: &Arc<Shared>) -> InFlight {
-        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        shared.in_flight.add();
         shared.metrics.accepted();
         InFlight {
             shared: Arc::clone(shared),
@@ -302,9 +290,8 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.shared.metrics.routed();
-        self.shared.notify_if_settled();
+        self.shared.in_flight.remove();
     }
 }
 

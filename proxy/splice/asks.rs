@@ -9,7 +9,7 @@ use std::{
     io,
     os::fd::AsRawFd,
     sync::{Arc, Mutex, PoisonError},
-    thread,
+    thread::{self, JoinHandle},
 };
 
 use super::poll::Wakeup;
@@ -29,46 +29,88 @@ impl Inbox {
     }
 }
 
-/// Starts the thread that reads `asks` for as long as the process runs.
-pub(super) fn spawn(mut asks: Asks, workers: Vec<(Arc<Inbox>, Arc<Wakeup>)>) -> io::Result<()> {
-    thread::Builder::new()
-        .name("splice-asks".into())
-        .spawn(move || {
-            let mut batch = Vec::new();
-            loop {
-                if let Err(e) = wait_readable(&asks) {
-                    tracing::error!("waiting on the probe's ring of credit requests failed: {e}");
-                    return;
-                }
-                asks.drain(|cookie| batch.push(cookie));
-                if batch.is_empty() {
-                    continue;
-                }
-                for (inbox, wakeup) in &workers {
-                    inbox
-                        .cookies
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .extend_from_slice(&batch);
-                    wakeup.wake();
-                }
-                batch.clear();
-            }
-        })?;
-    Ok(())
+/// The thread that reads the ring, and how to stop it: dropping the reader wakes the
+/// thread and joins it.
+pub(super) struct Reader {
+    stop: Arc<Wakeup>,
+    thread: Option<JoinHandle<()>>,
 }
 
-fn wait_readable(asks: &Asks) -> io::Result<()> {
-    let mut fd = libc::pollfd {
-        fd: asks.fd().as_raw_fd(),
+impl Reader {
+    /// Starts the thread that reads `asks` and hands each request to every worker, until
+    /// the reader is dropped.
+    pub fn start(mut asks: Asks, workers: Vec<(Arc<Inbox>, Arc<Wakeup>)>) -> io::Result<Reader> {
+        let stop = Arc::new(Wakeup::new()?);
+        let stopped = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("splice-asks".into())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                loop {
+                    match wait_readable(&asks, &stopped) {
+                        Ok(Readable::Asks) => {}
+                        Ok(Readable::Stop) => return,
+                        Err(e) => {
+                            tracing::error!(
+                                "waiting on the probe's ring of credit requests failed: {e}"
+                            );
+                            return;
+                        }
+                    }
+                    asks.drain(|cookie| batch.push(cookie));
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    for (inbox, wakeup) in &workers {
+                        inbox
+                            .cookies
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .extend_from_slice(&batch);
+                        wakeup.wake();
+                    }
+                    batch.clear();
+                }
+            })?;
+        Ok(Reader {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop.wake();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the reader of the probe's credit requests had panicked");
+        }
+    }
+}
+
+/// What woke the reader.
+enum Readable {
+    Asks,
+    Stop,
+}
+
+fn wait_readable(asks: &Asks, stop: &Wakeup) -> io::Result<Readable> {
+    let mut fds = [asks.fd(), stop.fd()].map(|fd| libc::pollfd {
+        fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
-    };
+    });
     loop {
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
+        // SAFETY: `fds` is valid for the call and its length is what we pass.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if rc >= 0 {
-            return Ok(());
+            return Ok(if fds[1].revents != 0 {
+                Readable::Stop
+            } else {
+                Readable::Asks
+            });
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

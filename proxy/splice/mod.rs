@@ -36,7 +36,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
-    thread,
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -47,6 +47,7 @@ use poll::{Epoll, Wakeup};
 use crate::{
     admission::Ticket,
     backend::Lease,
+    count::ConnectionCount,
     metrics::{Metrics, Refusal},
     probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
     server::{Accepted, Arrival, Front, Step, Waiting},
@@ -67,7 +68,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 /// A connection whose first message has been routed and written to the upstream. Its
 /// sockets may be blocking or not: the engine never waits on them.
 pub struct Connection {
+    /// The client's socket.
     pub client: OwnedFd,
+    /// The socket connected to the backend.
     pub upstream: OwnedFd,
     /// Bytes the caller read from the client and wrote, all of them, to the upstream.
     pub forwarded: u64,
@@ -76,6 +79,7 @@ pub struct Connection {
     /// The connection's places in the [`Admission`](crate::admission::Admission)
     /// counts, given back when the engine closes it (`Ticket::default()` holds none).
     pub ticket: Ticket,
+    /// What its access-log line and metrics say about it.
     pub info: ConnectionInfo,
     /// Counts the connection against its backend (least-conn) until the engine closes
     /// it. None for an address no route lists (a custom [`Router`] may name any).
@@ -87,9 +91,13 @@ pub struct Connection {
 /// What the access log says about a connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
+    /// The client's address.
     pub client: SocketAddr,
+    /// The route's name.
     pub route: Arc<str>,
+    /// The backend's address.
     pub backend: SocketAddr,
+    /// When it was accepted: its duration counts from here.
     pub accepted: Instant,
 }
 
@@ -97,11 +105,14 @@ pub struct ConnectionInfo {
 /// with either direction in the kernel counts as spliced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
+    /// At least one direction moves in the kernel.
     Splice,
+    /// Both directions are copied in userspace.
     Copy,
 }
 
 impl Mode {
+    /// The label value, as the metrics and the access log write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Splice => "splice",
@@ -110,18 +121,44 @@ impl Mode {
     }
 }
 
+/// The worker threads and what they share. Dropping it resets every connection it
+/// holds, closes its listeners, and returns once its threads have ended.
 pub struct SpliceEngine {
     workers: Vec<WorkerHandle>,
     next_worker: AtomicUsize,
-    live: Arc<AtomicUsize>,
+    live: Arc<ConnectionCount>,
     probe: Option<Arc<Probe>>,
-    closing: Arc<AtomicBool>,
+    closer: Closer,
+    /// Set when the engine is dropped: the workers end their loops.
+    stopping: Arc<AtomicBool>,
+    /// The reader of the probe's credit requests, when splicing.
+    asks: Option<asks::Reader>,
     metrics: Arc<Metrics>,
 }
 
 struct WorkerHandle {
     queue: mpsc::Sender<Work>,
     wakeup: Arc<Wakeup>,
+    thread: JoinHandle<()>,
+}
+
+/// Resets every connection of an engine, from any thread; cloned freely. See
+/// [`SpliceEngine::shutdown`].
+#[derive(Clone)]
+pub struct Closer {
+    closing: Arc<AtomicBool>,
+    wakeups: Vec<Arc<Wakeup>>,
+}
+
+impl Closer {
+    /// Resets every connection now, and every one adopted from now on; closes those
+    /// still reading their first message. Returns at once.
+    pub fn close_now(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        for wakeup in &self.wakeups {
+            wakeup.wake();
+        }
+    }
 }
 
 /// What a worker is given from outside its thread.
@@ -132,14 +169,27 @@ enum Work {
 
 impl SpliceEngine {
     /// Starts `workers` threads. Without a probe every connection is copied.
-    pub fn new(probe: Option<Arc<Probe>>, workers: usize) -> io::Result<SpliceEngine> {
-        let live = Arc::new(AtomicUsize::new(0));
-        let closing = Arc::new(AtomicBool::new(false));
+    pub(crate) fn new(probe: Option<Arc<Probe>>, workers: usize) -> io::Result<SpliceEngine> {
         let metrics = Arc::new(Metrics::new(probe.clone()));
-        let mut handles = Vec::with_capacity(workers.max(1));
+        // Built first and filled in: if a step fails, dropping it ends the workers
+        // started before.
+        let mut engine = SpliceEngine {
+            workers: Vec::with_capacity(workers.max(1)),
+            next_worker: AtomicUsize::new(0),
+            live: Arc::default(),
+            probe,
+            closer: Closer {
+                closing: Arc::default(),
+                wakeups: Vec::with_capacity(workers.max(1)),
+            },
+            stopping: Arc::default(),
+            asks: None,
+            metrics,
+        };
         let mut inboxes = Vec::with_capacity(workers.max(1));
         for index in 0..workers.max(1) {
-            let maps = probe
+            let maps = engine
+                .probe
                 .as_ref()
                 .map(|probe| probe.maps())
                 .transpose()
@@ -163,38 +213,37 @@ impl SpliceEngine {
                 sources: HashMap::new(),
                 polls: Timers::default(),
                 idle_checks: Timers::default(),
-                live: Arc::clone(&live),
-                closing: Arc::clone(&closing),
-                metrics: Arc::clone(&metrics),
+                live: Arc::clone(&engine.live),
+                closing: Arc::clone(&engine.closer.closing),
+                stopping: Arc::clone(&engine.stopping),
+                metrics: Arc::clone(&engine.metrics),
             };
             worker
                 .epoll
                 .add(wakeup.fd(), poll::READABLE, Token::Wakeup.encode())?;
-            thread::Builder::new()
+            let thread = thread::Builder::new()
                 .name(format!("splice-{index}"))
                 .spawn(move || worker.run())?;
-            handles.push(WorkerHandle { queue, wakeup });
+            engine.closer.wakeups.push(Arc::clone(&wakeup));
+            engine.workers.push(WorkerHandle {
+                queue,
+                wakeup,
+                thread,
+            });
         }
-        if let Some(asks) = probe.as_ref().and_then(|probe| probe.take_asks()) {
-            asks::spawn(asks, inboxes)?;
+        if let Some(asks) = engine.probe.as_ref().and_then(|probe| probe.take_asks()) {
+            engine.asks = Some(asks::Reader::start(asks, inboxes)?);
         }
-        Ok(SpliceEngine {
-            workers: handles,
-            next_worker: AtomicUsize::new(0),
-            live,
-            probe,
-            closing,
-            metrics,
-        })
+        Ok(engine)
     }
 
     /// Takes over a connection. It never fails: a connection the kernel will not splice
     /// is copied, and one that cannot be set up at all is closed and logged.
     pub fn adopt(&self, connection: Connection) {
-        self.live.fetch_add(1, Ordering::Relaxed);
+        self.live.add();
         if !self.give(Work::Adopt(connection)) {
             // The connection was dropped with the message, which closes it.
-            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.live.remove();
         }
     }
 
@@ -221,9 +270,15 @@ impl SpliceEngine {
 
     /// Connections adopted and not yet closed.
     pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
+        self.live.get()
     }
 
+    /// Waits until no connection is live or `deadline` passes; true if none is.
+    pub(crate) fn wait_closed(&self, deadline: Instant) -> bool {
+        self.live.wait_zero(deadline)
+    }
+
+    /// The loaded probe, when the engine splices; `None` when it copies everything.
     pub fn probe(&self) -> Option<&Arc<Probe>> {
         self.probe.as_ref()
     }
@@ -238,15 +293,34 @@ impl SpliceEngine {
     /// end of a graceful shutdown whose grace period is over. A reset, not a FIN,
     /// because the connections did not end: a FIN would let a peer that reads until
     /// the end (an HTTP/1.0 body, a file transfer) take a cut stream for a whole one.
-    /// Each is logged as usual, with `end = "reset"`. Returns at once; [`live`] tells
-    /// when the workers are done.
+    /// Each is logged as usual, with `end = "reset"`. Connections still reading their
+    /// first message are closed, without a line: they were never proxied. Returns at
+    /// once; [`live`] tells when the workers are done.
     ///
     /// [`live`]: SpliceEngine::live
     pub fn shutdown(&self) {
-        self.closing.store(true, Ordering::SeqCst);
-        for worker in &self.workers {
-            worker.wakeup.wake();
+        self.closer.close_now();
+    }
+
+    /// A handle that does what [`SpliceEngine::shutdown`] does, from any thread.
+    pub fn closer(&self) -> Closer {
+        self.closer.clone()
+    }
+}
+
+impl Drop for SpliceEngine {
+    /// Resets what the workers hold (as [`SpliceEngine::shutdown`] does) and joins them:
+    /// no worker may outlive the engine, which would leave it holding sockets (and,
+    /// through its map handles, the probe's maps) that nothing owns any more.
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.shutdown();
+        for worker in self.workers.drain(..) {
+            if worker.thread.join().is_err() {
+                tracing::error!("a splice worker had panicked");
+            }
         }
+        drop(self.asks.take());
     }
 }
 
@@ -443,9 +517,11 @@ struct Worker {
     /// its pair's [`Pair::idle_check`] any more (the pair closed, or was rescheduled) is
     /// stale and skipped.
     idle_checks: Timers,
-    live: Arc<AtomicUsize>,
+    live: Arc<ConnectionCount>,
     /// Set by [`SpliceEngine::shutdown`].
     closing: Arc<AtomicBool>,
+    /// Set when the engine is dropped: end the loop.
+    stopping: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
 
@@ -504,6 +580,10 @@ impl Worker {
                 }
                 if self.closing.load(Ordering::SeqCst) {
                     self.reset_all();
+                    self.close_arrivals();
+                }
+                if self.stopping.load(Ordering::SeqCst) {
+                    return;
                 }
             }
             self.pairs.end_batch();
@@ -661,7 +741,7 @@ impl Worker {
                         let _ = self.epoll.delete(fd);
                     }
                 }
-                self.live.fetch_add(1, Ordering::Relaxed);
+                self.live.add();
                 self.adopt(connection, Origin::Arrived);
                 // Only now: in flight plus live must never miss it.
                 drop(in_flight);
@@ -679,6 +759,14 @@ impl Worker {
         }
     }
 
+    /// Closes the connections still reading their first message or connecting: never
+    /// proxied, they get no access-log line.
+    fn close_arrivals(&mut self) {
+        for slot in 0..self.arrivals.slots.len() {
+            drop(self.arrivals.take(slot));
+        }
+    }
+
     fn adopt(&mut self, connection: Connection, origin: Origin) {
         let info = connection.info.clone();
         let connection_forwarded = connection.forwarded;
@@ -693,7 +781,7 @@ impl Worker {
                 }
             }
             Err(e) => {
-                self.live.fetch_sub(1, Ordering::Relaxed);
+                self.live.remove();
                 self.metrics.refused(Refusal::Setup);
                 tracing::warn!(
                     client = %info.client, route = %info.route, backend = %info.backend,
@@ -937,7 +1025,7 @@ impl Worker {
         }
         // Last: a shutdown waits for this count, and the connection's line must be out
         // before the process may exit.
-        self.live.fetch_sub(1, Ordering::Relaxed);
+        self.live.remove();
     }
 }
 

@@ -18,14 +18,7 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
-use splice_proxy::{
-    admission::Admission,
-    config::Config,
-    probe::{Backlog, Probe},
-    route::RouteTable,
-    server::{Limits, Listeners, Server},
-    splice::SpliceEngine,
-};
+use splice_proxy::{Splicing, config::Config, probe::Probe};
 
 /// Every blocking socket in the tests gives up after this long, so a bug hangs no test.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -40,14 +33,19 @@ pub enum Moving {
 pub const SPLICE: Moving = Moving::Splice;
 pub const COPY: Moving = Moving::Copy;
 
-/// A proxy in this process: the library's server, engine and probe, exactly as the
-/// binary wires them. Its workers run until the test process exits.
+/// A proxy in this process (the library's [`splice_proxy::Proxy`], which it derefs to),
+/// with the waits and counts the tests ask of it. Dropping it stops it.
 pub struct Proxy {
     pub addr: SocketAddr,
-    pub engine: Arc<SpliceEngine>,
-    pub probe: Option<Arc<Probe>>,
-    /// The server's connection counts and refusals.
-    pub admission: Arc<Admission>,
+    running: splice_proxy::Proxy,
+}
+
+impl std::ops::Deref for Proxy {
+    type Target = splice_proxy::Proxy;
+
+    fn deref(&self) -> &splice_proxy::Proxy {
+        &self.running
+    }
 }
 
 impl Proxy {
@@ -62,65 +60,56 @@ impl Proxy {
     pub fn start_sized(routes: &str, moving: Moving, map_capacity: u32) -> Proxy {
         let config =
             Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
-        let probe = match moving {
-            Moving::Splice => Some(Arc::new(
-                Probe::load(
-                    map_capacity,
-                    Backlog {
-                        bytes: config.splice_backlog_max,
-                    },
-                )
-                .expect("the probe must load: tests run as root on a kernel with sockmap"),
-            )),
-            Moving::Copy => None,
+        let splicing = match moving {
+            Moving::Splice => Splicing::Required,
+            Moving::Copy => Splicing::Off,
         };
-        let engine = Arc::new(SpliceEngine::new(probe.clone(), 2).expect("splice workers start"));
-        let listeners =
-            Listeners::bind("127.0.0.1:0".parse().unwrap(), 2).expect("bind 127.0.0.1:0");
-        let server = Server::start(
-            listeners,
-            Arc::new(RouteTable::new(&config)),
-            Limits::from(&config),
-            Arc::clone(&engine),
-        )
-        .expect("the server starts");
-        let addr = server.local_addr();
-        let admission = Arc::clone(server.admission());
-        // The workers run on their own threads; nothing joins them.
-        std::mem::forget(server);
+        let running = splice_proxy::Proxy::from_config(config)
+            .workers(2)
+            .map_capacity(map_capacity)
+            .splicing(splicing)
+            .start()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the proxy must start (tests run as root on a kernel with sockmap): {e} ({e:?})"
+                )
+            });
         Proxy {
-            addr,
-            engine,
-            probe,
-            admission,
+            addr: running.local_addr(),
+            running,
         }
+    }
+
+    /// The loaded probe, when splicing.
+    pub fn probe(&self) -> Option<&Arc<Probe>> {
+        self.engine().probe()
     }
 
     pub fn connect(&self) -> TcpStream {
         connect(self.addr)
     }
 
-    /// Waits until every connection the engine adopted has closed and (when splicing)
-    /// both maps are empty; panics with what is left after `limit`.
     /// Waits until the proxy's admission counts `count` connections held.
     pub fn wait_held(&self, count: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while self.admission.held() != count {
+        while self.admission().held() != count {
             assert!(
                 Instant::now() < deadline,
                 "the proxy holds {} connections, not {count}, after {limit:?}",
-                self.admission.held()
+                self.admission().held()
             );
             thread::sleep(Duration::from_millis(5));
         }
     }
 
+    /// Waits until every connection the engine adopted has closed and (when splicing)
+    /// both maps are empty; panics with what is left after `limit`.
     pub fn wait_idle(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let live = self.engine.live();
-            let entries = self.probe.as_ref().map_or((0, 0), |p| p.entries());
-            let flows = self.probe.as_ref().map_or((0, 0), |p| p.flow_entries());
+            let live = self.engine().live();
+            let entries = self.probe().map_or((0, 0), |p| p.entries());
+            let flows = self.probe().map_or((0, 0), |p| p.flow_entries());
             if live == 0 && entries == (0, 0) && flows == (0, 0) {
                 return;
             }
@@ -134,7 +123,7 @@ impl Proxy {
 
     /// Bytes the probe has redirected so far (0 when copying).
     pub fn redirected_bytes(&self) -> u64 {
-        self.probe.as_ref().map_or(0, |p| {
+        self.probe().map_or(0, |p| {
             p.counters().expect("read probe counters").redirected_bytes
         })
     }
@@ -399,19 +388,14 @@ pub fn routes_file(name: &str, text: &str) -> PathBuf {
 // stream, reply after EOF or report how a read ended, and abortive closes.
 
 impl Proxy {
-    /// Whether this proxy loaded the probe (splice mode).
-    pub fn is_splicing(&self) -> bool {
-        self.probe.is_some()
-    }
-
     /// Waits until the engine owns `count` connections and, when splicing, all of them
     /// are in both maps (two sockets each): the point after which bytes take the
     /// kernel's path. Panics with what it saw after `limit`.
     pub fn wait_handed_off(&self, count: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let live = self.engine.live();
-            let entries = self.probe.as_ref().map_or((0, 0), |p| p.entries());
+            let live = self.engine().live();
+            let entries = self.probe().map_or((0, 0), |p| p.entries());
             let wanted = if self.is_splicing() {
                 (2 * count, 2 * count)
             } else {
@@ -810,7 +794,7 @@ pub fn open_fd_targets() -> Vec<(i32, String)> {
 impl Proxy {
     /// The probe's counters since it was loaded (all 0 when copying).
     pub fn counters(&self) -> splice_proxy::probe::Counters {
-        self.probe.as_ref().map_or_else(Default::default, |p| {
+        self.probe().map_or_else(Default::default, |p| {
             p.counters().expect("read probe counters")
         })
     }
@@ -931,7 +915,7 @@ impl Proxy {
     /// is in the maps or registered for copying, never before, and never stops counting.
     pub fn set_up(&self) -> SetUp {
         let mut set_up = SetUp::default();
-        for line in self.engine.metrics().encode().lines() {
+        for line in self.engine().metrics().encode().lines() {
             let Some(sample) = line.strip_prefix("splice_proxy_connections_total{") else {
                 continue;
             };
