@@ -339,8 +339,13 @@ impl Pair {
                 // that is not one"): not a close.
                 Ok(None) => {}
                 Ok(Some(e)) if e.raw_os_error() == Some(libc::EPIPE) => {}
-                Ok(Some(e)) => return Next::Reset(e),
-                Err(e) => return Next::Reset(e.into()),
+                // No call of ours failed: the connection did. Named by where the error
+                // was read and whose socket it is, it is not a bare errno in the log.
+                Ok(Some(e)) => {
+                    let error = format!("SO_ERROR on the {}: {e}", side.as_str());
+                    return Next::Reset(io::Error::new(e.kind(), error));
+                }
+                Err(e) => return Next::Reset(on_side(side, e)),
             }
         }
         if events & (poll::ERROR | poll::HANG_UP) != 0
