@@ -431,7 +431,7 @@ impl<'a> MapSocket<'a> {
     /// the maps (docs/kernel.md, "Bytes queued before the insert"): call it right after
     /// [`SpliceMaps::join`] or [`SpliceMaps::loop_back`].
     pub fn kick_receive_queue(&self) -> io::Result<()> {
-        socket::kick_receive_queue(self.fd)
+        Ok(socket::kick_receive_queue(self.fd)?)
     }
 
     /// The kernel's byte counts for this socket, from which a program that drives the maps

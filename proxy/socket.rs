@@ -3,9 +3,29 @@
 //! the receive low-water mark that makes the kernel re-run the verdict, abortive close,
 //! and reads that never wait. Every `unsafe` block of the userspace crate that touches a
 //! socket is here.
+//!
+//! A failed call returns a [`SyscallError`]: the call, with the option or request it was
+//! made for (`getsockopt(TCP_INFO)`, `shutdown(SHUT_WR)`, `recv`), and the kernel's
+//! error, so that a log line says which of a connection's dozens of calls failed rather
+//! than a bare "Bad file descriptor". It is shaped so that callers stay as simple as
+//! with `io::Error`:
+//!
+//! - [`SyscallError::kind`] and [`SyscallError::raw_os_error`] are the kernel error's:
+//!   the hot paths' `e.kind() == io::ErrorKind::WouldBlock` reads and costs as before
+//!   (the error holds the errno; nothing is allocated unless it is passed on).
+//! - `?` (or `.into()`) makes it an `io::Error` of the same kind whose message is the
+//!   SyscallError's, so the engine keeps its `io::Result`s and every log line that
+//!   prints one of their errors names the call.
+//!
+//! Returning such `io::Error`s from here directly would box every `WouldBlock` of the
+//! copy loop and hide the errno that callers match (accept's `ECONNABORTED`, the
+//! buffers' `EPERM` fallback). The message is
+//! `<call>: <the kernel's error>`, with no `source()` behind it: the log lines print
+//! errors with `{}`, so the cause must be in the message, and a chain printer (anyhow's
+//! `{:#}`) would otherwise say it twice.
 
 use std::{
-    io,
+    fmt, io,
     mem::{self, MaybeUninit},
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -59,6 +79,48 @@ pub struct TcpInfo {
     pub bytes_received: u64,
 }
 
+/// A socket call that failed, and how.
+#[derive(Debug)]
+pub struct SyscallError {
+    /// The call, with the option or request it was made for: `setsockopt(SO_RCVBUF)`.
+    pub call: &'static str,
+    /// What the kernel (or, for a result the call cannot use, this module) said.
+    pub io_error: io::Error,
+}
+
+impl SyscallError {
+    /// The error of `call`, which just failed and set errno.
+    fn last(call: &'static str) -> SyscallError {
+        SyscallError {
+            call,
+            io_error: io::Error::last_os_error(),
+        }
+    }
+
+    pub fn kind(&self) -> io::ErrorKind {
+        self.io_error.kind()
+    }
+
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.io_error.raw_os_error()
+    }
+}
+
+impl fmt::Display for SyscallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.call, self.io_error)
+    }
+}
+
+impl std::error::Error for SyscallError {}
+
+impl From<SyscallError> for io::Error {
+    /// Keeps the kind, so a caller up the stack that matches on it still can.
+    fn from(error: SyscallError) -> io::Error {
+        io::Error::new(error.kind(), error)
+    }
+}
+
 /// `TCP_CLOSE` of include/net/tcp_states.h, which libc does not export for Linux.
 const TCP_CLOSE: u8 = 7;
 
@@ -72,21 +134,31 @@ impl TcpInfo {
 }
 
 /// The kernel's identity for this socket: stable for its life, never reused.
-pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+pub fn cookie(fd: BorrowedFd<'_>) -> Result<u64, SyscallError> {
+    getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_COOKIE,
+        "getsockopt(SO_COOKIE)",
+    )
 }
 
-pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
-    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+pub fn tcp_info(fd: BorrowedFd<'_>) -> Result<TcpInfo, SyscallError> {
+    getsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_INFO,
+        "getsockopt(TCP_INFO)",
+    )
 }
 
 /// Bytes written to the socket that the remote end has not acknowledged yet (SIOCOUTQ).
-pub fn unacked_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub fn unacked_bytes(fd: BorrowedFd<'_>) -> Result<u64, SyscallError> {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (== TIOCOUTQ) writes one c_int through the pointer, which is valid.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
     if rc < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(SyscallError::last("ioctl(SIOCOUTQ)"));
     }
     Ok(u64::try_from(queued).unwrap_or(0))
 }
@@ -94,13 +166,13 @@ pub fn unacked_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// Every byte ever written into the socket's send queue: acknowledged, in flight or not
 /// yet sent. Reads `bytes_acked` first so that an ACK arriving between the two calls can
 /// only make the sum smaller than the truth, never larger.
-pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub fn bytes_written(fd: BorrowedFd<'_>) -> Result<u64, SyscallError> {
     written_and_info(fd).map(|(written, _)| written)
 }
 
 /// [`bytes_written`] and the `TCP_INFO` it was computed from, for a caller that also
 /// needs the socket's state: one getsockopt instead of two.
-pub fn written_and_info(fd: BorrowedFd<'_>) -> io::Result<(u64, TcpInfo)> {
+pub fn written_and_info(fd: BorrowedFd<'_>) -> Result<(u64, TcpInfo), SyscallError> {
     let info = tcp_info(fd)?;
     Ok((info.bytes_acked + unacked_bytes(fd)?, info))
 }
@@ -108,21 +180,37 @@ pub fn written_and_info(fd: BorrowedFd<'_>) -> io::Result<(u64, TcpInfo)> {
 /// Setting the low-water mark makes the kernel call the socket's data_ready, which runs the
 /// verdict over bytes queued before the socket joined the sockmap (docs/kernel.md, "Bytes
 /// queued before the insert"); 1 is also the default, so nothing else changes.
-pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1 as libc::c_int)
+pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> Result<(), SyscallError> {
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVLOWAT,
+        1 as libc::c_int,
+        "setsockopt(SO_RCVLOWAT)",
+    )
 }
 
 /// Send buffer beyond `net.core.wmem_max` with CAP_NET_ADMIN, up to it without. A
 /// redirected stream can only move as fast as the peer's send buffer drains
 /// (docs/kernel.md, "Send buffers decide a splice's speed").
-pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> Result<(), SyscallError> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    match setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes) {
+    match setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        bytes,
+        "setsockopt(SO_SNDBUFFORCE)",
+    ) {
         // Without CAP_NET_ADMIN (after --user), the same size capped at
         // net.core.wmem_max, which the operator can raise.
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)
-        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            bytes,
+            "setsockopt(SO_SNDBUF)",
+        ),
         result => result,
     }
 }
@@ -130,26 +218,38 @@ pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
 /// Sets the receive buffer to `bytes` (the kernel doubles it for its overhead), beyond
 /// `net.core.rmem_max` with CAP_NET_ADMIN, up to it without. It also ends the kernel's
 /// autotuning of the buffer for the socket's lifetime.
-pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> Result<(), SyscallError> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    match setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes)
-        }
+    match setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        bytes,
+        "setsockopt(SO_RCVBUFFORCE)",
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            bytes,
+            "setsockopt(SO_RCVBUF)",
+        ),
         result => result,
     }
 }
 
-/// The pending socket error, cleared by reading it.
-pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
-    let code: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+/// The pending socket error, cleared by reading it. It is the connection's, not a failed
+/// call's, so it comes as the kernel gave it.
+pub fn take_error(fd: BorrowedFd<'_>) -> Result<Option<io::Error>, SyscallError> {
+    let code: libc::c_int =
+        getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, "getsockopt(SO_ERROR)")?;
     Ok((code != 0).then(|| io::Error::from_raw_os_error(code)))
 }
 
-pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> Result<(), SyscallError> {
     // SAFETY: shutdown takes no pointers; the fd is borrowed, so it is open.
     if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) } < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(SyscallError::last("shutdown(SHUT_WR)"));
     }
     Ok(())
 }
@@ -164,10 +264,10 @@ pub fn close_with_reset(fd: OwnedFd) {
 /// Accepts a connection from `listener`, non-blocking (the arrival reads and the copy
 /// never wait) and close-on-exec, with its peer's address: one `accept4`, where a
 /// blocking accept would need an `fcntl` and a `getpeername` more.
-pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, SocketAddr)> {
+pub fn accept(listener: BorrowedFd<'_>) -> Result<(OwnedFd, SocketAddr), SyscallError> {
     // SAFETY: accept4 writes at most `len` bytes of address into `storage`, and sets
     // `len` to what it wrote; a non-negative result is a new fd that nothing else owns.
-    let (fd, addr) = unsafe {
+    let accepted = unsafe {
         socket2::SockAddr::try_init(|storage, len| {
             let fd = libc::accept4(
                 listener.as_raw_fd(),
@@ -180,30 +280,41 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, SocketAddr)> {
             } else {
                 Ok(OwnedFd::from_raw_fd(fd))
             }
-        })?
+        })
     };
+    let named = |io_error| SyscallError {
+        call: "accept4",
+        io_error,
+    };
+    let (fd, addr) = accepted.map_err(named)?;
     let addr = addr
         .as_socket()
-        .ok_or_else(|| io::Error::other("accept4: the peer's address is not IP"))?;
+        .ok_or_else(|| named(io::Error::other("the peer's address is not IP")))?;
     Ok((fd, addr))
 }
 
 /// Makes the socket's close send an RST instead of a FIN (SO_LINGER with a zero time).
-pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn reset_on_close(fd: BorrowedFd<'_>) -> Result<(), SyscallError> {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        linger,
+        "setsockopt(SO_LINGER)",
+    )
 }
 
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), SyscallError> {
     // FIONBIO sets the flag in one call, where F_GETFL + F_SETFL take two.
     let on: libc::c_int = 1;
     // SAFETY: FIONBIO reads one int from a valid pointer.
     unsafe {
         if libc::ioctl(fd.as_raw_fd(), libc::FIONBIO, &on) < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(SyscallError::last("ioctl(FIONBIO)"));
         }
     }
     Ok(())
@@ -212,32 +323,43 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// `read(2)` into `buf`, returning 0 at end of stream. It waits on a blocking socket.
 /// The copy uses it rather than a `recv` that never waits because a thread's `rchar` in
 /// /proc counts it: the tests prove by that count that spliced bytes are never read.
-pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, SyscallError> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    usize::try_from(n).map_err(|_| SyscallError::last("read"))
 }
 
 /// What the socket has queued, into `buf`, without waiting even if the socket blocks:
 /// `WouldBlock` when nothing is queued, 0 at end of stream.
-pub fn read_queued(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    recv(fd, buf, libc::MSG_DONTWAIT)
+pub fn read_queued(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, SyscallError> {
+    recv(fd, buf, libc::MSG_DONTWAIT, "recv")
 }
 
 /// Like [`read_queued`], but leaves the bytes queued.
-pub fn peek_queued(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    recv(fd, buf, libc::MSG_DONTWAIT | libc::MSG_PEEK)
+pub fn peek_queued(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, SyscallError> {
+    recv(
+        fd,
+        buf,
+        libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        "recv(MSG_PEEK)",
+    )
 }
 
-fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+/// `call` names the flags that matter to a reader of the error.
+fn recv(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: libc::c_int,
+    call: &'static str,
+) -> Result<usize, SyscallError> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    usize::try_from(n).map_err(|_| SyscallError::last(call))
 }
 
 /// `send(2)` that never waits (`WouldBlock` when the send buffer is full) and raises no
 /// SIGPIPE: a peer that went away is an error, not a signal.
-pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, SyscallError> {
     // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
     let n = unsafe {
         libc::send(
@@ -247,10 +369,16 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
         )
     };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    usize::try_from(n).map_err(|_| SyscallError::last("send"))
 }
 
-fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+/// `call` names the option for the error: `getsockopt(TCP_INFO)`.
+fn getsockopt<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    call: &'static str,
+) -> Result<T, SyscallError> {
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = mem::size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` has room for `len` bytes and every option read here is plain data
@@ -265,18 +393,20 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
         )
     };
     if rc < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(SyscallError::last(call));
     }
     // SAFETY: zero-initialised, then possibly (partly) overwritten by the kernel.
     Ok(unsafe { value.assume_init() })
 }
 
+/// `call` names the option for the error: `setsockopt(SO_RCVBUF)`.
 fn setsockopt<T>(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
     name: libc::c_int,
     value: T,
-) -> io::Result<()> {
+    call: &'static str,
+) -> Result<(), SyscallError> {
     // SAFETY: the pointer and length describe `value`, which lives across the call.
     let rc = unsafe {
         libc::setsockopt(
@@ -288,7 +418,116 @@ fn setsockopt<T>(
         )
     };
     if rc < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(SyscallError::last(call));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs::File,
+        io,
+        net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+        os::fd::AsFd,
+    };
+
+    use super::{SyscallError, accept, peek_queued, read, read_queued, set_receive_buffer};
+    use super::{shutdown_write, tcp_info, write};
+
+    /// Both ends of a loopback connection: (the accepted one, the connecting one).
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (server, client)
+    }
+
+    /// The message `call` failing with `errno` must have.
+    fn message(call: &str, errno: i32) -> String {
+        format!("{call}: {}", io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn a_tcp_option_on_a_udp_socket_names_the_getsockopt() {
+        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let e = tcp_info(udp.as_fd()).unwrap_err();
+        assert_eq!(e.call, "getsockopt(TCP_INFO)");
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert_eq!(
+            e.to_string(),
+            message("getsockopt(TCP_INFO)", libc::EOPNOTSUPP)
+        );
+    }
+
+    #[test]
+    fn as_an_io_error_it_keeps_the_kind_and_the_call() {
+        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let e = io::Error::from(tcp_info(udp.as_fd()).unwrap_err());
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert_eq!(
+            e.to_string(),
+            message("getsockopt(TCP_INFO)", libc::EOPNOTSUPP)
+        );
+        // The kernel's error is in the message, not repeated as a cause.
+        assert!(std::error::Error::source(&e).is_none());
+        let inner = e.get_ref().and_then(|e| e.downcast_ref::<SyscallError>());
+        assert_eq!(inner.map(|e| e.call), Some("getsockopt(TCP_INFO)"));
+    }
+
+    #[test]
+    fn a_setsockopt_on_a_file_names_the_option_it_tried_first() {
+        let file = File::open("/dev/null").unwrap();
+        let e = set_receive_buffer(file.as_fd(), 4096).unwrap_err();
+        // ENOTSOCK, not EPERM: no fallback to SO_RCVBUF.
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK));
+        assert_eq!(
+            e.to_string(),
+            message("setsockopt(SO_RCVBUFFORCE)", libc::ENOTSOCK)
+        );
+    }
+
+    #[test]
+    fn a_shutdown_of_an_unconnected_socket_is_named_with_its_kind() {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let e = shutdown_write(socket.as_fd()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotConnected);
+        assert_eq!(e.to_string(), message("shutdown(SHUT_WR)", libc::ENOTCONN));
+        assert_eq!(io::Error::from(e).kind(), io::ErrorKind::NotConnected);
+    }
+
+    #[test]
+    fn a_send_after_our_own_shutdown_is_a_named_broken_pipe() {
+        let (_server, client) = connected();
+        shutdown_write(client.as_fd()).unwrap();
+        let e = write(client.as_fd(), b"late").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(e.to_string(), message("send", libc::EPIPE));
+    }
+
+    /// The hot paths' test for "nothing now": it must stay a plain kind comparison.
+    #[test]
+    fn reads_and_accepts_with_nothing_queued_would_block() {
+        let (server, _client) = connected();
+        server.set_nonblocking(true).unwrap();
+        let mut buf = [0; 16];
+        for (e, call) in [
+            (read(server.as_fd(), &mut buf).unwrap_err(), "read"),
+            (read_queued(server.as_fd(), &mut buf).unwrap_err(), "recv"),
+            (
+                peek_queued(server.as_fd(), &mut buf).unwrap_err(),
+                "recv(MSG_PEEK)",
+            ),
+        ] {
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+            assert_eq!(e.call, call);
+        }
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let e = accept(listener.as_fd()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(e.call, "accept4");
+    }
 }

@@ -580,6 +580,18 @@ fn every_ordering(mode: Moving, test: u8) {
         let lines = access_lines(client_ip(test, index));
         assert_eq!(lines.len(), 1, "{events:?}: {lines:?}");
         spliced += usize::from(lines[0]["mode"] == "splice");
+        // A reset line says what failed ("recv: ...", "SO_ERROR on the client: ..."),
+        // not a bare "Connection reset by peer (os error 104)" (issue 15).
+        if lines[0]["end"] == "reset" {
+            let message = lines[0]["message"].as_str().unwrap_or_default();
+            assert!(
+                message
+                    .strip_prefix("connection: ")
+                    .is_some_and(|why| why.contains(": ")),
+                "{events:?}: a reset that names nothing: {}",
+                lines[0]
+            );
+        }
     }
     if bench.proxy.is_splicing() {
         // The orderings are meant for the kernel's path: most pairs must have taken it.

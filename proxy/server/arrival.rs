@@ -572,8 +572,8 @@ impl Attempt {
                 // Before the backend took a byte, a failure is the connect's: a refusal
                 // may only show at the first send, and a backend that resets before
                 // reading is no better.
-                Err(e) if self.written == 0 => return Err(Failed::Connect(e)),
-                Err(e) => return Err(Failed::Write(e)),
+                Err(e) if self.written == 0 => return Err(Failed::Connect(e.into())),
+                Err(e) => return Err(Failed::Write(e.into())),
             }
             if self.written == out.len() {
                 return Ok(true);

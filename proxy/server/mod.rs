@@ -337,7 +337,7 @@ impl Front {
                 Err(_) if self.shared.stopping.load(Ordering::SeqCst) => {
                     return Accepted::Stopped;
                 }
-                Err(e) => return Accepted::Failed(e),
+                Err(e) => return Accepted::Failed(e.into()),
             }
         };
         let routing = self.shared.routing.current();

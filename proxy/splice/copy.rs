@@ -81,7 +81,7 @@ impl CopyBuffer {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::Empty),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             };
         }
     }
@@ -97,7 +97,7 @@ impl CopyBuffer {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         (self.start, self.end) = (0, 0);

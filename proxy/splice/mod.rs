@@ -1120,7 +1120,7 @@ fn splice(
             if let Err(e) = kicked {
                 // The pair is closed unserved: nothing else would delete its records.
                 maps.leave(pair.client.cookie, pair.upstream.cookie);
-                return Err(e);
+                return Err(e.into());
             }
             if outcome == JoinOutcome::UpstreamOnly {
                 tracing::debug!(client = %pair.info.client, "client closed during the splice: its last bytes are copied");

@@ -15,7 +15,12 @@ use super::{
     flow::{KernelFlow, Unpark},
     poll,
 };
-use crate::{admission::Ticket, backend::Lease, probe::SpliceMaps, socket};
+use crate::{
+    admission::Ticket,
+    backend::Lease,
+    probe::SpliceMaps,
+    socket::{self, SyscallError},
+};
 
 /// How often a half-close that waits for the kernel to drain is checked again. The waits
 /// measured here took 2-600 us, so a millisecond keeps the close prompt.
@@ -267,7 +272,7 @@ impl Pair {
         // non-blocking.
         match socket::peek_queued(client.fd(), &mut [0; 1]) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e.into()),
             _ => client.make_nonblocking()?,
         }
         let (client, upstream) = (client.fd(), upstream.fd());
@@ -334,7 +339,13 @@ impl Pair {
                 // that is not one"): not a close.
                 Ok(None) => {}
                 Ok(Some(e)) if e.raw_os_error() == Some(libc::EPIPE) => {}
-                Ok(Some(e)) | Err(e) => return Next::Reset(e),
+                // No call of ours failed: the connection did. Named by where the error
+                // was read and whose socket it is, it is not a bare errno in the log.
+                Ok(Some(e)) => {
+                    let error = format!("SO_ERROR on the {}: {e}", side.as_str());
+                    return Next::Reset(io::Error::new(e.kind(), error));
+                }
+                Err(e) => return Next::Reset(on_side(side, e)),
             }
         }
         if events & (poll::ERROR | poll::HANG_UP) != 0
@@ -375,7 +386,7 @@ impl Pair {
         match socket::tcp_info(fd) {
             Ok(info) if info.is_closed() => Some(cannot_send(into.to, None)),
             Ok(_) => None,
-            Err(e) => Some(named("getsockopt(TCP_INFO)", into.to, e)),
+            Err(e) => Some(on_side(into.to, e)),
         }
     }
 
@@ -533,7 +544,7 @@ impl Direction {
             }
         };
         if self.eof && drained {
-            socket::shutdown_write(dst).map_err(|e| named("shutdown(SHUT_WR)", self.to, e))?;
+            socket::shutdown_write(dst).map_err(|e| on_side(self.to, e))?;
             self.closed = true;
         }
         Ok(Next::Wait)
@@ -556,11 +567,12 @@ fn cannot_send(to: Side, missing: Option<u64>) -> io::Error {
     )
 }
 
-/// `error` from `call` on the `side` socket, saying so.
-fn named(call: &str, side: Side, error: io::Error) -> io::Error {
+/// `error`, from a call on the `side` socket, saying which side.
+fn on_side(side: Side, error: SyscallError) -> io::Error {
+    let SyscallError { call, io_error } = error;
     io::Error::new(
-        error.kind(),
-        format!("{call} on the {}: {error}", side.as_str()),
+        io_error.kind(),
+        format!("{call} on the {}: {io_error}", side.as_str()),
     )
 }
 
