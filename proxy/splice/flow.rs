@@ -16,15 +16,20 @@
 //! receive buffer, and every later message parks behind it. Parked bytes are not eaten,
 //! so they close the source's TCP window and block the sender, as a direct connection
 //! would. Once the kernel has written everything it redirected before the park, this
-//! process reads the parked bytes and writes them to the destination, then grants new
-//! credit with `unparked` equal to `parked`, and the probe redirects again: redirected
-//! bytes, parked bytes, redirected bytes, in that order on the one egress, so none
-//! overtakes another.
+//! process peeks the parked bytes and writes them to the destination, grants new credit
+//! with `unparked` equal to `parked`, and only then reads them out of the source, and the
+//! probe redirects again: redirected bytes, parked bytes, redirected bytes, in that order
+//! on the one egress, so none overtakes another. Peeked, the parked bytes keep the
+//! source's window shut until the grant; read first, they would reopen it, and a sender
+//! faster than the destination would park more before every grant, so that a slow
+//! client's download crossed userspace almost whole (docs/flow-control.md, "On a link
+//! slower than the sender").
 //!
 //! Nothing here takes a source out of `SPLICED` while its bytes flow: the kernel then
 //! drops the rest of a batch the verdict is running (docs/flow-control.md).
 
 use std::{
+    cell::RefCell,
     io,
     os::fd::BorrowedFd,
     time::{Duration, Instant},
@@ -52,17 +57,25 @@ const PEEK_SLACK: usize = 64 * 1024;
 thread_local! {
     /// A worker's buffer for the parked bytes it peeks: a hand-back never waits holding
     /// it, so one per thread serves every throttled direction.
-    static PEEKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PEEKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The receive buffer a spliced socket joins with (`SO_RCVBUF`; the kernel doubles it).
-/// Parked bytes are bounded by the source's receive window, and on 6.12 and the older
-/// kernels tested by nothing else (6.18 holds them to `tcp_mem`): TCP accepts a segment into an empty receive queue whatever `tcp_mem` says, and
-/// the verdict keeps the queue empty (docs/flow-control.md, "Parking past tcp_mem").
-/// With the kernel's autotuning a spliced socket's buffer grows as fast as the verdict
-/// takes bytes, to `tcp_rmem`'s maximum (6 MiB on Debian), so a thousand stalled
-/// uploads parked gigabytes; from here it grows only as [`ReceiveWindow`] allows.
-pub const FIRST_RECEIVE_BUFFER: usize = 128 * 1024;
+/// Parked bytes are bounded by the source's receive window and, on 6.12 and older
+/// kernels, by nothing else (6.18 holds them to `tcp_mem`): TCP accepts a segment into
+/// an empty receive queue whatever `tcp_mem` says, and the verdict keeps the queue empty
+/// (docs/flow-control.md, "Parking past tcp_mem"). With the kernel's autotuning a
+/// spliced socket's buffer grows as fast as the verdict takes bytes, to `tcp_rmem`'s
+/// maximum (6 MiB on Debian), so a thousand stalled uploads parked gigabytes; from
+/// here it grows only as [`ReceiveWindow`] allows.
+///
+/// Not smaller: the window must hold at least four of loopback's 64 KiB segments. A
+/// sender left with less than a segment of window waits for its persist timer (200 ms
+/// and more), and only a read that at least doubles the window sends the update that
+/// spares it the wait (docs/kernel.md, "A read sends a window update only if it doubles
+/// the window"). At 128 KiB the largest window was about two segments, and after a
+/// hand-back the sender sat on its timer.
+pub const FIRST_RECEIVE_BUFFER: usize = 256 * 1024;
 
 /// The largest receive buffer [`ReceiveWindow`] grows a source to (doubled by the
 /// kernel: 6 MiB, Debian's `tcp_rmem` maximum).
@@ -94,8 +107,10 @@ pub(super) struct KernelFlow {
 
 /// The source's receive buffer, which bounds how much can park, grown in the kernel's
 /// place: it doubles each time the destination's peer has acknowledged a buffer's worth
-/// since the last growth, so a reader that keeps up gets the window a fast transfer
-/// needs, and one that stops leaves the source with the window it had.
+/// since the last growth while the destination kept up (the kernel held less than a
+/// buffer for the direction and it did not throttle), so a sender that sets the pace gets
+/// the window a fast transfer needs; where the destination sets it, a larger window
+/// would only park more per throttle.
 struct ReceiveWindow {
     /// What the buffer was last set to.
     buffer: usize,
@@ -306,7 +321,7 @@ impl KernelFlow {
                 let queued = match socket::peek_queued(src, peeked) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 };
                 let ahead = throttle.written_ahead.min(queued);
                 let written = write_now(dst, &peeked[ahead..queued])?;
@@ -389,7 +404,13 @@ impl KernelFlow {
 impl ReceiveWindow {
     /// `acked`: the destination's `bytes_acked` now; `held`: what the kernel holds for
     /// the direction now; `throttles`: the direction's throttles so far.
-    fn grow(&mut self, src: BorrowedFd<'_>, acked: u64, held: u64, throttles: u32) -> io::Result<()> {
+    fn grow(
+        &mut self,
+        src: BorrowedFd<'_>,
+        acked: u64,
+        held: u64,
+        throttles: u32,
+    ) -> io::Result<()> {
         if self.buffer >= LAST_RECEIVE_BUFFER {
             return Ok(());
         }
@@ -417,7 +438,7 @@ fn write_now(dst: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(written)
@@ -433,7 +454,7 @@ fn discard(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
