@@ -68,14 +68,19 @@ thread_local! {
 /// spliced socket's buffer grows as fast as the verdict takes bytes, to `tcp_rmem`'s
 /// maximum (6 MiB on Debian), so a thousand stalled uploads parked gigabytes; from
 /// here it grows only as [`ReceiveWindow`] allows.
-///
-/// Not smaller: the window must hold at least four of loopback's 64 KiB segments. A
-/// sender left with less than a segment of window waits for its persist timer (200 ms
-/// and more), and only a read that at least doubles the window sends the update that
-/// spares it the wait (docs/kernel.md, "A read sends a window update only if it doubles
-/// the window"). At 128 KiB the largest window was about two segments, and after a
-/// hand-back the sender sat on its timer.
-pub const FIRST_RECEIVE_BUFFER: usize = 256 * 1024;
+pub const FIRST_RECEIVE_BUFFER: usize = 128 * 1024;
+
+/// The least receive buffer a source has when this process reads its parked bytes: a
+/// window of four 64 KiB loopback segments. A sender left with less than a segment of
+/// window waits for its persist timer (200 ms and more), and only a read that at least
+/// doubles the window sends the update that spares it the wait (docs/kernel.md, "A read
+/// sends a window update only if it doubles the window"); at [`FIRST_RECEIVE_BUFFER`]
+/// the largest window is about two segments, and after a hand-back the sender sat on its
+/// timer. Only a direction that hands back needs it, so a source that stalls from the
+/// start keeps the smaller buffer, which is what a thousand stalled connections cost
+/// (on 6.1 and 6.12, where parked bytes pass `tcp_mem`, joining with this one let them
+/// creep on past the bound's test).
+const HAND_BACK_RECEIVE_BUFFER: usize = 256 * 1024;
 
 /// The largest receive buffer [`ReceiveWindow`] grows a source to (doubled by the
 /// kernel: 6 MiB, Debian's `tcp_rmem` maximum).
@@ -332,6 +337,7 @@ impl KernelFlow {
                 if throttle.written_ahead < queued || !all_seen {
                     if !all_seen && throttle.written_ahead >= peeked.len() / 2 {
                         // More parked than one peek sees: make room to see the rest.
+                        self.window.ready_for_read(src)?;
                         discard(src, &mut peeked[..throttle.written_ahead])?;
                         throttle.written_ahead = 0;
                     }
@@ -343,6 +349,7 @@ impl KernelFlow {
                 }
                 let redirected = throttle.redirected;
                 self.grant(maps, redirected + backlog, redirected + backlog / 4)?;
+                self.window.ready_for_read(src)?;
                 discard(src, &mut peeked[..throttle.written_ahead])?;
                 throttle.written_ahead = 0;
                 // A message may have parked after the peek: the probe keeps parking until
@@ -402,6 +409,16 @@ impl KernelFlow {
 }
 
 impl ReceiveWindow {
+    /// Before parked bytes are read: a buffer large enough that the read reopens the
+    /// sender's window ([`HAND_BACK_RECEIVE_BUFFER`]).
+    fn ready_for_read(&mut self, src: BorrowedFd<'_>) -> io::Result<()> {
+        if self.buffer < HAND_BACK_RECEIVE_BUFFER {
+            socket::set_receive_buffer(src, HAND_BACK_RECEIVE_BUFFER)?;
+            self.buffer = HAND_BACK_RECEIVE_BUFFER;
+        }
+        Ok(())
+    }
+
     /// `acked`: the destination's `bytes_acked` now; `held`: what the kernel holds for
     /// the direction now; `throttles`: the direction's throttles so far.
     fn grow(
