@@ -16,21 +16,25 @@
 //! receive buffer, and every later message parks behind it. Parked bytes are not eaten,
 //! so they close the source's TCP window and block the sender, as a direct connection
 //! would. Once the kernel has written everything it redirected before the park, this
-//! process reads the parked bytes and writes them to the destination, then grants new
-//! credit with `unparked` equal to `parked`, and the probe redirects again: redirected
-//! bytes, parked bytes, redirected bytes, in that order on the one egress, so none
-//! overtakes another.
+//! process peeks the parked bytes and writes them to the destination, grants new credit
+//! with `unparked` equal to `parked`, and only then reads them out of the source, and the
+//! probe redirects again: redirected bytes, parked bytes, redirected bytes, in that order
+//! on the one egress, so none overtakes another. Peeked, the parked bytes keep the
+//! source's window shut until the grant; read first, they would reopen it, and a sender
+//! faster than the destination would park more before every grant, so that a slow
+//! client's download crossed userspace almost whole (docs/flow-control.md, "On a link
+//! slower than the sender").
 //!
 //! Nothing here takes a source out of `SPLICED` while its bytes flow: the kernel then
 //! drops the rest of a batch the verdict is running (docs/flow-control.md).
 
 use std::{
+    cell::RefCell,
     io,
     os::fd::BorrowedFd,
     time::{Duration, Instant},
 };
 
-use super::copy::CopyBuffer;
 use crate::{
     probe::{Credit, FLOWING, SpliceMaps},
     socket,
@@ -46,18 +50,37 @@ const FIRST_LOOK: Duration = Duration::from_millis(1);
 /// and a bound on the syscalls a stalled pair costs (2 per look).
 const LAST_LOOK: Duration = Duration::from_millis(64);
 
-/// Parked bytes moved per step before the worker serves its other connections; the
-/// direction is looked at again right after.
-const PARKED_BUDGET: u64 = 1 << 20;
+/// Room in a peek beyond the source's receive buffer, for what the kernel charged to it
+/// past its limit: a peek that fills its buffer is not known to have seen the last byte.
+const PEEK_SLACK: usize = 64 * 1024;
+
+thread_local! {
+    /// A worker's buffer for the parked bytes it peeks: a hand-back never waits holding
+    /// it, so one per thread serves every throttled direction.
+    static PEEKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// The receive buffer a spliced socket joins with (`SO_RCVBUF`; the kernel doubles it).
-/// Parked bytes are bounded by the source's receive window, and on 6.12 and the older
-/// kernels tested by nothing else (6.18 holds them to `tcp_mem`): TCP accepts a segment into an empty receive queue whatever `tcp_mem` says, and
-/// the verdict keeps the queue empty (docs/flow-control.md, "Parking past tcp_mem").
-/// With the kernel's autotuning a spliced socket's buffer grows as fast as the verdict
-/// takes bytes, to `tcp_rmem`'s maximum (6 MiB on Debian), so a thousand stalled
-/// uploads parked gigabytes; from here it grows only as [`ReceiveWindow`] allows.
+/// Parked bytes are bounded by the source's receive window and, on 6.12 and older
+/// kernels, by nothing else (6.18 holds them to `tcp_mem`): TCP accepts a segment into
+/// an empty receive queue whatever `tcp_mem` says, and the verdict keeps the queue empty
+/// (docs/flow-control.md, "Parking past tcp_mem"). With the kernel's autotuning a
+/// spliced socket's buffer grows as fast as the verdict takes bytes, to `tcp_rmem`'s
+/// maximum (6 MiB on Debian), so a thousand stalled uploads parked gigabytes; from
+/// here it grows only as [`ReceiveWindow`] allows.
 pub const FIRST_RECEIVE_BUFFER: usize = 128 * 1024;
+
+/// The least receive buffer a source has when this process reads its parked bytes: a
+/// window of four 64 KiB loopback segments. A sender left with less than a segment of
+/// window waits for its persist timer (200 ms and more), and only a read that at least
+/// doubles the window sends the update that spares it the wait (docs/kernel.md, "A read
+/// sends a window update only if it doubles the window"); at [`FIRST_RECEIVE_BUFFER`]
+/// the largest window is about two segments, and after a hand-back the sender sat on its
+/// timer. Only a direction that hands back needs it, so a source that stalls from the
+/// start keeps the smaller buffer, which is what a thousand stalled connections cost
+/// (on 6.1 and 6.12, where parked bytes pass `tcp_mem`, joining with this one let them
+/// creep on past the bound's test).
+const HAND_BACK_RECEIVE_BUFFER: usize = 256 * 1024;
 
 /// The largest receive buffer [`ReceiveWindow`] grows a source to (doubled by the
 /// kernel: 6 MiB, Debian's `tcp_rmem` maximum).
@@ -89,20 +112,28 @@ pub(super) struct KernelFlow {
 
 /// The source's receive buffer, which bounds how much can park, grown in the kernel's
 /// place: it doubles each time the destination's peer has acknowledged a buffer's worth
-/// since the last growth, so a reader that keeps up gets the window a fast transfer
-/// needs, and one that stops leaves the source with the window it had.
+/// since the last growth while the destination kept up (the kernel held less than a
+/// buffer for the direction and it did not throttle), so a sender that sets the pace gets
+/// the window a fast transfer needs; where the destination sets it, a larger window
+/// would only park more per throttle.
 struct ReceiveWindow {
     /// What the buffer was last set to.
     buffer: usize,
-    /// The destination's `bytes_acked` at the last growth.
+    /// The destination's `bytes_acked` at the last growth, or at the last throttle
+    /// since.
     acked_at: u64,
+    /// The direction's throttles at the last growth: a direction that throttled is
+    /// limited by its destination, and a larger window would only park more.
+    throttles_at: u32,
 }
 
 /// A direction whose bytes parked: set until this process has moved them all.
 struct Throttle {
     /// `Flow::redirected` when the throttle began: final until the direction flows.
     redirected: u64,
-    buffer: CopyBuffer,
+    /// Parked bytes at the head of the source's queue already written to the
+    /// destination: peeked, not yet read out.
+    written_ahead: usize,
     /// When to look again if no socket event comes first, and the interval after that.
     next_look: Instant,
     interval: Duration,
@@ -134,6 +165,7 @@ impl KernelFlow {
             window: ReceiveWindow {
                 buffer: FIRST_RECEIVE_BUFFER,
                 acked_at: 0,
+                throttles_at: 0,
             },
         }
     }
@@ -177,10 +209,11 @@ impl KernelFlow {
         }
         // One TCP_INFO for both: the window's growth and the credit read the same socket.
         let (written, info) = socket::written_and_info(dst)?;
-        self.window.grow(src, info.bytes_acked)?;
         let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
         let moved = self.redirected_of(written);
         self.held = flow.redirected.saturating_sub(moved);
+        self.window
+            .grow(src, info.bytes_acked, self.held, self.throttles)?;
         if flow.state != FLOWING && flow.parked > self.unparked {
             self.throttle(flow.redirected, moved);
             return Ok(());
@@ -192,7 +225,7 @@ impl KernelFlow {
         self.throttles += 1;
         self.throttle = Some(Throttle {
             redirected,
-            buffer: CopyBuffer::default(),
+            written_ahead: 0,
             next_look: Instant::now(),
             interval: FIRST_LOOK,
             last_moved: moved,
@@ -270,8 +303,14 @@ impl KernelFlow {
         self.move_parked(throttle, maps, src, dst, now)
     }
 
-    /// Reads the parked bytes and writes them to the destination; once none is left,
-    /// new credit hands the direction back to the kernel.
+    /// Writes the parked bytes to the destination; once none is left, new credit hands
+    /// the direction back to the kernel.
+    ///
+    /// The bytes are peeked and written, and read out of the source only once all of
+    /// them are written and the credit granted: reading them would reopen the source's
+    /// window, and whatever the sender put into it before the grant would park too and
+    /// have to be moved the same way, a race a fast sender wins for megabytes
+    /// (docs/flow-control.md). Left in place, they keep the window shut.
     fn move_parked(
         &mut self,
         throttle: &mut Throttle,
@@ -281,43 +320,61 @@ impl KernelFlow {
         now: Instant,
     ) -> io::Result<Unpark> {
         let backlog = maps.backlog().bytes;
-        let mut budget = PARKED_BUDGET;
-        loop {
-            let pumped = throttle.buffer.pump(src, dst, budget)?;
-            self.unparked += pumped.read;
-            self.copied += pumped.written;
-            budget = budget.saturating_sub(pumped.read);
-            if budget == 0 {
-                return Ok(Unpark::Waiting(Instant::now()));
+        PEEKED.with_borrow_mut(|peeked| {
+            peeked.resize(2 * self.window.buffer + PEEK_SLACK, 0);
+            loop {
+                let queued = match socket::peek_queued(src, peeked) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                let ahead = throttle.written_ahead.min(queued);
+                let written = write_now(dst, &peeked[ahead..queued])?;
+                self.unparked += written as u64;
+                self.copied += written as u64;
+                throttle.written_ahead = ahead + written;
+                let all_seen = queued < peeked.len();
+                if throttle.written_ahead < queued || !all_seen {
+                    if !all_seen && throttle.written_ahead >= peeked.len() / 2 {
+                        // More parked than one peek sees: make room to see the rest.
+                        self.window.ready_for_read(src)?;
+                        discard(src, &mut peeked[..throttle.written_ahead])?;
+                        throttle.written_ahead = 0;
+                    }
+                    if written == 0 || throttle.written_ahead < queued {
+                        // The destination is full: its next room wakes the worker.
+                        return Ok(Unpark::Waiting(now + LAST_LOOK));
+                    }
+                    continue;
+                }
+                let redirected = throttle.redirected;
+                self.grant(maps, redirected + backlog, redirected + backlog / 4)?;
+                self.window.ready_for_read(src)?;
+                discard(src, &mut peeked[..throttle.written_ahead])?;
+                throttle.written_ahead = 0;
+                // A message may have parked after the peek: the probe keeps parking until
+                // `unparked` catches up with it, so move it too.
+                let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+                if flow.parked == self.unparked {
+                    self.held = 0;
+                    return Ok(Unpark::Flowing);
+                }
+                if flow.redirected != throttle.redirected {
+                    // It flowed for a moment after the grant, and parked again beyond it:
+                    // those redirected bytes come before the new parked ones.
+                    self.throttles += 1;
+                    throttle.redirected = flow.redirected;
+                    throttle.interval = FIRST_LOOK;
+                    throttle.next_look = now + FIRST_LOOK;
+                    return Ok(Unpark::Waiting(throttle.next_look));
+                }
+                if queued == 0 {
+                    // Counted as parked but not yet in the receive queue: its arrival
+                    // wakes the worker, and the look is a fallback.
+                    return Ok(Unpark::Waiting(now + FIRST_LOOK));
+                }
             }
-            if !throttle.buffer.is_empty() {
-                // The destination is full: its next room wakes the worker.
-                return Ok(Unpark::Waiting(now + LAST_LOOK));
-            }
-            let redirected = throttle.redirected;
-            self.grant(maps, redirected + backlog, redirected + backlog / 4)?;
-            // A message may have parked after the last read: the probe keeps parking
-            // until `unparked` catches up with it, so read it too.
-            let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-            if flow.parked == self.unparked {
-                self.held = 0;
-                return Ok(Unpark::Flowing);
-            }
-            if flow.redirected != throttle.redirected {
-                // It flowed for a moment after the grant, and parked again beyond it:
-                // those redirected bytes come before the new parked ones.
-                self.throttles += 1;
-                throttle.redirected = flow.redirected;
-                throttle.interval = FIRST_LOOK;
-                throttle.next_look = now + FIRST_LOOK;
-                return Ok(Unpark::Waiting(throttle.next_look));
-            }
-            if pumped.read == 0 {
-                // Counted as parked but not yet in the receive queue: its arrival wakes
-                // the worker, and the look is a fallback.
-                return Ok(Unpark::Waiting(now + FIRST_LOOK));
-            }
-        }
+        })
     }
 
     /// Whether every byte the source sent after the kernel took over, `owed` in all,
@@ -352,9 +409,31 @@ impl KernelFlow {
 }
 
 impl ReceiveWindow {
-    /// `acked`: the destination's `bytes_acked` now.
-    fn grow(&mut self, src: BorrowedFd<'_>, acked: u64) -> io::Result<()> {
+    /// Before parked bytes are read: a buffer large enough that the read reopens the
+    /// sender's window ([`HAND_BACK_RECEIVE_BUFFER`]).
+    fn ready_for_read(&mut self, src: BorrowedFd<'_>) -> io::Result<()> {
+        if self.buffer < HAND_BACK_RECEIVE_BUFFER {
+            socket::set_receive_buffer(src, HAND_BACK_RECEIVE_BUFFER)?;
+            self.buffer = HAND_BACK_RECEIVE_BUFFER;
+        }
+        Ok(())
+    }
+
+    /// `acked`: the destination's `bytes_acked` now; `held`: what the kernel holds for
+    /// the direction now; `throttles`: the direction's throttles so far.
+    fn grow(
+        &mut self,
+        src: BorrowedFd<'_>,
+        acked: u64,
+        held: u64,
+        throttles: u32,
+    ) -> io::Result<()> {
         if self.buffer >= LAST_RECEIVE_BUFFER {
+            return Ok(());
+        }
+        if throttles != self.throttles_at || held > self.buffer as u64 {
+            self.throttles_at = throttles;
+            self.acked_at = acked;
             return Ok(());
         }
         if acked.saturating_sub(self.acked_at) < self.buffer as u64 {
@@ -366,4 +445,34 @@ impl ReceiveWindow {
         self.acked_at = acked;
         Ok(())
     }
+}
+
+/// Writes as much of `bytes` as the destination takes now.
+fn write_now(dst: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match socket::write(dst, &bytes[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(written)
+}
+
+/// Reads out of the source the `buf.len()` bytes at its head, peeked and written before.
+fn discard(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match socket::read(src, &mut buf[done..]) {
+            Ok(0) => {
+                return Err(io::Error::other("parked bytes peeked were gone when read"));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
