@@ -50,6 +50,10 @@ const FIRST_LOOK: Duration = Duration::from_millis(1);
 /// and a bound on the syscalls a stalled pair costs (2 per look).
 const LAST_LOOK: Duration = Duration::from_millis(64);
 
+/// Parked bytes moved per step before the worker serves its other connections; the
+/// direction is looked at again right after.
+const PARKED_BUDGET: usize = 1 << 20;
+
 /// Room in a peek beyond the source's receive buffer, for what the kernel charged to it
 /// past its limit: a peek that fills its buffer is not known to have seen the last byte.
 const PEEK_SLACK: usize = 64 * 1024;
@@ -322,7 +326,11 @@ impl KernelFlow {
         let backlog = maps.backlog().bytes;
         PEEKED.with_borrow_mut(|peeked| {
             peeked.resize(2 * self.window.buffer + PEEK_SLACK, 0);
+            let mut moved_now = 0;
             loop {
+                if moved_now >= PARKED_BUDGET {
+                    return Ok(Unpark::Waiting(Instant::now()));
+                }
                 let queued = match socket::peek_queued(src, peeked) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -332,6 +340,7 @@ impl KernelFlow {
                 let written = write_now(dst, &peeked[ahead..queued])?;
                 self.unparked += written as u64;
                 self.copied += written as u64;
+                moved_now += written;
                 throttle.written_ahead = ahead + written;
                 let all_seen = queued < peeked.len();
                 if throttle.written_ahead < queued || !all_seen {
