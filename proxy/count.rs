@@ -12,10 +12,13 @@ use std::{
 
 /// Connections held by one part of the proxy (the server's in flight, the engine's
 /// live). Adding and removing cost an atomic each; only the removal that reaches zero
-/// takes the lock, to wake the waiters.
+/// while a thread waits takes the lock, to wake it. Without a waiter a notify would
+/// still cost a `futex` call, on every connection of a proxy that serves one at a time.
 #[derive(Default)]
 pub(crate) struct ConnectionCount {
     count: AtomicUsize,
+    /// Threads in [`ConnectionCount::wait_zero`].
+    waiters: AtomicUsize,
     lock: Mutex<()>,
     zero: Condvar,
 }
@@ -30,7 +33,11 @@ impl ConnectionCount {
     }
 
     pub fn remove(&self) {
-        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // A waiter counts itself before it looks at the count, and this looks at the
+        // waiters after it changed the count (both sequentially consistent): either this
+        // sees the waiter, or the waiter sees zero and does not wait.
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.waiters.load(Ordering::SeqCst) > 0
+        {
             // Under the lock, so that a waiter between its check and its wait is not
             // missed.
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -41,10 +48,13 @@ impl ConnectionCount {
     /// Waits until the count is zero or `deadline` passes; true if it is zero.
     pub fn wait_zero(&self, deadline: Instant) -> bool {
         let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut zero = true;
         while self.get() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                zero = false;
+                break;
             }
             guard = self
                 .zero
@@ -52,7 +62,8 @@ impl ConnectionCount {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        true
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        zero
     }
 }
 
