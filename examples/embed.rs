@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<ExitCode> {
         };
         Decision::Forward(Forward {
             route: route.into(),
-            backends: vec![backend],
+            backends: vec![backend.into()],
             send_proxy: None,
         })
     };

@@ -10,7 +10,9 @@
 //!
 //! Counts are per route name and outlive a reload: a route that keeps its name after
 //! SIGHUP keeps counting the connections it already holds against its new limit. A
-//! name seen once keeps its (small) entry for the life of the process.
+//! name seen once keeps its (small) entry for the life of the proxy. Every worker finds
+//! its route's count on every routed connection, so the names are read without a lock:
+//! only the first connection of a name not seen before takes one, to add it.
 
 use std::{
     collections::HashMap,
@@ -23,6 +25,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
+
 /// A flood of refused clients must not become a flood of log lines: at most this many
 /// refusals are logged per second, and the next line logged says how many were not. The
 /// counters stay exact.
@@ -32,7 +36,10 @@ const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
 /// every method may be called from any thread.
 pub struct Admission {
     proxy: Arc<Count>,
-    routes: Mutex<HashMap<Arc<str>, Arc<Count>>>,
+    /// Replaced whole when a name is added: the names are few and added once each.
+    routes: ArcSwap<HashMap<Arc<str>, Arc<Count>>>,
+    /// Held while a name is added, so that two workers adding names at once keep both.
+    adding: Mutex<()>,
     log_budget: Mutex<LogWindow>,
 }
 
@@ -126,7 +133,8 @@ impl Admission {
     pub fn new() -> Admission {
         Admission {
             proxy: Arc::default(),
-            routes: Mutex::default(),
+            routes: ArcSwap::default(),
+            adding: Mutex::new(()),
             log_budget: Mutex::new(LogWindow {
                 start: Instant::now(),
                 logged: 0,
@@ -158,10 +166,7 @@ impl Admission {
         route: &Arc<str>,
         max: Option<usize>,
     ) -> Result<(), Refused> {
-        let count = {
-            let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(routes.entry(Arc::clone(route)).or_default())
-        };
+        let count = self.route_count(route);
         if !count.take(max) {
             count.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Route {
@@ -173,6 +178,24 @@ impl Admission {
             previous.held.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(())
+    }
+
+    /// The count of `route`, added at zero the first time the name is seen.
+    fn route_count(&self, route: &Arc<str>) -> Arc<Count> {
+        if let Some(count) = self.routes.load().get(route) {
+            return Arc::clone(count);
+        }
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        // Another worker may have added it while this one waited.
+        let routes = self.routes.load_full();
+        if let Some(count) = routes.get(route) {
+            return Arc::clone(count);
+        }
+        let count = Arc::<Count>::default();
+        let mut added = HashMap::clone(&routes);
+        added.insert(Arc::clone(route), Arc::clone(&count));
+        self.routes.store(Arc::new(added));
+        count
     }
 
     /// Connections accepted and not yet closed.
@@ -187,7 +210,7 @@ impl Admission {
 
     /// Every route seen so far, by name.
     pub fn routes(&self) -> Vec<RouteCounts> {
-        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let routes = self.routes.load();
         let mut counts: Vec<RouteCounts> = routes
             .iter()
             .map(|(route, count)| RouteCounts {
@@ -277,6 +300,43 @@ mod tests {
         assert_eq!(admission.held(), 0);
         assert_eq!(admission.routes()[0].held, 0);
         assert!(admission.admit(None).is_ok());
+    }
+
+    #[test]
+    fn names_added_at_once_by_many_workers_are_all_kept() {
+        let admission = Arc::new(Admission::new());
+        let workers: Vec<_> = (0..8)
+            .map(|worker| {
+                let admission = Arc::clone(&admission);
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|n| {
+                            // Half the names are every worker's, half this one's own.
+                            let route: Arc<str> = match n % 2 {
+                                0 => format!("shared-{n}").into(),
+                                _ => format!("own-{worker}-{n}").into(),
+                            };
+                            let mut ticket = admission.admit(None).unwrap();
+                            admission.enter_route(&mut ticket, &route, None).unwrap();
+                            ticket
+                        })
+                        .collect::<Vec<Ticket>>()
+                })
+            })
+            .collect();
+        let tickets: Vec<Vec<Ticket>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        let routes = admission.routes();
+        assert_eq!(routes.len(), 25 + 8 * 25);
+        for counts in &routes {
+            let want = if counts.route.starts_with("shared-") {
+                8
+            } else {
+                1
+            };
+            assert_eq!(counts.held, want, "{counts:?}");
+        }
+        drop(tickets);
+        assert!(admission.routes().iter().all(|counts| counts.held == 0));
     }
 
     #[test]

@@ -13,10 +13,10 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use crate::backend::{self, BackendState, HealthCheck};
+use crate::backend::{Backends, Target};
 
 /// The largest `weight` routes.toml accepts.
 pub const MAX_WEIGHT: u32 = 1000;
@@ -104,13 +104,16 @@ impl fmt::Display for WeightedBackend {
 
 /// One route's backends and the state its [`Balance`] policy needs.
 ///
-/// Shared by every worker thread; [`Balancer::order`] takes `&self`.
+/// Shared by every worker thread; [`Balancer::order`] takes `&self`. It holds each
+/// backend's [`Target`], with the state its proxy keeps for the address, and hands
+/// those out: the connect path reports to the state it was given.
 #[derive(Debug)]
 pub struct Balancer {
     policy: Balance,
     backends: Vec<WeightedBackend>,
-    /// Per backend, shared with every other route that lists the same address.
-    states: Vec<Arc<BackendState>>,
+    /// Per backend: its address with its state, shared with every other route of the
+    /// same proxy that lists the address.
+    targets: Vec<Target>,
     /// Ties in least-conn start here. It only ever grows (wrapping is harmless).
     next_start: AtomicUsize,
     /// Smooth weighted round-robin's current weights, one per backend.
@@ -118,17 +121,16 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// `health` applies to every backend of the route (see [`crate::backend`]).
-    pub fn new(policy: Balance, backends: Vec<WeightedBackend>, health: HealthCheck) -> Balancer {
-        let states = backends
-            .iter()
-            .map(|b| backend::state(b.addr, health))
-            .collect();
+    /// Each backend's state is `set`'s for its address, so the set should track them
+    /// first ([`Backends::track`]); an address it does not track is never down and its
+    /// connections are not counted.
+    pub fn new(policy: Balance, backends: Vec<WeightedBackend>, set: &Backends) -> Balancer {
+        let targets = backends.iter().map(|b| set.target(b.addr)).collect();
         Balancer {
             policy,
             current: Mutex::new(vec![0; backends.len()]),
             backends,
-            states,
+            targets,
             next_start: AtomicUsize::new(0),
         }
     }
@@ -140,11 +142,13 @@ impl Balancer {
 
     /// Every backend once, in the order this connection should try them: the policy's
     /// order, healthy backends first.
-    pub fn order(&self, client: SocketAddr) -> Vec<SocketAddr> {
+    pub fn order(&self, client: SocketAddr) -> Vec<Target> {
         if self.backends.is_empty() {
             return Vec::new();
         }
-        let up: Vec<bool> = self.states.iter().map(|state| !state.is_down()).collect();
+        let up: Vec<bool> = (self.targets.iter())
+            .map(|target| target.state().is_none_or(|state| !state.is_down()))
+            .collect();
         let indices = match self.policy {
             Balance::RoundRobin => self.round_robin(&up),
             Balance::LeastConn => self.least_conn(),
@@ -154,7 +158,7 @@ impl Balancer {
         healthy
             .into_iter()
             .chain(down)
-            .map(|i| self.backends[i].addr)
+            .map(|i| self.targets[i].clone())
             .collect()
     }
 
@@ -195,7 +199,8 @@ impl Balancer {
         let mut order: Vec<(usize, u64)> = (0..n)
             .map(|k| {
                 let i = (start + k) % n;
-                (i, self.states[i].active() as u64)
+                let active = self.targets[i].state().map_or(0, |state| state.active());
+                (i, active as u64)
             })
             .collect();
         // a/wa < b/wb  <=>  a*wb < b*wa; the sort is stable, so ties keep the rotation.
@@ -276,11 +281,11 @@ fn mix64(mut x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{BackendState, HealthCheck};
     use std::collections::HashMap;
     use std::net::Ipv4Addr;
+    use std::sync::Arc;
 
-    /// Addresses no other test uses, so that the shared per-address state (live
-    /// connections, health) is this test's own.
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 3, 1], port))
     }
@@ -296,8 +301,29 @@ mod tests {
         ports.iter().map(|&port| addr(port).into()).collect()
     }
 
+    /// A balancer whose backends are tracked, unchecked, in a set of its own.
     fn balancer(policy: Balance, backends: Vec<WeightedBackend>) -> Balancer {
-        Balancer::new(policy, backends, HealthCheck::OFF)
+        balancer_in(&Backends::new(), HealthCheck::OFF, policy, backends)
+    }
+
+    /// A balancer whose backends `set` tracks, checked as `check` says.
+    fn balancer_in(
+        set: &Backends,
+        check: HealthCheck,
+        policy: Balance,
+        backends: Vec<WeightedBackend>,
+    ) -> Balancer {
+        set.track(backends.iter().map(|backend| (backend.addr, check)));
+        Balancer::new(policy, backends, set)
+    }
+
+    /// The addresses of `balancer`'s order for `client`.
+    fn addrs(balancer: &Balancer, client: SocketAddr) -> Vec<SocketAddr> {
+        balancer
+            .order(client)
+            .iter()
+            .map(|target| target.addr)
+            .collect()
     }
 
     fn client(n: u32) -> SocketAddr {
@@ -328,10 +354,10 @@ mod tests {
     fn round_robin_rotates_the_start() {
         let (a, b, c) = (addr(9001), addr(9002), addr(9003));
         let balancer = balancer(Balance::RoundRobin, plain(&[9001, 9002, 9003]));
-        assert_eq!(balancer.order(CLIENT), [a, b, c]);
-        assert_eq!(balancer.order(CLIENT), [b, c, a]);
-        assert_eq!(balancer.order(CLIENT), [c, a, b]);
-        assert_eq!(balancer.order(CLIENT), [a, b, c]);
+        assert_eq!(addrs(&balancer, CLIENT), [a, b, c]);
+        assert_eq!(addrs(&balancer, CLIENT), [b, c, a]);
+        assert_eq!(addrs(&balancer, CLIENT), [c, a, b]);
+        assert_eq!(addrs(&balancer, CLIENT), [a, b, c]);
         assert_eq!(balancer.backends(), plain(&[9001, 9002, 9003]));
     }
 
@@ -342,12 +368,14 @@ mod tests {
             Balance::RoundRobin,
             vec![weighted(9011, 5), weighted(9012, 1), weighted(9013, 1)],
         );
-        let firsts: Vec<u16> = (0..14).map(|_| balancer.order(CLIENT)[0].port()).collect();
+        let firsts: Vec<u16> = (0..14)
+            .map(|_| addrs(&balancer, CLIENT)[0].port())
+            .collect();
         let round = [9011, 9011, 9012, 9011, 9013, 9011, 9011];
         assert_eq!(firsts[..7], round);
         assert_eq!(firsts[7..], round);
         // Every backend is in every order, once.
-        let mut order = balancer.order(CLIENT);
+        let mut order = addrs(&balancer, CLIENT);
         order.sort();
         assert_eq!(order, [addr(9011), addr(9012), addr(9013)]);
     }
@@ -357,10 +385,10 @@ mod tests {
         let a = addr(9001);
         for policy in [Balance::RoundRobin, Balance::LeastConn, Balance::SourceHash] {
             let single = balancer(policy, plain(&[9001]));
-            assert_eq!(single.order(CLIENT), [a]);
-            assert_eq!(single.order(CLIENT), [a]);
+            assert_eq!(addrs(&single, CLIENT), [a]);
+            assert_eq!(addrs(&single, CLIENT), [a]);
             let none = balancer(policy, Vec::new());
-            assert!(none.order(CLIENT).is_empty());
+            assert!(addrs(&none, CLIENT).is_empty());
         }
     }
 
@@ -377,7 +405,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut firsts = HashMap::new();
                     for _ in 0..CALLS_PER_THREAD {
-                        let order = balancer.order(CLIENT);
+                        let order = addrs(&balancer, CLIENT);
                         assert_eq!(order.len(), 3);
                         *firsts.entry(order[0]).or_insert(0usize) += 1;
                     }
@@ -404,40 +432,37 @@ mod tests {
 
     #[test]
     fn least_conn_prefers_the_least_loaded_per_weight() {
-        let balancer = balancer(
+        let set = Backends::new();
+        let balancer = balancer_in(
+            &set,
+            HealthCheck::OFF,
             Balance::LeastConn,
             vec![weighted(9031, 1), weighted(9032, 1), weighted(9033, 2)],
         );
+        let lease = |addr: SocketAddr| set.target(addr).state().map(|state| state.lease());
         let (a, b, c) = (addr(9031), addr(9032), addr(9033));
         // All idle: ties rotate.
-        let firsts: Vec<_> = (0..3).map(|_| balancer.order(CLIENT)[0]).collect();
+        let firsts: Vec<_> = (0..3).map(|_| addrs(&balancer, CLIENT)[0]).collect();
         assert_eq!(firsts, [a, b, c]);
-        let held_a = [
-            backend::state(a, HealthCheck::OFF).lease(),
-            backend::state(a, HealthCheck::OFF).lease(),
-        ];
-        let held_c = [
-            backend::state(c, HealthCheck::OFF).lease(),
-            backend::state(c, HealthCheck::OFF).lease(),
-        ];
+        let held_a = [lease(a), lease(a)];
+        let held_c = [lease(c), lease(c)];
         // a: 2/1, b: 0/1, c: 2/2 = 1.
         for _ in 0..4 {
-            assert_eq!(balancer.order(CLIENT), [b, c, a]);
+            assert_eq!(addrs(&balancer, CLIENT), [b, c, a]);
         }
-        let held_b = [
-            backend::state(b, HealthCheck::OFF).lease(),
-            backend::state(b, HealthCheck::OFF).lease(),
-        ];
+        let held_b = [lease(b), lease(b)];
         // a: 2, b: 2, c: 1.
-        assert_eq!(balancer.order(CLIENT)[0], c);
+        assert_eq!(addrs(&balancer, CLIENT)[0], c);
         drop(held_a);
-        assert_eq!(balancer.order(CLIENT)[0], a);
+        assert_eq!(addrs(&balancer, CLIENT)[0], a);
         drop((held_b, held_c));
     }
 
     /// Which backend each of `clients` clients gets first.
     fn firsts(balancer: &Balancer, clients: u32) -> Vec<SocketAddr> {
-        (0..clients).map(|n| balancer.order(client(n))[0]).collect()
+        (0..clients)
+            .map(|n| addrs(balancer, client(n))[0])
+            .collect()
     }
 
     #[test]
@@ -448,7 +473,7 @@ mod tests {
         assert_eq!(once, firsts(&balancer, 4000), "a client keeps its backend");
         // The port is not hashed: the same IP from another port goes the same way.
         let moved_port = SocketAddr::new(client(7).ip(), 55555);
-        assert_eq!(balancer.order(moved_port)[0], once[7]);
+        assert_eq!(addrs(&balancer, moved_port)[0], once[7]);
         let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
         for backend in &once {
             *counts.entry(*backend).or_default() += 1;
@@ -490,21 +515,23 @@ mod tests {
     fn source_hash_fails_over_in_a_stable_order() {
         let balancer = balancer(Balance::SourceHash, plain(&[9061, 9062, 9063]));
         for n in 0..50 {
-            let order = balancer.order(client(n));
+            let order = addrs(&balancer, client(n));
             assert_eq!(order.len(), 3);
-            assert_eq!(order, balancer.order(client(n)));
+            assert_eq!(order, addrs(&balancer, client(n)));
         }
     }
 
-    /// Takes `addr` down: checked an hour apart (so no check runs during the test),
-    /// down after one failed connect.
-    fn take_down(addr: SocketAddr) -> Arc<BackendState> {
-        let check = HealthCheck {
-            interval: std::time::Duration::from_secs(3600),
-            fails: 1,
-            timeout: std::time::Duration::from_secs(1),
-        };
-        let state = backend::state(addr, check);
+    /// Checked an hour apart (so no check runs during the test), down after one
+    /// failed connect.
+    const HOURLY: HealthCheck = HealthCheck {
+        interval: std::time::Duration::from_secs(3600),
+        fails: 1,
+        timeout: std::time::Duration::from_secs(1),
+    };
+
+    /// Takes `addr`, which `set` tracks with [`HOURLY`] checks, down.
+    fn take_down(set: &Backends, addr: SocketAddr) -> Arc<BackendState> {
+        let state = Arc::clone(set.target(addr).state().expect("tracked"));
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         state.connect_failed("a test", &refused);
         assert!(state.is_down());
@@ -515,30 +542,35 @@ mod tests {
     fn down_backends_come_last_and_round_robin_shares_their_turns() {
         let backends = vec![weighted(9071, 1), weighted(9072, 1), weighted(9073, 2)];
         let (a, b, c) = (addr(9071), addr(9072), addr(9073));
-        let round_robin = balancer(Balance::RoundRobin, backends.clone());
-        let least_conn = balancer(Balance::LeastConn, backends.clone());
-        let source_hash = balancer(Balance::SourceHash, backends);
+        let set = Backends::new();
+        let round_robin = balancer_in(&set, HOURLY, Balance::RoundRobin, backends.clone());
+        let least_conn = balancer_in(&set, HOURLY, Balance::LeastConn, backends.clone());
+        let source_hash = balancer_in(&set, HOURLY, Balance::SourceHash, backends);
         let hashed_before: Vec<Vec<SocketAddr>> =
-            (0..200).map(|n| source_hash.order(client(n))).collect();
-        let down = take_down(c);
-        let firsts: Vec<SocketAddr> = (0..10).map(|_| round_robin.order(CLIENT)[0]).collect();
+            (0..200).map(|n| addrs(&source_hash, client(n))).collect();
+        let down = take_down(&set, c);
+        let firsts: Vec<SocketAddr> = (0..10).map(|_| addrs(&round_robin, CLIENT)[0]).collect();
         assert_eq!(firsts, [a, b, a, b, a, b, a, b, a, b]);
         for _ in 0..4 {
-            let order = round_robin.order(CLIENT);
+            let order = addrs(&round_robin, CLIENT);
             assert_eq!(order[2], c, "{order:?}");
-            assert_eq!(least_conn.order(CLIENT)[2], c);
+            assert_eq!(addrs(&least_conn, CLIENT)[2], c);
         }
         for (n, before) in (0..200).zip(&hashed_before) {
             let healthy: Vec<SocketAddr> = before.iter().copied().filter(|&x| x != c).collect();
-            let order = source_hash.order(client(n));
+            let order = addrs(&source_hash, client(n));
             assert_eq!(order[..2], healthy[..], "client {n}");
             assert_eq!(order[2], c);
         }
         down.connected("a test");
-        let firsts: Vec<SocketAddr> = (0..8).map(|_| round_robin.order(CLIENT)[0]).collect();
+        let firsts: Vec<SocketAddr> = (0..8).map(|_| addrs(&round_robin, CLIENT)[0]).collect();
         assert_eq!(firsts.iter().filter(|&&x| x == c).count(), 4, "{firsts:?}");
         for (n, before) in (0..200).zip(&hashed_before) {
-            assert_eq!(&source_hash.order(client(n)), before, "client {n} is back");
+            assert_eq!(
+                &addrs(&source_hash, client(n)),
+                before,
+                "client {n} is back"
+            );
         }
     }
 }

@@ -24,7 +24,7 @@
 //! let router = move |first: &FirstMessage<'_>| match first.bytes.first() {
 //!     Some(b'*') => Decision::Forward(Forward {
 //!         route: "redis".into(),
-//!         backends: vec![backend],
+//!         backends: vec![backend.into()],
 //!         send_proxy: None,
 //!     }),
 //!     None if !first.complete => Decision::NeedMore,
@@ -73,7 +73,8 @@
 //! - [`admission`]: connections held against `max_connections`, and refusals.
 //! - [`route`]: matchers and the route table that picks a route for a first message.
 //! - [`balance`]: the order in which a route's backends are tried.
-//! - [`backend`]: what is known about each backend address: live connections.
+//! - [`backend`]: a proxy's backend set: each address's live connections and health, and
+//!   the threads that check it.
 //! - [`proxy_protocol`]: the PROXY protocol header `send_proxy` writes to backends.
 //! - [`probe`]: the loaded eBPF programs and their maps.
 //! - [`logging`]: how log lines are written: colours only at a terminal, JSON escaped.

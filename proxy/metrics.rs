@@ -14,7 +14,7 @@
 use std::{
     fmt, io,
     net::{SocketAddr, TcpListener},
-    sync::Arc,
+    sync::{Arc, OnceLock, Weak},
     thread,
     time::Duration,
 };
@@ -29,7 +29,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{backend, probe::Probe, splice::Mode};
+use crate::{backend::Backends, probe::Probe, splice::Mode};
 
 /// Upper bounds, in seconds, of the latency histograms' buckets: from a loopback
 /// round trip to the longest sensible timeout.
@@ -121,7 +121,13 @@ pub struct Metrics {
     connect_failures: Family<BackendLabels, Counter>,
     held: Gauge,
     throttled: Counter,
+    /// The backend set whose states are exported, once a proxy shows it.
+    backends: BackendSlot,
 }
+
+/// Where [`BackendHealth`] finds the proxy's backend set: weak, so that the metrics,
+/// which an engine's user may keep, never keep the set and its checker threads alive.
+type BackendSlot = Arc<OnceLock<Weak<Backends>>>;
 
 impl Metrics {
     /// Metrics for an engine; with a probe, its counters are exported too.
@@ -139,6 +145,7 @@ impl Metrics {
             connect_failures: Family::default(),
             held: Gauge::default(),
             throttled: Counter::default(),
+            backends: BackendSlot::default(),
         };
         metrics.registered(probe)
     }
@@ -204,11 +211,17 @@ impl Metrics {
             "Times a spliced direction ran out of credit and parked its bytes, because its reader was slower than its sender by more than splice_backlog_max",
             self.throttled.clone(),
         );
-        registry.register_collector(Box::new(BackendHealth));
+        registry.register_collector(Box::new(BackendHealth(Arc::clone(&self.backends))));
         if let Some(probe) = probe {
             registry.register_collector(Box::new(ProbeCounters(probe)));
         }
         self
+    }
+
+    /// Exports the states of `backends`, the set of the proxy this engine runs, from now
+    /// on. Only the first set shown is: an engine runs one proxy.
+    pub(crate) fn show_backends(&self, backends: &Arc<Backends>) {
+        let _ = self.backends.set(Arc::downgrade(backends));
     }
 
     /// The bytes the kernel holds for spliced directions changed by `delta`.
@@ -416,13 +429,15 @@ struct BackendSample {
 /// One of [`BackendSample`]'s values as a gauge.
 type BackendGauge = fn(&BackendSample) -> i64;
 
-/// Every backend the routes name, read from its shared state when scraped.
+/// Every backend the proxy's routes name, read from its state when scraped.
 #[derive(Debug)]
-struct BackendHealth;
+struct BackendHealth(BackendSlot);
 
 impl Collector for BackendHealth {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let mut backends: Vec<BackendSample> = backend::tracked()
+        let states =
+            (self.0.get().and_then(Weak::upgrade)).map_or_else(Vec::new, |set| set.states());
+        let mut backends: Vec<BackendSample> = states
             .into_iter()
             .map(|state| BackendSample {
                 labels: backend_labels(state.addr()),

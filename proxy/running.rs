@@ -12,6 +12,7 @@ use std::{
 
 use crate::{
     admission::Admission,
+    backend::Backends,
     config::Config,
     metrics,
     privileges::{self, Identity, PrivilegeError},
@@ -90,7 +91,7 @@ pub enum Splicing {
 }
 
 /// Where a proxy's routes come from. A routes file's table is built at start, after
-/// privileges are dropped: it starts the backends' health-check threads.
+/// privileges are dropped: building it starts the backends' health-check threads.
 enum Routes {
     File(Config),
     Router(Arc<dyn Router>),
@@ -273,9 +274,13 @@ impl ProxyBuilder {
                     .map_err(|source| ProxyError::Metrics { addr, source })
             })
             .transpose()?;
+        // The proxy's own: another proxy in the process that lists the same addresses
+        // keeps its own counts and health.
+        let backends = Arc::new(Backends::new());
+        engine.metrics().show_backends(&backends);
         let (router, limits): (Arc<dyn Router>, Limits) = match self.routes {
             Routes::File(config) => (
-                Arc::new(RouteTable::new(&config)),
+                Arc::new(RouteTable::new(&config, &backends)),
                 self.limits.unwrap_or_else(|| Limits::from(&config)),
             ),
             Routes::Router(router) => (router, self.limits.unwrap_or_default()),
@@ -286,6 +291,7 @@ impl ProxyBuilder {
             engine,
             server,
             metrics,
+            backends,
         })
     }
 }
@@ -304,6 +310,9 @@ pub struct Proxy {
     engine: SpliceEngine,
     server: Server,
     metrics: Option<metrics::Endpoint>,
+    /// Dropped last, once the routes and connections that hold its states are gone: it
+    /// ends the health-check threads. Shared only with the metrics, weakly.
+    backends: Arc<Backends>,
 }
 
 impl Proxy {
@@ -348,9 +357,10 @@ impl Proxy {
     /// Connections already accepted keep the routing they started with. The listen
     /// address is not part of a routes file and stays.
     pub fn reload(&self, config: &Config) -> Result<(), ProxyError> {
-        self.server
-            .routing()
-            .replace(Arc::new(RouteTable::new(config)), Limits::from(config));
+        self.server.routing().replace(
+            Arc::new(RouteTable::new(config, &self.backends)),
+            Limits::from(config),
+        );
         if let Some(probe) = self.engine.probe() {
             let backlog = Backlog {
                 bytes: config.splice_backlog_max,

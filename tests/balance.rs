@@ -17,7 +17,7 @@ use std::{
 };
 
 use splice_proxy::{
-    backend::HealthCheck,
+    backend::Backends,
     balance::{Balance, Balancer, WeightedBackend},
 };
 use support::*;
@@ -217,7 +217,8 @@ fn source_hash_pins_each_client_address_and_follows_the_weights() {
             .iter()
             .map(|&(addr, weight)| WeightedBackend { addr, weight })
             .collect(),
-        HealthCheck::OFF,
+        // Untracked: source-hash orders by address alone.
+        &Backends::new(),
     );
     let name_of = |addr: SocketAddr| if addr == a.addr { "a" } else { "b" };
     let mut counts: HashMap<String, usize> = HashMap::new();
@@ -234,7 +235,7 @@ fn source_hash_pins_each_client_address_and_follows_the_weights() {
         let mut stream = connect_from(source, proxy.addr);
         let name = ask(&mut stream, n as usize);
         drop(stream);
-        let want = name_of(expected.order(SocketAddr::new(source, 1))[0]);
+        let want = name_of(expected.order(SocketAddr::new(source, 1))[0].addr);
         assert_eq!(name, want, "client {source}");
         let first = first_backend.entry(source).or_insert_with(|| name.clone());
         assert_eq!(*first, name, "client {source} moved");
@@ -441,4 +442,62 @@ fn reloads_keep_one_checker_per_checked_backend() {
     let (len, hash) = write_while_reading(&mut stream, Arc::new(sent.clone())).unwrap();
     assert_eq!((len, hash), (sent.len() as u64, sha256(&sent)));
     assert!(proxy.log_lines(" down:").is_empty(), "{}", proxy.stderr());
+}
+
+/// The value of `splice_proxy_{name}` for `backend` in `proxy`'s metrics, if exported.
+fn backend_gauge(proxy: &Proxy, name: &str, backend: SocketAddr) -> Option<i64> {
+    let series = format!("splice_proxy_{name}{{backend=\"{backend}\"}} ");
+    let text = proxy.engine().metrics().encode();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .map(|value| value.trim().parse().expect("a gauge's value"))
+}
+
+#[test]
+fn two_proxies_in_one_process_keep_their_own_backend_state() {
+    let echo = Backend::echo();
+    let dead = refused_addr();
+    // Checked an hour apart, so only the proxies' own connects count; one refusal
+    // takes a backend down.
+    let routes = format!(
+        "health_interval = \"1h\"\nhealth_fails = 1\n\n{}",
+        prefix_routes("x", &[dead, echo.addr])
+    );
+    let (one, two) = (Proxy::start(&routes, COPY), Proxy::start(&routes, COPY));
+    // Through the first proxy only: its round-robin tries the dead backend first, whose
+    // refusal takes it down there, and then holds a connection to the echo backend.
+    let mut held = connect(one.addr);
+    held.write_all(b"x1").unwrap();
+    let mut echoed = [0; 2];
+    held.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"x1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend_gauge(&one, "backend_connections", echo.addr) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the first proxy holds no connection"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(backend_gauge(&one, "backend_up", dead), Some(0));
+    // The second lists the same addresses and has seen none of it.
+    assert_eq!(backend_gauge(&two, "backend_up", dead), Some(1));
+    assert_eq!(backend_gauge(&two, "backend_up", echo.addr), Some(1));
+    assert_eq!(
+        backend_gauge(&two, "backend_connections", echo.addr),
+        Some(0)
+    );
+    // And it still sends its first connection to the backend the other took down.
+    let mut stream = connect(two.addr);
+    stream.write_all(b"x2").unwrap();
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"x2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend_gauge(&two, "backend_up", dead) != Some(0) {
+        assert!(Instant::now() < deadline, "the second proxy never tried it");
+        thread::sleep(Duration::from_millis(5));
+    }
+    drop((held, stream));
+    one.wait_idle(Duration::from_secs(10));
+    two.wait_idle(Duration::from_secs(10));
 }

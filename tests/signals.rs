@@ -275,7 +275,7 @@ fn proxy_to(to: SocketAddr, splicing: Splicing) -> Proxy {
     let router = move |_: &FirstMessage<'_>| {
         Decision::Forward(Forward {
             route: "all".into(),
-            backends: vec![to],
+            backends: vec![to.into()],
             send_proxy: None,
         })
     };
@@ -387,7 +387,7 @@ fn replace_routing_routes_new_connections_and_leaves_live_ones() {
         move |_: &FirstMessage<'_>| {
             Decision::Forward(Forward {
                 route: "b".into(),
-                backends: vec![to],
+                backends: vec![to.into()],
                 send_proxy: None,
             })
         },

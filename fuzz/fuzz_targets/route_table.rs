@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
+use splice_proxy::backend::Backends;
 use splice_proxy::config::Config;
 use splice_proxy::route::{
     Decision, FirstMessage, Matcher, OnUnparsed, RouteTable, Router, Verdict,
@@ -53,12 +54,15 @@ backends = ["127.0.0.1:9009"]
 static CONFIG: LazyLock<Config> = LazyLock::new(|| {
     Config::parse(ROUTES, Path::new("fuzz-routes.toml")).expect("the fuzz routes parse")
 });
-static TABLE: LazyLock<RouteTable> = LazyLock::new(|| RouteTable::new(&CONFIG));
+static TABLE: LazyLock<RouteTable> = LazyLock::new(|| RouteTable::new(&CONFIG, &Backends::new()));
 static RESETTING: LazyLock<RouteTable> = LazyLock::new(|| {
-    RouteTable::new(&Config {
-        on_unparsed: OnUnparsed::Reset,
-        ..CONFIG.clone()
-    })
+    RouteTable::new(
+        &Config {
+            on_unparsed: OnUnparsed::Reset,
+            ..CONFIG.clone()
+        },
+        &Backends::new(),
+    )
 });
 const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
 

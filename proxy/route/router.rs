@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::backend::Target;
 use crate::proxy_protocol::ProxyProtocol;
 
 /// A connection's first message as read so far.
@@ -42,8 +43,10 @@ pub enum Decision {
 pub struct Forward {
     /// The route's name, for logs and metrics.
     pub route: Arc<str>,
-    /// Every backend of the route, in the order to try them.
-    pub backends: Vec<SocketAddr>,
+    /// Every backend of the route, in the order to try them. A route table's carry the
+    /// state its proxy keeps for each; a custom router's are addresses
+    /// (`Target::from(addr)`), which the proxy does not track.
+    pub backends: Vec<Target>,
     /// The PROXY protocol header to write to the backend before the first message.
     pub send_proxy: Option<ProxyProtocol>,
 }
@@ -60,7 +63,7 @@ pub struct Forward {
 /// let router = move |first: &FirstMessage<'_>| match first.bytes.first() {
 ///     Some(b'*') => Decision::Forward(Forward {
 ///         route: "redis".into(),
-///         backends: vec![backend],
+///         backends: vec![backend.into()],
 ///         send_proxy: None,
 ///     }),
 ///     Some(_) => Decision::Reject,
@@ -132,7 +135,7 @@ pub(super) mod tests {
             if first.bytes.len() > 3 {
                 Decision::Forward(Forward {
                     route: "long".into(),
-                    backends: vec![backend(9001)],
+                    backends: vec![backend(9001).into()],
                     send_proxy: None,
                 })
             } else {

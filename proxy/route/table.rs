@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::backend::Backends;
 use crate::balance::Balancer;
 use crate::config::Config;
 use crate::proxy_protocol::ProxyProtocol;
@@ -68,16 +69,25 @@ struct TableRoute {
 }
 
 impl RouteTable {
+    /// Brings `backends` to the config's addresses and health checks
+    /// ([`Backends::track`]), and routes to the states it keeps for them: the table a
+    /// proxy builds from its set at start and at each reload.
+    ///
     /// [`Config::parse`] allows one default route; should a hand-built `Config` hold
     /// several, the first is the default and the others are never used.
-    pub fn new(config: &Config) -> RouteTable {
+    pub fn new(config: &Config, backends: &Backends) -> RouteTable {
+        backends.track(
+            config.routes.iter().flat_map(|route| {
+                (route.backends.iter()).map(|backend| (backend.addr, route.health))
+            }),
+        );
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut default = None;
         for route in &config.routes {
             let table_route = TableRoute {
                 name: Arc::from(route.name.as_str()),
                 matchers: route.matchers.clone(),
-                balancer: Balancer::new(route.balance, route.backends.clone(), route.health),
+                balancer: Balancer::new(route.balance, route.backends.clone(), backends),
                 send_proxy: route.send_proxy,
             };
             if !route.default {
@@ -208,17 +218,20 @@ pub(super) mod tests {
     }
 
     fn table_on_unparsed(on_unparsed: OnUnparsed, routes: Vec<RouteConfig>) -> RouteTable {
-        RouteTable::new(&Config {
-            first_message_timeout: Duration::from_secs(3),
-            first_message_max: 16384,
-            connect_timeout: Duration::from_secs(2),
-            health: HealthCheck::OFF,
-            max_connections: None,
-            idle_timeout: None,
-            on_unparsed,
-            splice_backlog_max: crate::config::DEFAULT_SPLICE_BACKLOG_MAX,
-            routes,
-        })
+        RouteTable::new(
+            &Config {
+                first_message_timeout: Duration::from_secs(3),
+                first_message_max: 16384,
+                connect_timeout: Duration::from_secs(2),
+                health: HealthCheck::OFF,
+                max_connections: None,
+                idle_timeout: None,
+                on_unparsed,
+                splice_backlog_max: crate::config::DEFAULT_SPLICE_BACKLOG_MAX,
+                routes,
+            },
+            &Backends::new(),
+        )
     }
 
     /// What the server does: asks after every `step` bytes until the router decides,

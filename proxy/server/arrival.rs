@@ -22,7 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::{InFlight, Routing};
 use crate::{
     admission::Ticket,
-    backend::{self, BackendState, Lease},
+    backend::{BackendState, Lease},
     metrics::{Metrics, Refusal},
     route::{Decision, FirstMessage, Forward},
     socket,
@@ -357,14 +357,17 @@ impl Arrival {
 
     /// Tries the route's backends from `next` on until one connects or all failed.
     fn try_backends(&mut self, route: Route, mut next: usize) -> Progress {
-        while let Some(&backend) = route.forward.backends.get(next) {
+        while let Some(target) = route.forward.backends.get(next) {
             next += 1;
+            let backend = target.addr;
+            // The state the route's balancer gave with the address, if the proxy tracks it.
+            let state = target.state().cloned();
             match connect(backend) {
                 Ok(socket) => {
                     let attempt = Attempt {
                         backend,
                         socket,
-                        state: backend::existing(backend),
+                        state,
                         started: Instant::now(),
                         written: 0,
                         connected: false,
@@ -386,7 +389,6 @@ impl Arrival {
                     );
                 }
                 Err(Failed::Connect(e) | Failed::Write(e)) => {
-                    let state = backend::existing(backend);
                     self.connect_failed(&route.forward.route, backend, state.as_deref(), &e);
                 }
             }
