@@ -1135,7 +1135,21 @@ fn splice(
 
 #[cfg(test)]
 mod tests {
-    use super::{Side, Slots, Token, Waiting};
+    use std::{
+        collections::HashSet,
+        io::{self, Read, Write},
+        net::{Ipv4Addr, TcpListener, TcpStream},
+        os::fd::OwnedFd,
+        sync::Arc,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::{
+        Connection, ConnectionInfo, MAX_LISTENERS, Side, Slots, SpliceEngine, Timers, Token,
+        Waiting,
+    };
+    use crate::admission::Ticket;
 
     #[test]
     fn every_token_decodes_to_what_it_encodes() {
@@ -1169,5 +1183,133 @@ mod tests {
         assert_eq!(slots.insert("fourth"), first);
         assert_eq!(slots.get_mut(third), Some(&mut "third"));
         assert_ne!(slots.next_slot(), third);
+    }
+
+    #[test]
+    fn the_last_listener_index_decodes_as_a_listener() {
+        let last = Token::Listener(MAX_LISTENERS as usize);
+        assert_eq!(Token::decode(last.encode()), last);
+    }
+
+    #[test]
+    fn no_two_tokens_share_an_encoding() {
+        let mut tokens = vec![Token::Wakeup];
+        tokens.extend((0..64).map(Token::Listener));
+        for slot in 0..1024 {
+            tokens.push(Token::Pair(slot, Side::Client));
+            tokens.push(Token::Pair(slot, Side::Upstream));
+            tokens.push(Token::Arrival(slot, Waiting::Client));
+            tokens.push(Token::Arrival(slot, Waiting::Upstream));
+        }
+        let encoded: HashSet<u64> = tokens.iter().map(|token| token.encode()).collect();
+        assert_eq!(encoded.len(), tokens.len());
+        for token in tokens {
+            assert_eq!(Token::decode(token.encode()), token);
+        }
+    }
+
+    #[test]
+    fn a_slot_taken_twice_is_freed_once() {
+        let mut slots = Slots::default();
+        let slot = slots.insert("first");
+        assert_eq!(slots.take(slot), Some("first"));
+        assert_eq!(slots.take(slot), None);
+        slots.end_batch();
+        assert_eq!(slots.insert("second"), slot);
+        // Freed twice, it would be handed out again while "second" holds it.
+        assert_ne!(slots.insert("third"), slot);
+        assert_eq!(slots.get_mut(slot), Some(&mut "second"));
+    }
+
+    #[test]
+    fn timers_give_the_earliest_entry_first_and_only_once_it_is_due() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut timers = Timers::default();
+        assert_eq!(timers.next(), None);
+        timers.push(start + ms(30), 1);
+        timers.push(start + ms(10), 2);
+        timers.push(start + ms(20), 3);
+        assert_eq!(timers.next(), Some(start + ms(10)));
+        assert_eq!(timers.pop_due(start), None);
+        assert_eq!(timers.pop_due(start + ms(20)), Some((start + ms(10), 2)));
+        assert_eq!(timers.pop_due(start + ms(20)), Some((start + ms(20), 3)));
+        assert_eq!(timers.pop_due(start + ms(20)), None);
+        assert_eq!(timers.next(), Some(start + ms(30)));
+    }
+
+    #[test]
+    fn a_rescheduled_slot_keeps_its_stale_entry_to_be_told_apart_by_its_time() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut timers = Timers::default();
+        timers.push(start + ms(10), 7);
+        // Rescheduled: the old entry stays, and comes out first with its own time, which
+        // is how the worker knows it is stale.
+        timers.push(start + ms(40), 7);
+        timers.push(start + ms(10), 8);
+        let due: Vec<_> = std::iter::from_fn(|| timers.pop_due(start + ms(50))).collect();
+        assert_eq!(
+            due,
+            [
+                (start + ms(10), 7),
+                (start + ms(10), 8),
+                (start + ms(40), 7)
+            ]
+        );
+        assert_eq!(timers.next(), None);
+    }
+
+    /// Both ends of a loopback connection: (the accepted one, the connecting one).
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        (accepted, connecting)
+    }
+
+    /// The worker's idle checks, without the probe: a pair that keeps moving bytes
+    /// outlives its first check, and is reset a timeout after its last byte, not before.
+    #[test]
+    fn an_idle_pair_is_reset_a_timeout_after_its_last_byte_and_not_before() {
+        const TIMEOUT: Duration = Duration::from_millis(400);
+        let engine = SpliceEngine::new(None, 1).unwrap();
+        let (client_side, mut client) = connected();
+        let (mut backend, upstream) = connected();
+        let adopted = Instant::now();
+        engine.adopt(Connection {
+            client: OwnedFd::from(client_side),
+            upstream: OwnedFd::from(upstream),
+            forwarded: 0,
+            idle_timeout: Some(TIMEOUT),
+            ticket: Ticket::default(),
+            info: ConnectionInfo {
+                client: client.local_addr().unwrap(),
+                route: Arc::from("test"),
+                backend: backend.local_addr().unwrap(),
+                accepted: adopted,
+            },
+            lease: None,
+        });
+        let mut last_byte = adopted;
+        for byte in 0..6 {
+            thread::sleep(Duration::from_millis(100));
+            last_byte = Instant::now();
+            client.write_all(&[byte]).unwrap();
+            let mut got = [0];
+            backend.read_exact(&mut got).unwrap();
+            assert_eq!(got, [byte]);
+        }
+        assert!(last_byte - adopted > TIMEOUT, "the bytes ended too soon");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let e = client.read(&mut [0]).unwrap_err();
+        let idle = last_byte.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        // The kernel's clock of the last data ticks in jiffies: a few ms either way.
+        assert!(idle >= TIMEOUT - Duration::from_millis(10), "{idle:?}");
+        assert!(idle < TIMEOUT + Duration::from_secs(5), "{idle:?}");
+        assert!(engine.wait_closed(Instant::now() + Duration::from_secs(5)));
     }
 }
