@@ -1268,20 +1268,18 @@ mod tests {
         (accepted, connecting)
     }
 
-    /// The worker's idle checks, without the probe: a pair that keeps moving bytes
-    /// outlives its first check, and is reset a timeout after its last byte, not before.
-    #[test]
-    fn an_idle_pair_is_reset_a_timeout_after_its_last_byte_and_not_before() {
-        const TIMEOUT: Duration = Duration::from_millis(400);
+    /// A copying engine (no probe) holding one pair with an idle timeout: the engine,
+    /// the pair's client and its backend, and when it was adopted.
+    fn engine_with_idle_pair(timeout: Duration) -> (SpliceEngine, TcpStream, TcpStream, Instant) {
         let engine = SpliceEngine::new(None, 1).unwrap();
-        let (client_side, mut client) = connected();
-        let (mut backend, upstream) = connected();
+        let (client_side, client) = connected();
+        let (backend, upstream) = connected();
         let adopted = Instant::now();
         engine.adopt(Connection {
             client: OwnedFd::from(client_side),
             upstream: OwnedFd::from(upstream),
             forwarded: 0,
-            idle_timeout: Some(TIMEOUT),
+            idle_timeout: Some(timeout),
             ticket: Ticket::default(),
             info: ConnectionInfo {
                 client: client.local_addr().unwrap(),
@@ -1291,25 +1289,61 @@ mod tests {
             },
             lease: None,
         });
-        let mut last_byte = adopted;
-        for byte in 0..6 {
-            thread::sleep(Duration::from_millis(100));
-            last_byte = Instant::now();
-            client.write_all(&[byte]).unwrap();
-            let mut got = [0];
-            backend.read_exact(&mut got).unwrap();
-            assert_eq!(got, [byte]);
-        }
-        assert!(last_byte - adopted > TIMEOUT, "the bytes ended too soon");
+        (engine, client, backend, adopted)
+    }
+
+    /// Sends a byte from `client` through the pair to `backend`.
+    fn one_byte(client: &mut TcpStream, backend: &mut TcpStream, byte: u8) {
+        client.write_all(&[byte]).unwrap();
+        let mut got = [0];
+        backend.read_exact(&mut got).unwrap();
+        assert_eq!(got, [byte]);
+    }
+
+    /// How long after `last_byte` the client saw the pair reset.
+    fn reset_after(client: &mut TcpStream, last_byte: Instant) -> Duration {
         client
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let e = client.read(&mut [0]).unwrap_err();
-        let idle = last_byte.elapsed();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        last_byte.elapsed()
+    }
+
+    /// A pair that keeps moving bytes outlives its first idle check, and is reset a
+    /// timeout after its last byte, not before.
+    #[test]
+    fn an_idle_pair_is_reset_a_timeout_after_its_last_byte_and_not_before() {
+        const TIMEOUT: Duration = Duration::from_millis(400);
+        let (engine, mut client, mut backend, adopted) = engine_with_idle_pair(TIMEOUT);
+        let mut last_byte = adopted;
+        for byte in 0..6 {
+            thread::sleep(Duration::from_millis(100));
+            last_byte = Instant::now();
+            one_byte(&mut client, &mut backend, byte);
+        }
+        assert!(last_byte - adopted > TIMEOUT, "the bytes ended too soon");
+        let idle = reset_after(&mut client, last_byte);
         // The kernel's clock of the last data ticks in jiffies: a few ms either way.
         assert!(idle >= TIMEOUT - Duration::from_millis(10), "{idle:?}");
         assert!(idle < TIMEOUT + Duration::from_secs(5), "{idle:?}");
+        assert!(engine.wait_closed(Instant::now() + Duration::from_secs(5)));
+    }
+
+    /// A check that finds the pair idle for less than its timeout looks again when the
+    /// timeout could first expire (a timeout after the last byte), not a whole timeout
+    /// later: a byte early in the first period is reset about a timeout after it, not
+    /// nearly two.
+    #[test]
+    fn an_idle_check_looks_again_when_the_timeout_could_first_expire() {
+        const TIMEOUT: Duration = Duration::from_millis(400);
+        let (engine, mut client, mut backend, _) = engine_with_idle_pair(TIMEOUT);
+        thread::sleep(Duration::from_millis(50));
+        let last_byte = Instant::now();
+        one_byte(&mut client, &mut backend, 1);
+        let idle = reset_after(&mut client, last_byte);
+        assert!(idle >= TIMEOUT - Duration::from_millis(10), "{idle:?}");
+        assert!(idle < TIMEOUT + Duration::from_millis(250), "{idle:?}");
         assert!(engine.wait_closed(Instant::now() + Duration::from_secs(5)));
     }
 }
