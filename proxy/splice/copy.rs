@@ -131,3 +131,303 @@ impl CopyBuffer {
         Ok(pumped)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{Ipv4Addr, Shutdown, TcpListener, TcpStream},
+        os::fd::AsFd,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::{COPY_BUFFER, CopyBuffer, FIRST_COPY_BUFFER, Filled, Pumped};
+    use crate::socket;
+
+    /// Both ends of a loopback connection: (the accepted one, the connecting one).
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        (accepted, connecting)
+    }
+
+    /// A copy's four sockets: `sender` writes into `src`, `dst` is read by `reader`.
+    /// `src` and `dst` are non-blocking, as the engine's are.
+    struct Copy {
+        sender: TcpStream,
+        src: TcpStream,
+        dst: TcpStream,
+        reader: TcpStream,
+    }
+
+    fn copy() -> Copy {
+        let (src, sender) = connected();
+        let (reader, dst) = connected();
+        copy_between(src, sender, dst, reader)
+    }
+
+    /// A copy whose destination fills after a few dozen KiB: its send buffer and its
+    /// reader's receive buffer are small and fixed (the reader's set before it connects,
+    /// so that no larger window was ever offered).
+    fn copy_into_small_buffers() -> Copy {
+        let (src, sender) = connected();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let reader =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        reader.set_recv_buffer_size(8 * 1024).unwrap();
+        reader
+            .connect(&listener.local_addr().unwrap().into())
+            .unwrap();
+        let (dst, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&dst)
+            .set_send_buffer_size(8 * 1024)
+            .unwrap();
+        copy_between(src, sender, dst, reader.into())
+    }
+
+    fn copy_between(src: TcpStream, sender: TcpStream, dst: TcpStream, reader: TcpStream) -> Copy {
+        src.set_nonblocking(true).unwrap();
+        dst.set_nonblocking(true).unwrap();
+        Copy {
+            sender,
+            src,
+            dst,
+            reader,
+        }
+    }
+
+    /// Distinct bytes in a pattern that does not repeat at any power-of-two period, so
+    /// that a dropped, repeated or reordered buffer shows.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Waits until `src` has at least `len` bytes queued.
+    fn wait_queued(src: &TcpStream, len: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut peeked = vec![0; len];
+        while socket::peek_queued(src.as_fd(), &mut peeked).unwrap_or(0) < len {
+            assert!(Instant::now() < deadline, "{len} bytes never arrived");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Pumps until the source's end has been read and every byte written.
+    fn pump_to_end(buffer: &mut CopyBuffer, copy: &Copy) -> (u64, u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut read, mut written) = (0, 0);
+        loop {
+            let pumped = buffer
+                .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+                .unwrap();
+            read += pumped.read;
+            written += pumped.written;
+            if pumped.eof && buffer.is_empty() {
+                return (read, written);
+            }
+            assert!(Instant::now() < deadline, "the copy never finished");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn pump_moves_every_byte_in_order_and_reports_the_end() {
+        let copy = copy();
+        let sent = pattern(3 << 20);
+        let mut sender = copy.sender.try_clone().unwrap();
+        let to_send = sent.clone();
+        let writer = thread::spawn(move || {
+            sender.write_all(&to_send).unwrap();
+            sender.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut reader = copy.reader.try_clone().unwrap();
+        let received = thread::spawn(move || {
+            let mut received = Vec::new();
+            reader.read_to_end(&mut received).unwrap();
+            received
+        });
+        let mut buffer = CopyBuffer::default();
+        let (read, written) = pump_to_end(&mut buffer, &copy);
+        writer.join().unwrap();
+        copy.dst.shutdown(Shutdown::Write).unwrap();
+        let received = received.join().unwrap();
+        assert_eq!((read, written), (sent.len() as u64, sent.len() as u64));
+        assert_eq!(received.len(), sent.len());
+        assert!(
+            received == sent,
+            "the bytes arrived altered or out of order"
+        );
+    }
+
+    #[test]
+    fn a_full_destination_stops_the_reads_and_keeps_the_rest_until_it_drains() {
+        let copy = copy_into_small_buffers();
+        let sent = pattern(1 << 20);
+        let mut sender = copy.sender.try_clone().unwrap();
+        let to_send = sent.clone();
+        let writer = thread::spawn(move || {
+            sender.write_all(&to_send).unwrap();
+            sender.shutdown(Shutdown::Write).unwrap();
+        });
+
+        let mut buffer = CopyBuffer::default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut read, mut written) = (0, 0);
+        while buffer.is_empty() {
+            let pumped = buffer
+                .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+                .unwrap();
+            assert!(!pumped.eof, "the end came before the destination filled");
+            (read, written) = (read + pumped.read, written + pumped.written);
+            assert!(Instant::now() < deadline, "the destination never filled");
+            thread::sleep(Duration::from_millis(1));
+        }
+        // Stuck: what was read and not written stays buffered, and nothing more is read.
+        assert!(read > written && read < sent.len() as u64);
+        let Pumped {
+            read: more,
+            written: out,
+            eof,
+        } = buffer
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+            .unwrap();
+        assert_eq!((more, out, eof), (0, 0, false));
+        assert!(!buffer.is_empty());
+
+        let mut reader = copy.reader.try_clone().unwrap();
+        let received = thread::spawn(move || {
+            let mut received = Vec::new();
+            reader.read_to_end(&mut received).unwrap();
+            received
+        });
+        let (rest_read, rest_written) = pump_to_end(&mut buffer, &copy);
+        writer.join().unwrap();
+        copy.dst.shutdown(Shutdown::Write).unwrap();
+        let received = received.join().unwrap();
+        assert_eq!(read + rest_read, sent.len() as u64);
+        assert_eq!(written + rest_written, sent.len() as u64);
+        assert!(
+            received == sent,
+            "the bytes arrived altered or out of order"
+        );
+    }
+
+    #[test]
+    fn pump_of_an_empty_source_moves_nothing_and_is_not_the_end() {
+        let copy = copy();
+        let mut buffer = CopyBuffer::default();
+        let pumped = buffer
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+            .unwrap();
+        assert_eq!((pumped.read, pumped.written, pumped.eof), (0, 0, false));
+    }
+
+    #[test]
+    fn pump_reports_the_end_after_the_bytes_before_it() {
+        let mut copy = copy();
+        copy.sender.write_all(b"last words").unwrap();
+        copy.sender.shutdown(Shutdown::Write).unwrap();
+        let mut buffer = CopyBuffer::default();
+        assert_eq!(pump_to_end(&mut buffer, &copy), (10, 10));
+        copy.dst.shutdown(Shutdown::Write).unwrap();
+        let mut received = Vec::new();
+        copy.reader.read_to_end(&mut received).unwrap();
+        assert_eq!(received, b"last words");
+        // The end stays the end.
+        let again = buffer
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+            .unwrap();
+        assert_eq!((again.read, again.written, again.eof), (0, 0, true));
+    }
+
+    #[test]
+    fn pump_of_a_source_closed_without_bytes_is_the_end_at_once() {
+        let copy = copy();
+        copy.sender.shutdown(Shutdown::Write).unwrap();
+        let mut buffer = CopyBuffer::default();
+        assert_eq!(pump_to_end(&mut buffer, &copy), (0, 0));
+    }
+
+    #[test]
+    fn the_first_read_gets_4_kib_and_one_that_fills_it_grows_the_buffer_to_64_kib() {
+        let mut copy = copy();
+        copy.sender.write_all(&pattern(100 * 1024)).unwrap();
+        wait_queued(&copy.src, FIRST_COPY_BUFFER);
+        let mut buffer = CopyBuffer::default();
+        assert!(matches!(
+            buffer.read_once(copy.src.as_fd()).unwrap(),
+            Filled::Full(FIRST_COPY_BUFFER)
+        ));
+        assert_eq!(buffer.bytes.len(), FIRST_COPY_BUFFER);
+        assert!(buffer.write_all_now(copy.dst.as_fd(), &mut 0).unwrap());
+        wait_queued(&copy.src, FIRST_COPY_BUFFER + 1);
+        let n = match buffer.read_once(copy.src.as_fd()).unwrap() {
+            Filled::Full(n) | Filled::Partly(n) => n,
+            Filled::Empty | Filled::Eof => panic!("the rest was queued"),
+        };
+        assert!(n > FIRST_COPY_BUFFER, "read {n} bytes");
+        assert_eq!(buffer.bytes.len(), COPY_BUFFER);
+        // The bytes read are the ones that came next.
+        assert!(buffer.bytes[..n] == pattern(FIRST_COPY_BUFFER + n)[FIRST_COPY_BUFFER..]);
+    }
+
+    #[test]
+    fn reads_that_do_not_fill_the_first_buffer_keep_it_small() {
+        let mut copy = copy();
+        let mut buffer = CopyBuffer::default();
+        for _ in 0..3 {
+            copy.sender.write_all(&[7; 100]).unwrap();
+            wait_queued(&copy.src, 100);
+            assert!(matches!(
+                buffer.read_once(copy.src.as_fd()).unwrap(),
+                Filled::Partly(100)
+            ));
+            assert_eq!(buffer.bytes.len(), FIRST_COPY_BUFFER);
+            assert!(buffer.write_all_now(copy.dst.as_fd(), &mut 0).unwrap());
+        }
+    }
+
+    #[test]
+    fn pump_stops_after_the_read_that_reaches_its_budget_with_everything_written() {
+        let mut copy = copy();
+        // Room for everything: only the budget stops a pump here.
+        socket2::SockRef::from(&copy.src)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
+        socket2::SockRef::from(&copy.dst)
+            .set_send_buffer_size(1 << 20)
+            .unwrap();
+        let sent = pattern(200 * 1024);
+        copy.sender.write_all(&sent).unwrap();
+        wait_queued(&copy.src, sent.len());
+        let mut buffer = CopyBuffer::default();
+        // A budget of one byte still moves one buffer, and only one.
+        let pumped = buffer.pump(copy.src.as_fd(), copy.dst.as_fd(), 1).unwrap();
+        assert_eq!((pumped.read, pumped.written), (4096, 4096));
+        assert!(buffer.is_empty());
+        // Whole buffers until the budget is reached: 64 KiB, then a second past it.
+        let pumped = buffer
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), 70_000)
+            .unwrap();
+        assert_eq!(
+            (pumped.read, pumped.written, pumped.eof),
+            (131_072, 131_072, false)
+        );
+        assert!(buffer.is_empty());
+        wait_queued(&copy.src, sent.len() - 4096 - 131_072);
+        copy.sender.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(
+            pump_to_end(&mut buffer, &copy),
+            (sent.len() as u64 - 135_168, sent.len() as u64 - 135_168)
+        );
+        copy.dst.shutdown(Shutdown::Write).unwrap();
+        let mut received = Vec::new();
+        copy.reader.read_to_end(&mut received).unwrap();
+        assert!(
+            received == sent,
+            "the bytes arrived altered or out of order"
+        );
+    }
+}

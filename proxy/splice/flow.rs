@@ -485,3 +485,170 @@ fn discard(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        net::{Ipv4Addr, TcpListener, TcpStream},
+        os::fd::AsFd,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::{
+        FIRST_RECEIVE_BUFFER, HAND_BACK_RECEIVE_BUFFER, KernelFlow, LAST_RECEIVE_BUFFER,
+        ReceiveWindow,
+    };
+    use crate::socket;
+
+    /// Both ends of a loopback connection: (the accepted one, the connecting one).
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        (accepted, connecting)
+    }
+
+    /// The source's receive buffer as the kernel has it (twice what was set).
+    fn receive_buffer(src: &TcpStream) -> usize {
+        socket2::SockRef::from(src).recv_buffer_size().unwrap()
+    }
+
+    /// A window at its first size over `src`, whose buffer is set to match.
+    fn first_window(src: &TcpStream) -> ReceiveWindow {
+        socket::set_receive_buffer(src.as_fd(), FIRST_RECEIVE_BUFFER).unwrap();
+        ReceiveWindow {
+            buffer: FIRST_RECEIVE_BUFFER,
+            acked_at: 0,
+            throttles_at: 0,
+        }
+    }
+
+    const FIRST: u64 = FIRST_RECEIVE_BUFFER as u64;
+
+    #[test]
+    fn the_window_doubles_once_a_buffer_is_acknowledged_while_the_destination_keeps_up() {
+        let (src, _peer) = connected();
+        let mut window = first_window(&src);
+        let before = receive_buffer(&src);
+        window.grow(src.as_fd(), FIRST - 1, 0, 0).unwrap();
+        assert_eq!(window.buffer, FIRST_RECEIVE_BUFFER);
+        assert_eq!(receive_buffer(&src), before);
+        window.grow(src.as_fd(), FIRST, 0, 0).unwrap();
+        assert_eq!(
+            (window.buffer, window.acked_at),
+            (2 * FIRST_RECEIVE_BUFFER, FIRST)
+        );
+        assert!(
+            receive_buffer(&src) > before,
+            "the socket's buffer did not grow"
+        );
+        // The next doubling needs the new buffer's worth acknowledged since.
+        window.grow(src.as_fd(), 3 * FIRST - 1, 0, 0).unwrap();
+        assert_eq!(window.buffer, 2 * FIRST_RECEIVE_BUFFER);
+        window.grow(src.as_fd(), 3 * FIRST, 0, 0).unwrap();
+        assert_eq!(window.buffer, 4 * FIRST_RECEIVE_BUFFER);
+    }
+
+    #[test]
+    fn a_throttle_since_the_last_growth_holds_the_window_and_restarts_the_count() {
+        let (src, _peer) = connected();
+        let mut window = first_window(&src);
+        let before = receive_buffer(&src);
+        window.grow(src.as_fd(), 10 * FIRST, 0, 1).unwrap();
+        assert_eq!(window.buffer, FIRST_RECEIVE_BUFFER);
+        assert_eq!((window.acked_at, window.throttles_at), (10 * FIRST, 1));
+        assert_eq!(receive_buffer(&src), before);
+        // Counted from the throttle, not from the last growth.
+        window.grow(src.as_fd(), 11 * FIRST - 1, 0, 1).unwrap();
+        assert_eq!(window.buffer, FIRST_RECEIVE_BUFFER);
+        window.grow(src.as_fd(), 11 * FIRST, 0, 1).unwrap();
+        assert_eq!(window.buffer, 2 * FIRST_RECEIVE_BUFFER);
+    }
+
+    #[test]
+    fn the_kernel_holding_more_than_a_buffer_holds_the_window() {
+        let (src, _peer) = connected();
+        let mut window = first_window(&src);
+        window.grow(src.as_fd(), 10 * FIRST, FIRST + 1, 0).unwrap();
+        assert_eq!(
+            (window.buffer, window.acked_at),
+            (FIRST_RECEIVE_BUFFER, 10 * FIRST)
+        );
+        // A buffer held is still keeping up.
+        window.grow(src.as_fd(), 11 * FIRST, FIRST, 0).unwrap();
+        assert_eq!(window.buffer, 2 * FIRST_RECEIVE_BUFFER);
+    }
+
+    #[test]
+    fn the_window_stops_at_its_largest() {
+        let (src, _peer) = connected();
+        let mut window = ReceiveWindow {
+            buffer: 2 << 20,
+            acked_at: 0,
+            throttles_at: 0,
+        };
+        window.grow(src.as_fd(), 2 << 20, 0, 0).unwrap();
+        assert_eq!(window.buffer, LAST_RECEIVE_BUFFER);
+        window.grow(src.as_fd(), 100 << 20, 0, 0).unwrap();
+        assert_eq!(
+            (window.buffer, window.acked_at),
+            (LAST_RECEIVE_BUFFER, 2 << 20)
+        );
+    }
+
+    #[test]
+    fn a_hand_back_raises_only_a_smaller_buffer() {
+        let (src, _peer) = connected();
+        let mut window = first_window(&src);
+        let before = receive_buffer(&src);
+        window.ready_for_read(src.as_fd()).unwrap();
+        assert_eq!(window.buffer, HAND_BACK_RECEIVE_BUFFER);
+        assert!(
+            receive_buffer(&src) > before,
+            "the socket's buffer did not grow"
+        );
+        let mut grown = ReceiveWindow {
+            buffer: 2 * HAND_BACK_RECEIVE_BUFFER,
+            acked_at: 0,
+            throttles_at: 0,
+        };
+        grown.ready_for_read(src.as_fd()).unwrap();
+        assert_eq!(grown.buffer, 2 * HAND_BACK_RECEIVE_BUFFER);
+    }
+
+    #[test]
+    fn the_redirected_bytes_are_those_written_since_the_base_less_those_copied() {
+        let mut flow = KernelFlow::new(1, 1000);
+        assert_eq!(flow.redirected_of(1500), 500);
+        flow.copied = 200;
+        assert_eq!(flow.redirected_of(1500), 300);
+        // Never negative: counters read around an ACK can lag.
+        assert_eq!(flow.redirected_of(1100), 0);
+        assert_eq!(flow.redirected_of(900), 0);
+    }
+
+    #[test]
+    fn progress_counts_the_bytes_written_into_the_destination_and_those_unparked() {
+        let (mut dst, _peer) = connected();
+        dst.write_all(b"before the splice").unwrap();
+        let mut flow = KernelFlow::new(1, socket::bytes_written(dst.as_fd()).unwrap());
+        assert_eq!(flow.progress(dst.as_fd()).unwrap(), 0);
+        // As if redirected by the kernel: 300 bytes, of which this process copied 100.
+        dst.write_all(&[0; 300]).unwrap();
+        flow.copied = 100;
+        flow.unparked = 100;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Acknowledged or not, a written byte counts.
+        while flow.progress(dst.as_fd()).unwrap() != 300 {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                flow.progress(dst.as_fd()).unwrap()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!flow.is_throttled() && !flow.has_credit_record());
+    }
+}

@@ -1135,7 +1135,21 @@ fn splice(
 
 #[cfg(test)]
 mod tests {
-    use super::{Side, Slots, Token, Waiting};
+    use std::{
+        collections::HashSet,
+        io::{self, Read, Write},
+        net::{Ipv4Addr, TcpListener, TcpStream},
+        os::fd::OwnedFd,
+        sync::Arc,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::{
+        Connection, ConnectionInfo, MAX_LISTENERS, Side, Slots, SpliceEngine, Timers, Token,
+        Waiting,
+    };
+    use crate::admission::Ticket;
 
     #[test]
     fn every_token_decodes_to_what_it_encodes() {
@@ -1169,5 +1183,167 @@ mod tests {
         assert_eq!(slots.insert("fourth"), first);
         assert_eq!(slots.get_mut(third), Some(&mut "third"));
         assert_ne!(slots.next_slot(), third);
+    }
+
+    #[test]
+    fn the_last_listener_index_decodes_as_a_listener() {
+        let last = Token::Listener(MAX_LISTENERS as usize);
+        assert_eq!(Token::decode(last.encode()), last);
+    }
+
+    #[test]
+    fn no_two_tokens_share_an_encoding() {
+        let mut tokens = vec![Token::Wakeup];
+        tokens.extend((0..64).map(Token::Listener));
+        for slot in 0..1024 {
+            tokens.push(Token::Pair(slot, Side::Client));
+            tokens.push(Token::Pair(slot, Side::Upstream));
+            tokens.push(Token::Arrival(slot, Waiting::Client));
+            tokens.push(Token::Arrival(slot, Waiting::Upstream));
+        }
+        let encoded: HashSet<u64> = tokens.iter().map(|token| token.encode()).collect();
+        assert_eq!(encoded.len(), tokens.len());
+        for token in tokens {
+            assert_eq!(Token::decode(token.encode()), token);
+        }
+    }
+
+    #[test]
+    fn a_slot_taken_twice_is_freed_once() {
+        let mut slots = Slots::default();
+        let slot = slots.insert("first");
+        assert_eq!(slots.take(slot), Some("first"));
+        assert_eq!(slots.take(slot), None);
+        slots.end_batch();
+        assert_eq!(slots.insert("second"), slot);
+        // Freed twice, it would be handed out again while "second" holds it.
+        assert_ne!(slots.insert("third"), slot);
+        assert_eq!(slots.get_mut(slot), Some(&mut "second"));
+    }
+
+    #[test]
+    fn timers_give_the_earliest_entry_first_and_only_once_it_is_due() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut timers = Timers::default();
+        assert_eq!(timers.next(), None);
+        timers.push(start + ms(30), 1);
+        timers.push(start + ms(10), 2);
+        timers.push(start + ms(20), 3);
+        assert_eq!(timers.next(), Some(start + ms(10)));
+        assert_eq!(timers.pop_due(start), None);
+        assert_eq!(timers.pop_due(start + ms(20)), Some((start + ms(10), 2)));
+        assert_eq!(timers.pop_due(start + ms(20)), Some((start + ms(20), 3)));
+        assert_eq!(timers.pop_due(start + ms(20)), None);
+        assert_eq!(timers.next(), Some(start + ms(30)));
+    }
+
+    #[test]
+    fn a_rescheduled_slot_keeps_its_stale_entry_to_be_told_apart_by_its_time() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut timers = Timers::default();
+        timers.push(start + ms(10), 7);
+        // Rescheduled: the old entry stays, and comes out first with its own time, which
+        // is how the worker knows it is stale.
+        timers.push(start + ms(40), 7);
+        timers.push(start + ms(10), 8);
+        let due: Vec<_> = std::iter::from_fn(|| timers.pop_due(start + ms(50))).collect();
+        assert_eq!(
+            due,
+            [
+                (start + ms(10), 7),
+                (start + ms(10), 8),
+                (start + ms(40), 7)
+            ]
+        );
+        assert_eq!(timers.next(), None);
+    }
+
+    /// Both ends of a loopback connection: (the accepted one, the connecting one).
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        (accepted, connecting)
+    }
+
+    /// A copying engine (no probe) holding one pair with an idle timeout: the engine,
+    /// the pair's client and its backend, and when it was adopted.
+    fn engine_with_idle_pair(timeout: Duration) -> (SpliceEngine, TcpStream, TcpStream, Instant) {
+        let engine = SpliceEngine::new(None, 1).unwrap();
+        let (client_side, client) = connected();
+        let (backend, upstream) = connected();
+        let adopted = Instant::now();
+        engine.adopt(Connection {
+            client: OwnedFd::from(client_side),
+            upstream: OwnedFd::from(upstream),
+            forwarded: 0,
+            idle_timeout: Some(timeout),
+            ticket: Ticket::default(),
+            info: ConnectionInfo {
+                client: client.local_addr().unwrap(),
+                route: Arc::from("test"),
+                backend: backend.local_addr().unwrap(),
+                accepted: adopted,
+            },
+            lease: None,
+        });
+        (engine, client, backend, adopted)
+    }
+
+    /// Sends a byte from `client` through the pair to `backend`.
+    fn one_byte(client: &mut TcpStream, backend: &mut TcpStream, byte: u8) {
+        client.write_all(&[byte]).unwrap();
+        let mut got = [0];
+        backend.read_exact(&mut got).unwrap();
+        assert_eq!(got, [byte]);
+    }
+
+    /// How long after `last_byte` the client saw the pair reset.
+    fn reset_after(client: &mut TcpStream, last_byte: Instant) -> Duration {
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let e = client.read(&mut [0]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        last_byte.elapsed()
+    }
+
+    /// A pair that keeps moving bytes outlives its first idle check, and is reset a
+    /// timeout after its last byte, not before.
+    #[test]
+    fn an_idle_pair_is_reset_a_timeout_after_its_last_byte_and_not_before() {
+        const TIMEOUT: Duration = Duration::from_millis(400);
+        let (engine, mut client, mut backend, adopted) = engine_with_idle_pair(TIMEOUT);
+        let mut last_byte = adopted;
+        for byte in 0..6 {
+            thread::sleep(Duration::from_millis(100));
+            last_byte = Instant::now();
+            one_byte(&mut client, &mut backend, byte);
+        }
+        assert!(last_byte - adopted > TIMEOUT, "the bytes ended too soon");
+        let idle = reset_after(&mut client, last_byte);
+        // The kernel's clock of the last data ticks in jiffies: a few ms either way.
+        assert!(idle >= TIMEOUT - Duration::from_millis(10), "{idle:?}");
+        assert!(idle < TIMEOUT + Duration::from_secs(5), "{idle:?}");
+        assert!(engine.wait_closed(Instant::now() + Duration::from_secs(5)));
+    }
+
+    /// A check that finds the pair idle for less than its timeout looks again when the
+    /// timeout could first expire (a timeout after the last byte), not a whole timeout
+    /// later: a byte early in the first period is reset about a timeout after it, not
+    /// nearly two.
+    #[test]
+    fn an_idle_check_looks_again_when_the_timeout_could_first_expire() {
+        const TIMEOUT: Duration = Duration::from_millis(400);
+        let (engine, mut client, mut backend, _) = engine_with_idle_pair(TIMEOUT);
+        thread::sleep(Duration::from_millis(50));
+        let last_byte = Instant::now();
+        one_byte(&mut client, &mut backend, 1);
+        let idle = reset_after(&mut client, last_byte);
+        assert!(idle >= TIMEOUT - Duration::from_millis(10), "{idle:?}");
+        assert!(idle < TIMEOUT + Duration::from_millis(250), "{idle:?}");
+        assert!(engine.wait_closed(Instant::now() + Duration::from_secs(5)));
     }
 }

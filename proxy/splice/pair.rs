@@ -617,3 +617,439 @@ fn drain_stalled(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{self, Read, Write},
+        net::{Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket},
+        os::fd::{AsFd, OwnedFd},
+        sync::Arc,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::{
+        ConnectionInfo, DRAIN_STALL_LIMIT, Direction, Endpoint, KernelFlow, Mode, Mover, Next,
+        Pair, Side, Ticket, drain_stalled, owed_after_fin, poll,
+    };
+    use crate::socket;
+
+    /// Both ends of a loopback connection: (the accepted one, the connecting one).
+    fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        (accepted, connecting)
+    }
+
+    /// A copied pair (no probe) and its two peers: `client` talks to the pair's client
+    /// socket, `backend` to its upstream socket. The cookies are 1 and 2.
+    struct Proxied {
+        pair: Pair,
+        client: TcpStream,
+        backend: TcpStream,
+    }
+
+    fn proxied() -> Proxied {
+        let (backend, upstream) = connected();
+        proxied_to(backend, upstream)
+    }
+
+    /// A pair whose upstream fills after a few dozen KiB: small fixed buffers on the
+    /// upstream and its backend, the backend's set before it connects.
+    fn proxied_to_a_small_backend() -> Proxied {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let backend =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        backend.set_recv_buffer_size(8 * 1024).unwrap();
+        backend
+            .connect(&listener.local_addr().unwrap().into())
+            .unwrap();
+        let (upstream, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&upstream)
+            .set_send_buffer_size(8 * 1024)
+            .unwrap();
+        proxied_to(backend.into(), upstream)
+    }
+
+    fn proxied_to(backend: TcpStream, upstream: TcpStream) -> Proxied {
+        let (client_side, client) = connected();
+        let info = ConnectionInfo {
+            client: client.local_addr().unwrap(),
+            route: Arc::from("test"),
+            backend: backend.local_addr().unwrap(),
+            accepted: Instant::now(),
+        };
+        let pair = Pair::new(
+            Endpoint::new(OwnedFd::from(client_side), 1, false),
+            Endpoint::new(OwnedFd::from(upstream), 2, false),
+            0,
+            Ticket::default(),
+            info,
+            None,
+        );
+        Proxied {
+            pair,
+            client,
+            backend,
+        }
+    }
+
+    /// Advances the pair, as a worker would on each event, until `done` holds.
+    fn advance_until(pair: &mut Pair, done: impl Fn(&Pair, &Next) -> bool) -> Next {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let next = pair.advance(None);
+            if done(pair, &next) {
+                return next;
+            }
+            if let Next::Reset(e) = next {
+                panic!("the pair was reset: {e}");
+            }
+            assert!(Instant::now() < deadline, "the pair never got there");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn buffered(direction: &Direction) -> bool {
+        matches!(&direction.mover, Mover::Copy(buffer) if !buffer.is_empty())
+    }
+
+    /// Waits until `socket`'s peer's FIN has arrived.
+    fn wait_for_fin(socket: impl AsFd) {
+        let epoll = poll::Epoll::new().unwrap();
+        epoll.add(socket.as_fd(), poll::READ_CLOSED, 0).unwrap();
+        let mut events = Vec::with_capacity(1);
+        epoll
+            .wait(&mut events, Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(events.len(), 1, "the FIN never came");
+    }
+
+    /// Waits until the kernel has taken `socket`'s connection to CLOSE (a reset).
+    fn wait_closed(socket: impl AsFd) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket::tcp_info(socket.as_fd()).unwrap().is_closed() {
+            assert!(Instant::now() < deadline, "the reset never came");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn reset(stream: TcpStream) {
+        socket::reset_on_close(stream.as_fd()).unwrap();
+        drop(stream);
+    }
+
+    #[test]
+    fn a_copied_pair_moves_bytes_both_ways_and_counts_what_it_read() {
+        let Proxied {
+            mut pair,
+            mut client,
+            mut backend,
+        } = proxied();
+        client.write_all(b"GET /").unwrap();
+        backend.write_all(b"200 OK").unwrap();
+        let next = advance_until(&mut pair, |pair, _| {
+            (pair.to_upstream.consumed, pair.to_client.consumed) == (5, 6)
+        });
+        assert!(matches!(next, Next::Wait), "{next:?}");
+        let (mut up, mut down) = ([0; 5], [0; 6]);
+        backend.read_exact(&mut up).unwrap();
+        client.read_exact(&mut down).unwrap();
+        assert_eq!((&up, &down), (b"GET /", b"200 OK"));
+        assert!(!pair.to_upstream.closed && !pair.to_client.closed);
+    }
+
+    #[test]
+    fn the_fin_is_passed_on_only_after_every_byte_before_it() {
+        let Proxied {
+            mut pair,
+            mut client,
+            backend,
+        } = proxied_to_a_small_backend();
+        let sent: Vec<u8> = (0..60 * 1024).map(|i| (i % 251) as u8).collect();
+        client.write_all(&sent).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        // The backend reads nothing: the pair holds bytes it cannot write yet, with the
+        // client's FIN queued behind them.
+        advance_until(&mut pair, |pair, _| buffered(&pair.to_upstream));
+        for _ in 0..10 {
+            assert!(matches!(pair.advance(None), Next::Wait));
+            assert!(!pair.to_upstream.closed, "closed with bytes still to write");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let reader = thread::spawn(move || {
+            let mut received = Vec::new();
+            (&backend).read_to_end(&mut received).unwrap();
+            received
+        });
+        let next = advance_until(&mut pair, |pair, _| pair.to_upstream.closed);
+        // The other direction is still open.
+        assert!(matches!(next, Next::Wait), "{next:?}");
+        assert!(
+            reader.join().unwrap() == sent,
+            "the backend did not get every byte"
+        );
+        assert_eq!(pair.to_upstream.consumed, sent.len() as u64);
+    }
+
+    #[test]
+    fn a_half_close_leaves_the_other_direction_open_until_it_closes_too() {
+        let Proxied {
+            mut pair,
+            mut client,
+            mut backend,
+        } = proxied();
+        client.write_all(b"bye").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let next = advance_until(&mut pair, |pair, _| pair.to_upstream.closed);
+        assert!(matches!(next, Next::Wait), "{next:?}");
+        let mut request = Vec::new();
+        backend.read_to_end(&mut request).unwrap();
+        assert_eq!(request, b"bye");
+
+        backend.write_all(b"reply").unwrap();
+        backend.shutdown(Shutdown::Write).unwrap();
+        let next = advance_until(&mut pair, |_, next| !matches!(next, Next::Wait));
+        assert!(matches!(next, Next::Done), "{next:?}");
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"reply");
+        // Each side's bytes, as the access log gives them: without the FIN.
+        assert_eq!(pair.bytes_sent(), (3, 5));
+    }
+
+    #[test]
+    fn a_peer_reset_resets_the_pair() {
+        let Proxied {
+            mut pair,
+            client,
+            backend: _backend,
+        } = proxied();
+        reset(client);
+        let next = advance_until(&mut pair, |_, next| matches!(next, Next::Reset(_)));
+        let Next::Reset(e) = next else { unreachable!() };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    #[test]
+    fn an_error_event_resets_the_pair_naming_the_side_and_its_error() {
+        let Proxied {
+            mut pair,
+            client,
+            backend: _backend,
+        } = proxied();
+        reset(client);
+        wait_closed(&pair.client.fd);
+        let next = pair.on_events(Side::Client, poll::ERROR, None);
+        let Next::Reset(e) = next else {
+            panic!("{next:?}")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        assert!(e.to_string().starts_with("SO_ERROR on the client: "), "{e}");
+    }
+
+    #[test]
+    fn a_hang_up_of_a_side_still_owed_bytes_resets_the_pair_naming_it() {
+        let Proxied {
+            mut pair,
+            client: _client,
+            backend,
+        } = proxied();
+        reset(backend);
+        wait_closed(&pair.upstream.fd);
+        let next = pair.on_events(Side::Upstream, poll::HANG_UP, None);
+        let Next::Reset(e) = next else {
+            panic!("{next:?}")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        assert!(
+            e.to_string()
+                .starts_with("the upstream connection was reset"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_copied_direction_takes_its_end_from_the_read_not_from_epoll() {
+        let Proxied {
+            mut pair,
+            mut client,
+            mut backend,
+        } = proxied();
+        // Epoll's word for a close: a copied direction must not pass it on unread.
+        let next = pair.on_events(Side::Client, poll::READ_CLOSED, None);
+        assert!(matches!(next, Next::Wait), "{next:?}");
+        assert!(!pair.to_upstream.eof && !pair.to_upstream.closed);
+        client.write_all(b"more").unwrap();
+        advance_until(&mut pair, |pair, _| pair.to_upstream.consumed == 4);
+        let mut more = [0; 4];
+        backend.read_exact(&mut more).unwrap();
+        assert_eq!(&more, b"more");
+
+        // A spliced direction can only take epoll's word for it.
+        let mut spliced = Direction::copied(Side::Upstream, 0);
+        spliced.mover = Mover::Kernel(KernelFlow::new(1, 0));
+        spliced.eof_seen_by_kernel();
+        assert!(spliced.eof);
+    }
+
+    #[test]
+    fn a_spliced_direction_needs_only_the_close_from_its_source() {
+        let Proxied { mut pair, .. } = proxied();
+        let all = poll::READ_CLOSED | poll::READABLE | poll::WRITABLE;
+        assert_eq!(
+            (pair.interest(Side::Client), pair.interest(Side::Upstream)),
+            (all, all)
+        );
+        assert_eq!(pair.mode(), Mode::Copy);
+        assert_eq!(pair.kernel_sources().count(), 0);
+
+        pair.kernel_moves_to_upstream(0);
+        assert_eq!(
+            pair.interest(Side::Client),
+            poll::READ_CLOSED | poll::WRITABLE
+        );
+        assert_eq!(
+            pair.interest(Side::Upstream),
+            poll::READ_CLOSED | poll::READABLE
+        );
+        assert_eq!(pair.mode(), Mode::Splice);
+        assert_eq!(
+            pair.kernel_sources().collect::<Vec<_>>(),
+            [(1, Side::Client)]
+        );
+        // No credit was granted: nothing to delete from the probe's maps.
+        assert_eq!(pair.credited_sources(), [None, None]);
+
+        pair.kernel_moves_to_client(0);
+        assert_eq!(
+            (pair.interest(Side::Client), pair.interest(Side::Upstream)),
+            (poll::READ_CLOSED, poll::READ_CLOSED)
+        );
+        assert_eq!(
+            pair.kernel_sources().collect::<Vec<_>>(),
+            [(1, Side::Client), (2, Side::Upstream)]
+        );
+    }
+
+    #[test]
+    fn settling_a_quiet_client_reads_nothing_and_leaves_it_blocking() {
+        // The peers stay open: a closed client would be read for its end.
+        let Proxied {
+            mut pair,
+            client: _client,
+            backend: _backend,
+        } = proxied();
+        assert!(pair.settle_client_queue().unwrap());
+        assert!(!pair.client.nonblocking);
+        assert_eq!(pair.to_upstream.consumed, 0);
+    }
+
+    #[test]
+    fn settling_forwards_what_the_client_queued_before_the_splice() {
+        let Proxied {
+            mut pair,
+            mut client,
+            mut backend,
+        } = proxied();
+        client.write_all(b"pipelined").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while socket::peek_queued(pair.client.fd(), &mut [0; 9]).unwrap_or(0) < 9 {
+            assert!(Instant::now() < deadline, "the bytes never arrived");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(pair.settle_client_queue().unwrap());
+        assert_eq!(pair.to_upstream.consumed, 9);
+        let mut forwarded = [0; 9];
+        backend.read_exact(&mut forwarded).unwrap();
+        assert_eq!(&forwarded, b"pipelined");
+    }
+
+    #[test]
+    fn settling_a_client_that_closed_refuses_the_splice_and_passes_its_end_on() {
+        let Proxied {
+            mut pair,
+            client,
+            mut backend,
+        } = proxied();
+        client.shutdown(Shutdown::Write).unwrap();
+        wait_for_fin(&pair.client.fd);
+        assert!(!pair.settle_client_queue().unwrap());
+        assert!(pair.to_upstream.eof);
+        advance_until(&mut pair, |pair, _| pair.to_upstream.closed);
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn idle_for_is_the_time_since_either_socket_last_moved_data() {
+        let Proxied {
+            mut pair,
+            mut client,
+            mut backend,
+        } = proxied();
+        client.write_all(b"x").unwrap();
+        advance_until(&mut pair, |pair, _| pair.to_upstream.consumed == 1);
+        backend.read_exact(&mut [0]).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let idle = pair.idle_for().unwrap();
+        // The kernel's clock ticks in jiffies: a few milliseconds either way.
+        assert!(idle >= Duration::from_millis(280), "{idle:?}");
+        assert!(idle < Duration::from_secs(10), "{idle:?}");
+        backend.write_all(b"y").unwrap();
+        advance_until(&mut pair, |pair, _| pair.to_client.consumed == 1);
+        let idle_after = pair.idle_for().unwrap();
+        assert!(
+            idle_after < idle - Duration::from_millis(200),
+            "{idle_after:?}"
+        );
+    }
+
+    #[test]
+    fn a_fin_owes_the_sources_total_less_what_was_read_here_and_counts_it_once() {
+        let (src, mut sender) = connected();
+        sender.write_all(&[0; 1000]).unwrap();
+        sender.shutdown(Shutdown::Write).unwrap();
+        wait_for_fin(&src);
+        let mut total = None;
+        assert_eq!(owed_after_fin(&mut total, 200, src.as_fd()).unwrap(), 800);
+        // The FIN's sequence number is not a byte.
+        assert_eq!(total, Some(1000));
+        // Final once known: no socket is asked again (a UDP one could not answer).
+        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        assert_eq!(owed_after_fin(&mut total, 300, udp.as_fd()).unwrap(), 700);
+        assert_eq!(owed_after_fin(&mut total, 1200, udp.as_fd()).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_drain_stalls_only_after_the_limit_without_progress_or_unacknowledged_bytes() {
+        let (dst, _peer) = connected();
+        let mut last = None;
+        assert!(!drain_stalled(&mut last, 5, dst.as_fd()).unwrap());
+        assert!(matches!(last, Some((5, _))));
+        // Progress restarts the clock.
+        assert!(!drain_stalled(&mut last, 6, dst.as_fd()).unwrap());
+        assert!(matches!(last, Some((6, _))));
+        assert!(!drain_stalled(&mut last, 6, dst.as_fd()).unwrap());
+        let long_ago = Instant::now() - DRAIN_STALL_LIMIT - Duration::from_secs(1);
+        last = Some((6, long_ago));
+        assert!(!drain_stalled(&mut last, 7, dst.as_fd()).unwrap());
+        last = Some((6, long_ago));
+        assert!(drain_stalled(&mut last, 6, dst.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn a_drain_with_bytes_unacknowledged_is_not_stalled() {
+        let (dst, _peer) = connected();
+        // The peer reads nothing: fill its window until our bytes queue unacknowledged.
+        dst.set_nonblocking(true).unwrap();
+        while socket::write(dst.as_fd(), &[0; 64 * 1024]).is_ok() {}
+        assert!(socket::unacked_bytes(dst.as_fd()).unwrap() > 0);
+        let long_ago = Instant::now() - DRAIN_STALL_LIMIT - Duration::from_secs(1);
+        let mut last = Some((6, long_ago));
+        assert!(!drain_stalled(&mut last, 6, dst.as_fd()).unwrap());
+    }
+}
