@@ -763,7 +763,6 @@ impl Worker {
                 }
             }
             Err(e) => {
-                self.live.remove();
                 ConnectionEnd::refused(
                     Refusal::Setup,
                     info.client,
@@ -775,6 +774,8 @@ impl Worker {
                     &self.metrics,
                     Some(&format_args!("setting it up failed: {e}")),
                 );
+                // After its line, as in finish: a shutdown waits for this count.
+                self.live.remove();
             }
         }
     }
