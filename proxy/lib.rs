@@ -78,6 +78,8 @@
 //! - [`proxy_protocol`]: the PROXY protocol header `send_proxy` writes to backends.
 //! - [`probe`]: the loaded eBPF programs and their maps.
 //! - [`logging`]: how log lines are written: colours only at a terminal, JSON escaped.
+//! - [`ending`]: how a connection ended: its access-log line and the metrics counted at
+//!   its end, the same wherever it ended.
 //! - [`metrics`]: what is counted about connections, and its Prometheus exposition.
 //! - [`privileges`]: becoming an unprivileged user once the probe and listeners are set up.
 //! - [`splice`]: the engine whose workers are the event loops: they accept, and own each
@@ -93,6 +95,7 @@ pub mod backend;
 pub mod balance;
 pub mod config;
 mod count;
+pub mod ending;
 pub mod logging;
 pub mod metrics;
 pub mod privileges;

@@ -10,6 +10,10 @@
 //! while a transfer runs, but count only what the kernel redirected (not the first
 //! message, nor anything copied) and have no route: they are exported beside, as
 //! `splice_proxy_redirected_*`.
+//!
+//! Label values such as a connection's `mode` or a refusal's `reason` come as the access
+//! log writes them: [`ending`](crate::ending) owns them, and records a connection's end
+//! here and in its log line at once.
 
 use std::{
     fmt, io,
@@ -29,7 +33,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{backend::Backends, probe::Probe, splice::Mode};
+use crate::{backend::Backends, probe::Probe};
 
 /// Upper bounds, in seconds, of the latency histograms' buckets: from a loopback
 /// round trip to the longest sensible timeout.
@@ -37,45 +41,6 @@ const LATENCY_BUCKETS: [f64; 16] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
-
-/// Why a connection ended before the engine took it: the `reason` label of
-/// `splice_proxy_connections_refused_total` and the `end` of its access-log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    /// The client closed or reset before a route was decided.
-    ClientGone,
-    /// No route matched the first message, and there is no default route.
-    NoRoute,
-    /// The first message claimed TLS or HTTP and could not be parsed, and the routes
-    /// say `on_unparsed = "reset"`: reset.
-    Unparsed,
-    /// No backend of the route accepted a connection.
-    NoBackend,
-    /// Writing the first message to the backend failed.
-    BackendWrite,
-    /// Handing the sockets to the engine failed (duplicating or registering them).
-    Setup,
-    /// The proxy held its `max_connections`: reset at accept.
-    MaxConnections,
-    /// The route the first message chose held its `max_connections`.
-    RouteMaxConnections,
-}
-
-impl Refusal {
-    /// The label value, as the metrics and the access log write it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::ClientGone => "client_gone",
-            Refusal::NoRoute => "no_route",
-            Refusal::Unparsed => "unparsed",
-            Refusal::NoBackend => "no_backend",
-            Refusal::BackendWrite => "backend_write_failed",
-            Refusal::Setup => "setup_failed",
-            Refusal::MaxConnections => "max_connections",
-            Refusal::RouteMaxConnections => "route_max_connections",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PairLabels {
@@ -265,17 +230,15 @@ impl Metrics {
             .inc();
     }
 
-    /// A connection ended before the engine had it, for `reason`.
-    pub(crate) fn refused(&self, reason: Refusal) {
-        self.refused
-            .get_or_create(&ReasonLabels {
-                reason: reason.as_str(),
-            })
-            .inc();
+    /// A connection ended before the engine had it, for `reason` (an
+    /// [`ending::Refusal`](crate::ending::Refusal)'s value).
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    /// The engine took a connection and moves it in `mode`.
-    pub(crate) fn proxy_started(&self, route: &str, backend: SocketAddr, mode: Mode) {
+    /// The engine took a connection and moves it in `mode` (an
+    /// [`ending::Mode`](crate::ending::Mode)'s value).
+    pub(crate) fn proxy_started(&self, route: &str, backend: SocketAddr, mode: &'static str) {
         let labels = pair_labels(route, backend, mode);
         self.proxied.get_or_create(&labels).inc();
         self.active.get_or_create(&labels).inc();
@@ -287,7 +250,7 @@ impl Metrics {
         &self,
         route: &str,
         backend: SocketAddr,
-        mode: Mode,
+        mode: &'static str,
         up: u64,
         down: u64,
     ) {
@@ -317,11 +280,11 @@ impl Metrics {
     }
 }
 
-fn pair_labels(route: &str, backend: SocketAddr, mode: Mode) -> PairLabels {
+fn pair_labels(route: &str, backend: SocketAddr, mode: &'static str) -> PairLabels {
     PairLabels {
         route: route.to_owned(),
         backend: backend.to_string(),
-        mode: mode.as_str(),
+        mode,
     }
 }
 

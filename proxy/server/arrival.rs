@@ -5,8 +5,8 @@
 //! for next ([`Step`]), and the worker that accepted it waits in its one event loop, so
 //! a connection lives on one thread, in one loop, from accept to close.
 //!
-//! A connection that ends here gets the access-log line the engine writes for the
-//! others, with what was known when it ended.
+//! A connection that ends here gets the access-log line of every connection
+//! ([`crate::ending`]), with what was known when it ended.
 
 use std::{
     fmt::Display,
@@ -23,10 +23,11 @@ use super::{InFlight, Routing};
 use crate::{
     admission::Ticket,
     backend::{BackendState, Lease},
-    metrics::{Metrics, Refusal},
+    ending::{ConnectionEnd, ConnectionInfo, Refusal},
+    metrics::Metrics,
     route::{Decision, FirstMessage, Forward},
     socket,
-    splice::{Connection, ConnectionInfo, poll},
+    splice::{Connection, poll},
 };
 
 /// The first message's buffer to start with: most first messages fit in a few KiB, so
@@ -495,8 +496,8 @@ impl Arrival {
     }
 
     /// Closes the connection here, before the engine has it: it gets the access-log
-    /// line the engine writes for the others, with what was known when it ended, and
-    /// its refusal is counted.
+    /// line of every connection, with what was known when it ended, and its refusal is
+    /// counted.
     fn close(
         &self,
         bytes_up: u64,
@@ -505,37 +506,9 @@ impl Arrival {
         reason: Refusal,
         why: impl Display,
     ) -> Progress {
-        self.metrics().refused(reason);
-        let client = tracing::field::display(self.client_addr);
-        let route = route.as_deref().map(tracing::field::display);
-        let backend = backend.map(tracing::field::display);
-        let duration_ms = crate::splice::millis(self.accepted.elapsed());
-        let end = reason.as_str();
-        // The same line at either level: tracing's level must be known at compile time.
-        macro_rules! line {
-            ($level:ident) => {
-                tracing::$level!(
-                    client,
-                    route,
-                    backend,
-                    bytes_up,
-                    bytes_down = 0u64,
-                    duration_ms,
-                    end,
-                    "connection: {why}"
-                )
-            };
-        }
-        // A client that left or sent what no route takes is the client's business; a
-        // backend that fails is the operator's.
-        match reason {
-            Refusal::ClientGone | Refusal::NoRoute | Refusal::Unparsed => line!(info),
-            Refusal::NoBackend
-            | Refusal::BackendWrite
-            | Refusal::Setup
-            | Refusal::MaxConnections
-            | Refusal::RouteMaxConnections => line!(warn),
-        }
+        ConnectionEnd::refused(reason, self.client_addr, self.accepted, bytes_up)
+            .toward(route.as_deref(), backend)
+            .record(self.metrics(), Some(&why));
         Progress::Closed
     }
 }

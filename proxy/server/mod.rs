@@ -36,7 +36,8 @@ use crate::{
     admission::Admission,
     config::Config,
     count::ConnectionCount,
-    metrics::{Metrics, Refusal},
+    ending::{ConnectionEnd, Refusal},
+    metrics::Metrics,
     route::Router,
     socket,
     splice::SpliceEngine,
@@ -356,7 +357,9 @@ impl Front {
                 // of refusals leaves no TIME_WAIT sockets behind. Logged within the log
                 // budget: a flood must not become a flood of lines.
                 self.shared.admission.log_refusal(Some(addr), &refused);
-                self.shared.metrics.refused(Refusal::MaxConnections);
+                // Counted like every end, but with no line of its own: the one above.
+                ConnectionEnd::refused(Refusal::MaxConnections, addr, Instant::now(), 0)
+                    .record(&self.shared.metrics, None);
                 // A failure leaves an orderly close, which still refuses the client.
                 let _ = socket::reset_on_close(client.as_fd());
                 Accepted::Refused

@@ -29,7 +29,6 @@ use std::{
     cmp::Reverse,
     collections::{BinaryHeap, HashMap},
     io,
-    net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
     sync::{
         Arc,
@@ -48,11 +47,15 @@ use crate::{
     admission::Ticket,
     backend::Lease,
     count::ConnectionCount,
-    metrics::{Metrics, Refusal},
+    ending::{ConnectionEnd, End, Refusal},
+    metrics::Metrics,
     probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
     server::{Accepted, Arrival, Front, Step, Waiting},
     socket,
 };
+
+/// What a [`Connection`] carries for its access-log line; [`crate::ending`] owns it.
+pub use crate::ending::ConnectionInfo;
 
 /// Send buffer for spliced sockets: with the default buffers a splice is no faster than a
 /// userspace copy (docs/kernel.md, "Send buffers decide a splice's speed"). Without
@@ -86,39 +89,6 @@ pub struct Connection {
     ///
     /// [`Router`]: crate::route::Router
     pub lease: Option<Lease>,
-}
-
-/// What the access log says about a connection.
-#[derive(Debug, Clone)]
-pub struct ConnectionInfo {
-    /// The client's address.
-    pub client: SocketAddr,
-    /// The route's name.
-    pub route: Arc<str>,
-    /// The backend's address.
-    pub backend: SocketAddr,
-    /// When it was accepted: its duration counts from here.
-    pub accepted: Instant,
-}
-
-/// How a connection's bytes move after its first message, for logs and metrics. A pair
-/// with either direction in the kernel counts as spliced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// At least one direction moves in the kernel.
-    Splice,
-    /// Both directions are copied in userspace.
-    Copy,
-}
-
-impl Mode {
-    /// The label value, as the metrics and the access log write it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Splice => "splice",
-            Mode::Copy => "copy",
-        }
-    }
 }
 
 /// The worker threads and what they share. Dropping it resets every connection it
@@ -484,6 +454,17 @@ enum Ending {
     Idle(Duration),
 }
 
+impl Ending {
+    /// Its `end` in the access log.
+    fn end(&self) -> End {
+        match self {
+            Ending::Closed => End::Closed,
+            Ending::Reset(_) => End::Reset,
+            Ending::Idle(_) => End::Idle,
+        }
+    }
+}
+
 fn token(slot: usize, side: Side) -> u64 {
     Token::Pair(slot, side).encode()
 }
@@ -773,23 +754,28 @@ impl Worker {
         match self.start(connection, origin) {
             Ok(slot) => {
                 if let Some(pair) = self.pairs.get_mut(slot) {
+                    let mode = pair.mode().as_str();
                     self.metrics
-                        .proxy_started(&pair.info.route, pair.info.backend, pair.mode());
+                        .proxy_started(&pair.info.route, pair.info.backend, mode);
                     // Bytes (or a FIN) may have arrived before epoll was watching.
                     let next = pair.advance(self.maps.as_mut());
                     self.settle(slot, next);
                 }
             }
             Err(e) => {
-                self.live.remove();
-                self.metrics.refused(Refusal::Setup);
-                tracing::warn!(
-                    client = %info.client, route = %info.route, backend = %info.backend,
-                    bytes_up = connection_forwarded, bytes_down = 0u64,
-                    duration_ms = millis(info.accepted.elapsed()),
-                    end = Refusal::Setup.as_str(),
-                    "connection: setting it up failed: {e}"
+                ConnectionEnd::refused(
+                    Refusal::Setup,
+                    info.client,
+                    info.accepted,
+                    connection_forwarded,
+                )
+                .toward(Some(&info.route), Some(info.backend))
+                .record(
+                    &self.metrics,
+                    Some(&format_args!("setting it up failed: {e}")),
                 );
+                // After its line, as in finish: a shutdown waits for this count.
+                self.live.remove();
             }
         }
     }
@@ -982,30 +968,20 @@ impl Worker {
         drop(pair.lease.take());
         drop(std::mem::take(&mut pair.ticket));
 
-        let (sent_up, sent_down) = pair.bytes_sent();
-        let mode = pair.mode();
-        let throttled = pair.throttles();
         self.metrics.held(-(pair.held_reported as i64));
-        let info = &pair.info;
-        self.metrics
-            .proxy_closed(&info.route, info.backend, mode, sent_up, sent_down);
-        let duration_ms = millis(info.accepted.elapsed());
-        let mode = mode.as_str();
+        let line = ConnectionEnd::proxied(
+            &pair.info,
+            ending.end(),
+            pair.mode(),
+            pair.bytes_sent(),
+            pair.throttles(),
+        );
         match &ending {
-            Ending::Closed => tracing::info!(
-                client = %info.client, route = %info.route, backend = %info.backend, mode,
-                bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "closed",
-                throttled, "connection"
-            ),
-            Ending::Reset(e) => tracing::info!(
-                client = %info.client, route = %info.route, backend = %info.backend, mode,
-                bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "reset",
-                throttled, "connection: {e}"
-            ),
-            Ending::Idle(idle) => tracing::info!(
-                client = %info.client, route = %info.route, backend = %info.backend, mode,
-                bytes_up = sent_up, bytes_down = sent_down, duration_ms, end = "idle",
-                throttled, "connection: no byte moved for {idle:?}"
+            Ending::Closed => line.record(&self.metrics, None),
+            Ending::Reset(e) => line.record(&self.metrics, Some(e)),
+            Ending::Idle(idle) => line.record(
+                &self.metrics,
+                Some(&format_args!("no byte moved for {idle:?}")),
             ),
         }
         if matches!(ending, Ending::Closed) {
@@ -1027,12 +1003,6 @@ impl Worker {
         // before the process may exit.
         self.live.remove();
     }
-}
-
-/// A duration in milliseconds to the microsecond, as the access log gives it: a number
-/// in both log formats, and readable.
-pub(crate) fn millis(duration: Duration) -> f64 {
-    duration.as_micros() as f64 / 1000.0
 }
 
 /// Where a connection the engine adopts comes from, which tells what the engine need

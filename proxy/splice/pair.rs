@@ -10,7 +10,6 @@ use std::{
 };
 
 use super::{
-    ConnectionInfo, Mode,
     copy::{CopyBuffer, Filled},
     flow::{KernelFlow, Unpark},
     poll,
@@ -18,6 +17,7 @@ use super::{
 use crate::{
     admission::Ticket,
     backend::Lease,
+    ending::{ConnectionInfo, Mode},
     probe::SpliceMaps,
     socket::{self, SyscallError},
 };
