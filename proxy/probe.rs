@@ -342,10 +342,10 @@ impl Asks {
     }
 
     /// Calls `ask` with each cookie in the ring, oldest first, until it is empty.
-    pub fn drain(&mut self, mut ask: impl FnMut(u64)) {
+    pub fn drain(&mut self, mut ask: impl FnMut(Cookie)) {
         while let Some(record) = self.ring.next() {
             if let Ok(bytes) = <[u8; 8]>::try_from(&record[..]) {
-                ask(u64::from_ne_bytes(bytes));
+                ask(Cookie(u64::from_ne_bytes(bytes)));
             }
         }
     }
@@ -409,13 +409,36 @@ pub enum JoinOutcome {
     UpstreamOnly,
 }
 
+/// A socket's cookie (`SO_COOKIE`): the kernel's name for a socket while it lives, never
+/// given to another, and the key every map of the probe knows a socket by. Typed, so that
+/// a byte count or a slot index cannot be passed where a socket is meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cookie(u64);
+
+impl Cookie {
+    /// What the sockets of a pair that is only ever copied carry: the kernel numbers
+    /// cookies from 1, so no map holds a socket under 0.
+    pub(crate) const UNMAPPED: Cookie = Cookie(0);
+
+    /// `fd`'s cookie.
+    pub fn of(fd: BorrowedFd<'_>) -> io::Result<Cookie> {
+        Ok(Cookie(socket::cookie(fd)?))
+    }
+
+    /// A cookie for tests that never reach the maps.
+    #[cfg(test)]
+    pub(crate) const fn fake(raw: u64) -> Cookie {
+        Cookie(raw)
+    }
+}
+
 /// One socket as the maps know it.
 #[derive(Clone, Copy)]
 pub struct MapSocket<'a> {
     /// The socket.
     pub fd: BorrowedFd<'a>,
-    /// Its socket cookie (`SO_COOKIE`).
-    pub cookie: u64,
+    /// Its key in the maps.
+    pub cookie: Cookie,
 }
 
 impl<'a> MapSocket<'a> {
@@ -423,7 +446,7 @@ impl<'a> MapSocket<'a> {
     pub fn new(fd: BorrowedFd<'a>) -> io::Result<MapSocket<'a>> {
         Ok(MapSocket {
             fd,
-            cookie: socket::cookie(fd)?,
+            cookie: Cookie::of(fd)?,
         })
     }
 
@@ -492,19 +515,19 @@ impl SpliceMaps {
         let refused = |refused| move |source| JoinError { refused, source };
         self.track(&[client.cookie, upstream.cookie])
             .map_err(refused(Refused::FlowRecords))?;
-        if let Err(source) = self.peer_of.insert(client.cookie, upstream.fd, 0) {
+        if let Err(source) = self.peer_of.insert(client.cookie.0, upstream.fd, 0) {
             self.forget_flows(&[client.cookie, upstream.cookie]);
             return Err(refused(Refused::Socket(Side::Upstream))(source));
         }
-        if let Err(source) = self.peer_of.insert(upstream.cookie, client.fd, 0) {
+        if let Err(source) = self.peer_of.insert(upstream.cookie.0, client.fd, 0) {
             self.forget(&[client.cookie, upstream.cookie]);
             return Err(refused(Refused::Socket(Side::Client))(source));
         }
-        if let Err(source) = self.spliced.insert(upstream.cookie, upstream.fd, 0) {
+        if let Err(source) = self.spliced.insert(upstream.cookie.0, upstream.fd, 0) {
             self.forget(&[client.cookie, upstream.cookie]);
             return Err(refused(Refused::Socket(Side::Upstream))(source));
         }
-        if let Err(source) = self.spliced.insert(client.cookie, client.fd, 0) {
+        if let Err(source) = self.spliced.insert(client.cookie.0, client.fd, 0) {
             tracing::debug!("client refused after the upstream was spliced: {source}");
             return Ok(JoinOutcome::UpstreamOnly);
         }
@@ -520,11 +543,11 @@ impl SpliceMaps {
         let refused = |refused| move |source| JoinError { refused, source };
         self.track(&[socket.cookie])
             .map_err(refused(Refused::FlowRecords))?;
-        if let Err(source) = self.peer_of.insert(socket.cookie, socket.fd, 0) {
+        if let Err(source) = self.peer_of.insert(socket.cookie.0, socket.fd, 0) {
             self.forget_flows(&[socket.cookie]);
             return Err(refused(Refused::Socket(Side::Client))(source));
         }
-        if let Err(source) = self.spliced.insert(socket.cookie, socket.fd, 0) {
+        if let Err(source) = self.spliced.insert(socket.cookie.0, socket.fd, 0) {
             self.forget(&[socket.cookie]);
             return Err(refused(Refused::Socket(Side::Client))(source));
         }
@@ -534,9 +557,9 @@ impl SpliceMaps {
     /// Removes a pair from the maps, flow records included, for a pair whose sockets stay
     /// open (set up halfway, then copied). Closing a socket removes it from the two
     /// SockHashes by itself, not from `FLOW` and `CREDIT` ([`forget_flows`](Self::forget_flows)).
-    pub fn leave(&mut self, client: u64, upstream: u64) {
+    pub fn leave(&mut self, client: Cookie, upstream: Cookie) {
         for cookie in [client, upstream] {
-            let _ = self.spliced.remove(&cookie);
+            let _ = self.spliced.remove(&cookie.0);
         }
         self.forget(&[client, upstream]);
     }
@@ -544,9 +567,9 @@ impl SpliceMaps {
     /// Creates `cookies`' flow records before their sockets join `SPLICED`: the verdict
     /// only updates records, so one that runs after the pair has ended (and its records
     /// are gone) cannot leave a new one behind. All or none.
-    fn track(&mut self, cookies: &[u64]) -> Result<(), MapError> {
+    fn track(&mut self, cookies: &[Cookie]) -> Result<(), MapError> {
         for (i, cookie) in cookies.iter().enumerate() {
-            if let Err(e) = self.flow.insert(cookie, FlowRecord(Flow::default()), 0) {
+            if let Err(e) = self.flow.insert(cookie.0, FlowRecord(Flow::default()), 0) {
                 self.forget_flows(&cookies[..i]);
                 return Err(e);
             }
@@ -556,16 +579,16 @@ impl SpliceMaps {
 
     /// Takes `cookies` out of `PEER_OF` and deletes their flow records; removing what is
     /// not there is harmless.
-    fn forget(&mut self, cookies: &[u64]) {
+    fn forget(&mut self, cookies: &[Cookie]) {
         for cookie in cookies {
-            let _ = self.peer_of.remove(cookie);
+            let _ = self.peer_of.remove(&cookie.0);
         }
         self.forget_flows(cookies);
     }
 
     /// What the verdict has done with `cookie`'s bytes; all zero before its first message.
-    pub fn flow(&self, cookie: u64) -> Result<Flow, MapError> {
-        match self.flow.get(&cookie, 0) {
+    pub fn flow(&self, cookie: Cookie) -> Result<Flow, MapError> {
+        match self.flow.get(&cookie.0, 0) {
             Ok(FlowRecord(flow)) => Ok(flow),
             Err(MapError::KeyNotFound) => Ok(Flow::default()),
             Err(e) => Err(e),
@@ -573,23 +596,23 @@ impl SpliceMaps {
     }
 
     /// Replaces `cookie`'s credit; each field must be at least what it was.
-    pub fn grant(&mut self, cookie: u64, credit: Credit) -> Result<(), MapError> {
-        self.credit.insert(cookie, CreditRecord(credit), 0)
+    pub fn grant(&mut self, cookie: Cookie, credit: Credit) -> Result<(), MapError> {
+        self.credit.insert(cookie.0, CreditRecord(credit), 0)
     }
 
     /// Removes `cookies`' flow records. Call after their sockets are closed: a socket
     /// still in `SPLICED` would get a new record with its next message. A direction's
     /// credit record exists only once [`grant`](Self::grant) wrote one: remove it with
     /// [`forget_credit`](Self::forget_credit).
-    pub fn forget_flows(&mut self, cookies: &[u64]) {
+    pub fn forget_flows(&mut self, cookies: &[Cookie]) {
         for cookie in cookies {
-            let _ = self.flow.remove(cookie);
+            let _ = self.flow.remove(&cookie.0);
         }
     }
 
     /// Removes the credit [`grant`](Self::grant) wrote for `cookie`.
-    pub fn forget_credit(&mut self, cookie: u64) {
-        let _ = self.credit.remove(&cookie);
+    pub fn forget_credit(&mut self, cookie: Cookie) {
+        let _ = self.credit.remove(&cookie.0);
     }
 }
 

@@ -399,7 +399,9 @@ fn misplaced(bytes: &[u8], at: u64, total: u64) -> Option<(u64, Option<u64>)> {
 /// A connected pair on 127.0.0.1 whose receiving end is its own peer in `maps`
 /// ([`loop_back`](splice_proxy::probe::SpliceMaps::loop_back)), for the probe's side of
 /// parking without the engine. Returns (sender, receiver, the receiver's cookie).
-fn looped_back(maps: &mut splice_proxy::probe::SpliceMaps) -> (TcpStream, TcpStream, u64) {
+fn looped_back(
+    maps: &mut splice_proxy::probe::SpliceMaps,
+) -> (TcpStream, TcpStream, splice_proxy::probe::Cookie) {
     use std::os::fd::AsFd;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();

@@ -13,17 +13,17 @@ use std::{
 };
 
 use super::poll::Wakeup;
-use crate::probe::Asks;
+use crate::probe::{Asks, Cookie};
 
 /// Cookies the asks thread has handed to one worker and the worker has not yet taken.
 #[derive(Default)]
 pub(super) struct Inbox {
-    cookies: Mutex<Vec<u64>>,
+    cookies: Mutex<Vec<Cookie>>,
 }
 
 impl Inbox {
     /// Takes every cookie handed over so far, oldest first.
-    pub fn take(&self, into: &mut Vec<u64>) {
+    pub fn take(&self, into: &mut Vec<Cookie>) {
         let mut cookies = self.cookies.lock().unwrap_or_else(PoisonError::into_inner);
         into.append(&mut cookies);
     }

@@ -36,7 +36,7 @@ use std::{
 };
 
 use crate::{
-    probe::{Credit, FLOWING, SpliceMaps},
+    probe::{Cookie, Credit, FLOWING, SpliceMaps},
     socket,
 };
 
@@ -93,7 +93,7 @@ const LAST_RECEIVE_BUFFER: usize = 3 << 20;
 /// One direction the kernel moves.
 pub(super) struct KernelFlow {
     /// The source socket's cookie: its key in `FLOW` and `CREDIT`.
-    cookie: u64,
+    cookie: Cookie,
     /// The destination's `bytes_written` when the kernel took over: from then on every
     /// byte written into it was redirected by the kernel or copied here (`copied`).
     base: u64,
@@ -156,7 +156,7 @@ pub(super) enum Unpark {
 }
 
 impl KernelFlow {
-    pub fn new(cookie: u64, base: u64) -> KernelFlow {
+    pub fn new(cookie: Cookie, base: u64) -> KernelFlow {
         KernelFlow {
             cookie,
             base,
@@ -497,7 +497,7 @@ mod tests {
     };
 
     use super::{
-        FIRST_RECEIVE_BUFFER, HAND_BACK_RECEIVE_BUFFER, KernelFlow, LAST_RECEIVE_BUFFER,
+        Cookie, FIRST_RECEIVE_BUFFER, HAND_BACK_RECEIVE_BUFFER, KernelFlow, LAST_RECEIVE_BUFFER,
         ReceiveWindow,
     };
     use crate::socket;
@@ -620,7 +620,7 @@ mod tests {
 
     #[test]
     fn the_redirected_bytes_are_those_written_since_the_base_less_those_copied() {
-        let mut flow = KernelFlow::new(1, 1000);
+        let mut flow = KernelFlow::new(Cookie::fake(1), 1000);
         assert_eq!(flow.redirected_of(1500), 500);
         flow.copied = 200;
         assert_eq!(flow.redirected_of(1500), 300);
@@ -633,7 +633,8 @@ mod tests {
     fn progress_counts_the_bytes_written_into_the_destination_and_those_unparked() {
         let (mut dst, _peer) = connected();
         dst.write_all(b"before the splice").unwrap();
-        let mut flow = KernelFlow::new(1, socket::bytes_written(dst.as_fd()).unwrap());
+        let mut flow =
+            KernelFlow::new(Cookie::fake(1), socket::bytes_written(dst.as_fd()).unwrap());
         assert_eq!(flow.progress(dst.as_fd()).unwrap(), 0);
         // As if redirected by the kernel: 300 bytes, of which this process copied 100.
         dst.write_all(&[0; 300]).unwrap();

@@ -40,7 +40,7 @@ use std::{
 };
 
 use asks::Inbox;
-use pair::{Endpoint, Next, Pair, Side};
+use pair::{Endpoint, Next, Pair};
 use poll::{Epoll, Wakeup};
 
 use crate::{
@@ -49,7 +49,7 @@ use crate::{
     count::ConnectionCount,
     ending::{ConnectionEnd, End, Refusal},
     metrics::Metrics,
-    probe::{JoinOutcome, MapSocket, Probe, SpliceMaps},
+    probe::{Cookie, JoinOutcome, MapSocket, Probe, Side, SpliceMaps},
     server::{Accepted, Arrival, Front, Step, Waiting},
     socket,
 };
@@ -476,7 +476,7 @@ struct Worker {
     /// Cookies of directions the probe asked credit for, from the asks thread.
     inbox: Arc<Inbox>,
     /// The inbox's cookies being handled, kept to reuse the allocation.
-    asked: Vec<u64>,
+    asked: Vec<Cookie>,
     maps: Option<SpliceMaps>,
     /// The listeners this worker accepts on; `None` once the server stopped accepting.
     fronts: Vec<Option<Front>>,
@@ -489,7 +489,7 @@ struct Worker {
     arrival_deadlines: Timers,
     pairs: Slots<Pair>,
     /// The slot and side of every socket whose bytes the kernel moves, by cookie.
-    sources: HashMap<u64, (usize, Side)>,
+    sources: HashMap<Cookie, (usize, Side)>,
     /// When to look at a slot without an event (a half-close waiting for the kernel,
     /// parked bytes waiting for room), earliest first. An entry whose time is not its
     /// pair's [`Pair::poll_due`] any more is stale and skipped.
@@ -797,8 +797,8 @@ impl Worker {
                 maps, client, upstream, origin, forwarded, ticket, info, lease,
             )?,
             None => Pair::new(
-                Endpoint::new(client, 0, origin.nonblocking()),
-                Endpoint::new(upstream, 0, origin.nonblocking()),
+                Endpoint::new(client, Cookie::UNMAPPED, origin.nonblocking()),
+                Endpoint::new(upstream, Cookie::UNMAPPED, origin.nonblocking()),
                 forwarded,
                 ticket,
                 info,
@@ -1037,8 +1037,8 @@ fn splice(
     info: ConnectionInfo,
     lease: Option<Lease>,
 ) -> io::Result<Pair> {
-    let client_cookie = socket::cookie(client.as_fd())?;
-    let upstream_cookie = socket::cookie(upstream.as_fd())?;
+    let client_cookie = Cookie::of(client.as_fd())?;
+    let upstream_cookie = Cookie::of(upstream.as_fd())?;
     let client = Endpoint::new(client, client_cookie, origin.nonblocking());
     let upstream = Endpoint::new(upstream, upstream_cookie, origin.nonblocking());
     let mut pair = Pair::new(client, upstream, forwarded, ticket, info, lease);

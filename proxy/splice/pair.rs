@@ -18,7 +18,7 @@ use crate::{
     admission::Ticket,
     backend::Lease,
     ending::{ConnectionInfo, Mode},
-    probe::SpliceMaps,
+    probe::{Cookie, Side, SpliceMaps},
     socket::{self, SyscallError},
 };
 
@@ -32,14 +32,14 @@ const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(10);
 
 pub(super) struct Endpoint {
     pub fd: OwnedFd,
-    pub cookie: u64,
+    pub cookie: Cookie,
     /// Set once the socket has been made non-blocking, which only copying needs.
     nonblocking: bool,
 }
 
 impl Endpoint {
     /// `nonblocking`: the socket is known to be non-blocking already.
-    pub fn new(fd: OwnedFd, cookie: u64, nonblocking: bool) -> Endpoint {
+    pub fn new(fd: OwnedFd, cookie: Cookie, nonblocking: bool) -> Endpoint {
         Endpoint {
             fd,
             cookie,
@@ -125,21 +125,6 @@ pub(super) struct Pair {
     pub throttles_reported: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Side {
-    Client,
-    Upstream,
-}
-
-impl Side {
-    fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Upstream => "upstream",
-        }
-    }
-}
-
 impl Pair {
     pub fn new(
         client: Endpoint,
@@ -178,7 +163,7 @@ impl Pair {
     }
 
     /// The cookies of the sources whose directions have a credit record in the probe.
-    pub fn credited_sources(&self) -> [Option<u64>; 2] {
+    pub fn credited_sources(&self) -> [Option<Cookie>; 2] {
         [
             (&self.to_upstream, self.client.cookie),
             (&self.to_client, self.upstream.cookie),
@@ -193,7 +178,7 @@ impl Pair {
 
     /// The cookies of the sockets whose bytes the kernel moves, each with its side: the
     /// probe names a direction by its source's cookie when it asks for credit.
-    pub fn kernel_sources(&self) -> impl Iterator<Item = (u64, Side)> + '_ {
+    pub fn kernel_sources(&self) -> impl Iterator<Item = (Cookie, Side)> + '_ {
         [
             (&self.to_upstream, self.client.cookie, Side::Client),
             (&self.to_client, self.upstream.cookie, Side::Upstream),
@@ -342,7 +327,7 @@ impl Pair {
                 // No call of ours failed: the connection did. Named by where the error
                 // was read and whose socket it is, it is not a bare errno in the log.
                 Ok(Some(e)) => {
-                    let error = format!("SO_ERROR on the {}: {e}", side.as_str());
+                    let error = format!("SO_ERROR on the {side}: {e}");
                     return Next::Reset(io::Error::new(e.kind(), error));
                 }
                 Err(e) => return Next::Reset(on_side(side, e)),
@@ -561,8 +546,7 @@ fn cannot_send(to: Side, missing: Option<u64>) -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionReset,
         format!(
-            "the {} connection was reset or failed before the proxy closed it (getsockopt(TCP_INFO): state CLOSE){owed}",
-            to.as_str()
+            "the {to} connection was reset or failed before the proxy closed it (getsockopt(TCP_INFO): state CLOSE){owed}"
         ),
     )
 }
@@ -570,10 +554,7 @@ fn cannot_send(to: Side, missing: Option<u64>) -> io::Error {
 /// `error`, from a call on the `side` socket, saying which side.
 fn on_side(side: Side, error: SyscallError) -> io::Error {
     let SyscallError { call, io_error } = error;
-    io::Error::new(
-        io_error.kind(),
-        format!("{call} on the {}: {io_error}", side.as_str()),
-    )
+    io::Error::new(io_error.kind(), format!("{call} on the {side}: {io_error}"))
 }
 
 /// Bytes the source sent after the kernel took over, up to its FIN: what must be in the
@@ -630,8 +611,8 @@ mod tests {
     };
 
     use super::{
-        ConnectionInfo, DRAIN_STALL_LIMIT, Direction, Endpoint, KernelFlow, Mode, Mover, Next,
-        Pair, Side, Ticket, drain_stalled, owed_after_fin, poll,
+        ConnectionInfo, Cookie, DRAIN_STALL_LIMIT, Direction, Endpoint, KernelFlow, Mode, Mover,
+        Next, Pair, Side, Ticket, drain_stalled, owed_after_fin, poll,
     };
     use crate::socket;
 
@@ -682,8 +663,8 @@ mod tests {
             accepted: Instant::now(),
         };
         let pair = Pair::new(
-            Endpoint::new(OwnedFd::from(client_side), 1, false),
-            Endpoint::new(OwnedFd::from(upstream), 2, false),
+            Endpoint::new(OwnedFd::from(client_side), Cookie::fake(1), false),
+            Endpoint::new(OwnedFd::from(upstream), Cookie::fake(2), false),
             0,
             Ticket::default(),
             info,
@@ -890,7 +871,7 @@ mod tests {
 
         // A spliced direction can only take epoll's word for it.
         let mut spliced = Direction::copied(Side::Upstream, 0);
-        spliced.mover = Mover::Kernel(KernelFlow::new(1, 0));
+        spliced.mover = Mover::Kernel(KernelFlow::new(Cookie::fake(1), 0));
         spliced.eof_seen_by_kernel();
         assert!(spliced.eof);
     }
@@ -918,7 +899,7 @@ mod tests {
         assert_eq!(pair.mode(), Mode::Splice);
         assert_eq!(
             pair.kernel_sources().collect::<Vec<_>>(),
-            [(1, Side::Client)]
+            [(Cookie::fake(1), Side::Client)]
         );
         // No credit was granted: nothing to delete from the probe's maps.
         assert_eq!(pair.credited_sources(), [None, None]);
@@ -930,7 +911,10 @@ mod tests {
         );
         assert_eq!(
             pair.kernel_sources().collect::<Vec<_>>(),
-            [(1, Side::Client), (2, Side::Upstream)]
+            [
+                (Cookie::fake(1), Side::Client),
+                (Cookie::fake(2), Side::Upstream)
+            ]
         );
     }
 
