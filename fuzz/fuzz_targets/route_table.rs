@@ -54,14 +54,17 @@ backends = ["127.0.0.1:9009"]
 static CONFIG: LazyLock<Config> = LazyLock::new(|| {
     Config::parse(ROUTES, Path::new("fuzz-routes.toml")).expect("the fuzz routes parse")
 });
-static TABLE: LazyLock<RouteTable> = LazyLock::new(|| RouteTable::new(&CONFIG, &Backends::new()));
+// One set for both tables, as one proxy has: a target is equal to another only if it
+// carries the same backend's state.
+static BACKENDS: LazyLock<Backends> = LazyLock::new(Backends::new);
+static TABLE: LazyLock<RouteTable> = LazyLock::new(|| RouteTable::new(&CONFIG, &BACKENDS));
 static RESETTING: LazyLock<RouteTable> = LazyLock::new(|| {
     RouteTable::new(
         &Config {
             on_unparsed: OnUnparsed::Reset,
             ..CONFIG.clone()
         },
-        &Backends::new(),
+        &BACKENDS,
     )
 });
 const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
