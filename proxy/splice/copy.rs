@@ -89,16 +89,11 @@ impl CopyBuffer {
     /// Writes the buffered bytes; false if `dst` would block before all were written
     /// (what is left stays buffered). Returns how many it wrote through `written`.
     pub fn write_all_now(&mut self, dst: BorrowedFd<'_>, written: &mut u64) -> io::Result<bool> {
-        while self.start < self.end {
-            match socket::write(dst, &self.bytes[self.start..self.end]) {
-                Ok(n) => {
-                    self.start += n;
-                    *written += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
+        let n = write_now(dst, &self.bytes[self.start..self.end])?;
+        self.start += n;
+        *written += n as u64;
+        if self.start < self.end {
+            return Ok(false);
         }
         (self.start, self.end) = (0, 0);
         Ok(true)
@@ -130,6 +125,23 @@ impl CopyBuffer {
         }
         Ok(pumped)
     }
+}
+
+/// Writes as much of `bytes` as `dst` takes now; how much that was. An error after
+/// some bytes went out is left for the next call to report, so that the caller counts
+/// what was written.
+pub(super) fn write_now(dst: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match socket::write(dst, &bytes[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) if written > 0 => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::copy::write_now;
 use crate::{
     probe::{Cookie, Credit, FLOWING, SpliceMaps},
     socket,
@@ -454,20 +455,6 @@ impl ReceiveWindow {
         self.acked_at = acked;
         Ok(())
     }
-}
-
-/// Writes as much of `bytes` as the destination takes now.
-fn write_now(dst: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
-    let mut written = 0;
-    while written < bytes.len() {
-        match socket::write(dst, &bytes[written..]) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(written)
 }
 
 /// Reads out of the source the `buf.len()` bytes at its head, peeked and written before.
