@@ -32,7 +32,10 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use splice_proxy::probe::{Backlog, Credit, FLOWING, MapSocket, Probe, SpliceMaps};
+use splice_proxy::{
+    budget::Backlog,
+    probe::{Credit, FLOWING, MapSocket, Probe, SpliceMaps},
+};
 
 /// Echoes every byte back inside the kernel (needs root, or CAP_BPF and CAP_NET_ADMIN).
 #[derive(Parser)]
@@ -40,6 +43,10 @@ struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
     listen: SocketAddr,
 }
+
+/// Bytes the kernel may hold for one connection's echo, past what it has sent back: this
+/// program keeps no budget across connections, as the proxy does.
+const BACKLOG: u64 = 16 << 20;
 
 /// A half-closed connection whose echo makes no progress for this long is given up on.
 const STALL_LIMIT: Duration = Duration::from_secs(10);
@@ -76,7 +83,12 @@ fn echo(stream: TcpStream, mut maps: SpliceMaps) -> io::Result<String> {
     let socket = MapSocket::new(stream.as_fd())?;
     // From the insert on only the kernel writes into the socket: count from here.
     let base = socket.byte_counts()?.written;
-    if let Err(refused) = maps.loop_back(socket) {
+    let first = Credit {
+        limit: BACKLOG,
+        ask_at: u64::MAX,
+        unparked: 0,
+    };
+    if let Err(refused) = maps.loop_back(socket, first) {
         // Only ESTABLISHED sockets can join (docs/kernel.md, "Which sockets can join a
         // sockmap"): a client that sent its FIN before we got here, such as `printf hi | nc
         // -N`, is echoed by copying.
@@ -155,7 +167,6 @@ impl Echo<'_> {
         let flow = maps.flow(self.socket.cookie).map_err(io::Error::other)?;
         let sent_back = self.socket.byte_counts()?.written - self.base;
         let moved = sent_back - self.unparked;
-        let backlog = maps.backlog();
         if flow.state != FLOWING && flow.parked > self.unparked {
             if moved < flow.redirected {
                 return Ok(());
@@ -173,7 +184,7 @@ impl Echo<'_> {
                 self.unparked += n as u64;
             }
             let credit = Credit {
-                limit: flow.redirected + backlog.bytes,
+                limit: flow.redirected + BACKLOG,
                 ask_at: u64::MAX,
                 unparked: self.unparked,
             };
@@ -182,7 +193,7 @@ impl Echo<'_> {
                 .map_err(io::Error::other);
         }
         let credit = Credit {
-            limit: flow.redirected.max(moved + backlog.bytes),
+            limit: flow.redirected.max(moved + BACKLOG),
             ask_at: u64::MAX,
             unparked: self.unparked,
         };

@@ -56,7 +56,7 @@
 //!     .splicing(Splicing::Required)
 //!     .start()?;
 //! // Later, for connections accepted from then on:
-//! proxy.reload(&Config::load(routes)?)?;
+//! proxy.reload(&Config::load(routes)?);
 //! # Ok(())
 //! # }
 //! ```
@@ -77,6 +77,8 @@
 //!   the threads that check it.
 //! - [`proxy_protocol`]: the PROXY protocol header `send_proxy` writes to backends.
 //! - [`probe`]: the loaded eBPF programs and their maps.
+//! - [`budget`]: the bounds on what the kernel may hold for spliced directions, and the
+//!   account of it.
 //! - [`logging`]: how log lines are written: colours only at a terminal, JSON escaped.
 //! - [`ending`]: how a connection ended: its access-log line and the metrics counted at
 //!   its end, the same wherever it ended.
@@ -93,6 +95,7 @@
 pub mod admission;
 pub mod backend;
 pub mod balance;
+pub mod budget;
 pub mod config;
 mod count;
 pub mod ending;

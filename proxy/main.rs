@@ -228,9 +228,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 fn reload(proxy: &Proxy, routes: &Path) {
     match Config::load(routes) {
         Ok(config) => {
-            if let Err(e) = proxy.reload(&config) {
-                tracing::warn!("reload: {:#}", anyhow::Error::new(e));
-            }
+            proxy.reload(&config);
             tracing::info!(
                 "reloaded {} routes from {}",
                 config.routes.len(),

@@ -167,7 +167,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "splice_held",
-            "Bytes the kernel holds for spliced directions beyond their sockets' buffers (redirected, not yet in the destination's send queue), as the engine last measured them; each direction holds at most splice_backlog_max",
+            "Bytes the kernel holds for spliced directions beyond their sockets' buffers (redirected, not yet in the destination's send queue), as the engine last measured them; each direction holds at most splice_backlog_max, all together at most splice_backlog_total",
             Unit::Bytes,
             self.held.clone(),
         );
@@ -368,6 +368,11 @@ impl Collector for ProbeCounters {
                 "Messages of spliced sockets that had no flow record, redirected without a bound (0 unless something is wrong: a join that finds the flow map full is copied instead).",
                 counters.untracked_messages,
             ),
+            (
+                "splice_budget_refusals",
+                "Connections copied instead of spliced because the rest of splice_backlog_total could not give their directions a first credit.",
+                self.0.budget().refused(),
+            ),
         ] {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(
@@ -377,6 +382,14 @@ impl Collector for ProbeCounters {
                 counter.metric_type(),
             )?)?;
         }
+        let promised =
+            ConstGauge::new(i64::try_from(self.0.budget().promised()).unwrap_or(i64::MAX));
+        promised.encode(encoder.encode_descriptor(
+            "splice_budget_promised",
+            "Bytes of splice_backlog_total promised to spliced directions now: the most the kernel can come to hold for them beyond their sockets' buffers.",
+            Some(&Unit::Bytes),
+            promised.metric_type(),
+        )?)?;
         Ok(())
     }
 }

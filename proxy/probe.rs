@@ -8,27 +8,27 @@
 use std::{
     fmt, io,
     os::fd::{AsFd, BorrowedFd},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{ProgramError, SkSkb},
 };
 use proxy_probe::{
     ASKS_MAP, COUNTER_ASKS, COUNTER_ASKS_REFUSED, COUNTER_DROPPED_BYTES, COUNTER_PARKED_BYTES,
     COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES, COUNTER_REDIRECTED_MESSAGES,
     COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED, COUNTER_UNSEQUENCED_MESSAGES,
-    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, CREDIT_MAP, DEFAULT_CREDIT_MAP, FLOW_MAP,
-    PEER_OF_MAP, SPLICED_MAP, VERDICT_PROGRAM,
+    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, CREDIT_MAP, FLOW_MAP, PEER_OF_MAP, SPLICED_MAP,
+    VERDICT_PROGRAM,
 };
 pub use proxy_probe::{Credit, FLOWING, Flow};
 
-use crate::socket;
+use crate::{
+    budget::{Backlog, Budget},
+    socket,
+};
 
 /// The object built from proxy-probe/ by build.rs (from source, or the checked prebuilt).
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-probe"));
@@ -107,43 +107,6 @@ pub struct Counters {
     pub unsequenced_messages: u64,
 }
 
-/// How far each spliced direction may run ahead of its peer: the bytes the verdict may
-/// have redirected that the peer's kworker has not yet written into the peer's socket.
-/// Until userspace grants a direction its own [`Credit`], it has [`Backlog::first_credit`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backlog {
-    /// The bound in bytes: routes.toml's `splice_backlog_max`.
-    pub bytes: u64,
-}
-
-impl Default for Backlog {
-    /// routes.toml's default `splice_backlog_max`.
-    fn default() -> Backlog {
-        Backlog {
-            bytes: crate::config::DEFAULT_SPLICE_BACKLOG_MAX,
-        }
-    }
-}
-
-impl Backlog {
-    /// Credit that lets the direction run `bytes` past `moved` (what the peer has really
-    /// sent of it), and asks for more once a quarter of that is used: early, so that a
-    /// direction whose reader keeps up gets new credit before it reaches the limit and
-    /// parks.
-    pub fn credit_from(self, moved: u64, unparked: u64) -> Credit {
-        Credit {
-            limit: moved + self.bytes,
-            ask_at: moved + self.bytes / 4,
-            unparked,
-        }
-    }
-
-    /// The credit of a direction that has moved nothing yet.
-    pub fn first_credit(self) -> Credit {
-        self.credit_from(0, 0)
-    }
-}
-
 /// The running kernel's release, e.g. "6.1.0-57-amd64"; `None` if /proc does not say.
 pub fn kernel_release() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -176,18 +139,17 @@ pub struct Probe {
     peer_of: SockHash<MapData, u64>,
     flow: HashMap<MapData, u64, FlowRecord>,
     credit: HashMap<MapData, u64, CreditRecord>,
-    default_credit: Mutex<Array<MapData, CreditRecord>>,
     asks: Mutex<Option<RingBuf<MapData>>>,
     counters: PerCpuArray<MapData, u64>,
-    /// [`Backlog::bytes`], shared with every [`SpliceMaps`] so that a reload reaches
-    /// the workers' grants.
-    backlog: Arc<AtomicU64>,
+    /// The bounds on what the kernel may hold and the account of it, shared with every
+    /// [`SpliceMaps`] so that a reload reaches the workers' grants.
+    budget: Arc<Budget>,
 }
 
 impl Probe {
     /// Loads the verdict program and attaches it to `SPLICED`. `capacity` is the number
     /// of sockets each SockHash can hold: two per spliced connection. `backlog` bounds
-    /// every spliced direction (see [`Backlog`]).
+    /// every spliced direction and all of them together (see [`Backlog`]).
     ///
     /// The verdict runs alone, without the stream parser (kernel 5.13 or later): a
     /// direction whose reader falls behind parks its bytes in its own receive queue, and
@@ -204,7 +166,6 @@ impl Probe {
         let peer_of = sock_hash(take_map(&mut ebpf, PEER_OF_MAP)?, PEER_OF_MAP)?;
         let flow = typed(take_map(&mut ebpf, FLOW_MAP)?, FLOW_MAP)?;
         let credit = typed(take_map(&mut ebpf, CREDIT_MAP)?, CREDIT_MAP)?;
-        let default_credit = typed(take_map(&mut ebpf, DEFAULT_CREDIT_MAP)?, DEFAULT_CREDIT_MAP)?;
         let asks = typed(take_map(&mut ebpf, ASKS_MAP)?, ASKS_MAP)?;
         let counters = typed(take_map(&mut ebpf, COUNTERS_MAP)?, COUNTERS_MAP)?;
 
@@ -228,29 +189,22 @@ impl Probe {
             peer_of,
             flow,
             credit,
-            default_credit: Mutex::new(default_credit),
             asks: Mutex::new(Some(asks)),
             counters,
-            backlog: Arc::new(AtomicU64::new(backlog.bytes)),
+            budget: Arc::new(Budget::new(backlog)),
         };
-        probe.set_backlog(backlog)?;
         Ok(probe)
     }
 
-    /// Bounds every direction that has not been granted credit of its own yet, from its
-    /// next message on (a reload changes it this way).
-    pub fn set_backlog(&self, backlog: Backlog) -> Result<(), ProbeError> {
-        let mut default_credit = self
-            .default_credit
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.backlog.store(backlog.bytes, Ordering::Relaxed);
-        default_credit
-            .set(0, CreditRecord(backlog.first_credit()), 0)
-            .map_err(|source| ProbeError::Map {
-                name: DEFAULT_CREDIT_MAP,
-                source,
-            })
+    /// The bounds for pairs that join from now on and for every grant (a reload changes
+    /// them this way).
+    pub fn set_backlog(&self, backlog: Backlog) {
+        self.budget.set(backlog);
+    }
+
+    /// The account of what spliced directions may hold, for the metrics.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// The ring of credit requests. It has one reader: the first call takes it, later
@@ -271,7 +225,7 @@ impl Probe {
             peer_of: duplicate(self.peer_of.fd().as_fd(), PEER_OF_MAP)?,
             flow: duplicate(map_data(&self.flow).fd().as_fd(), FLOW_MAP)?,
             credit: duplicate(map_data(&self.credit).fd().as_fd(), CREDIT_MAP)?,
-            backlog: Arc::clone(&self.backlog),
+            budget: Arc::clone(&self.budget),
         })
     }
 
@@ -485,22 +439,22 @@ pub struct SpliceMaps {
     peer_of: SockHash<MapData, u64>,
     flow: HashMap<MapData, u64, FlowRecord>,
     credit: HashMap<MapData, u64, CreditRecord>,
-    backlog: Arc<AtomicU64>,
+    budget: Arc<Budget>,
 }
 
 impl SpliceMaps {
-    /// How far each direction may run ahead of its destination now.
-    pub fn backlog(&self) -> Backlog {
-        Backlog {
-            bytes: self.backlog.load(Ordering::Relaxed),
-        }
+    /// The bounds on what the kernel may hold, and the account the engine's grants are
+    /// promised from.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// Splices `client` and `upstream`. Both become redirect targets (`PEER_OF`) before
     /// either's ingress goes through the verdict (`SPLICED`), so no byte is ever
     /// redirected to an empty slot. The caller must have written the first message to the
     /// upstream completely (docs/kernel.md, "Insert the upstream first") and must kick the
-    /// receive queues afterwards.
+    /// receive queues afterwards. Each socket's bytes have `first` credit until the caller
+    /// [`grant`](Self::grant)s one.
     ///
     /// An error leaves nothing in the maps. The kernel only admits ESTABLISHED sockets,
     /// so a client whose FIN lands between the upstream's insert and its own is refused
@@ -511,9 +465,10 @@ impl SpliceMaps {
         &mut self,
         client: MapSocket<'_>,
         upstream: MapSocket<'_>,
+        first: Credit,
     ) -> Result<JoinOutcome, JoinError> {
         let refused = |refused| move |source| JoinError { refused, source };
-        self.track(&[client.cookie, upstream.cookie])
+        self.track(&[client.cookie, upstream.cookie], first)
             .map_err(refused(Refused::FlowRecords))?;
         if let Err(source) = self.peer_of.insert(client.cookie.0, upstream.fd, 0) {
             self.forget_flows(&[client.cookie, upstream.cookie]);
@@ -538,10 +493,11 @@ impl SpliceMaps {
     /// kernel, an echo server without userspace reads (examples/echo.rs). `PEER_OF`
     /// before `SPLICED`, as in [`join`](SpliceMaps::join); the caller must kick the
     /// receive queue afterwards. An error leaves nothing in the maps; `leave(cookie,
-    /// cookie)` takes the socket out again.
-    pub fn loop_back(&mut self, socket: MapSocket<'_>) -> Result<(), JoinError> {
+    /// cookie)` takes the socket out again. Its bytes have `first` credit until the caller
+    /// [`grant`](Self::grant)s one.
+    pub fn loop_back(&mut self, socket: MapSocket<'_>, first: Credit) -> Result<(), JoinError> {
         let refused = |refused| move |source| JoinError { refused, source };
-        self.track(&[socket.cookie])
+        self.track(&[socket.cookie], first)
             .map_err(refused(Refused::FlowRecords))?;
         if let Err(source) = self.peer_of.insert(socket.cookie.0, socket.fd, 0) {
             self.forget_flows(&[socket.cookie]);
@@ -567,9 +523,13 @@ impl SpliceMaps {
     /// Creates `cookies`' flow records before their sockets join `SPLICED`: the verdict
     /// only updates records, so one that runs after the pair has ended (and its records
     /// are gone) cannot leave a new one behind. All or none.
-    fn track(&mut self, cookies: &[Cookie]) -> Result<(), MapError> {
+    fn track(&mut self, cookies: &[Cookie], first: Credit) -> Result<(), MapError> {
+        let record = FlowRecord(Flow {
+            first_credit: first,
+            ..Flow::default()
+        });
         for (i, cookie) in cookies.iter().enumerate() {
-            if let Err(e) = self.flow.insert(cookie.0, FlowRecord(Flow::default()), 0) {
+            if let Err(e) = self.flow.insert(cookie.0, record, 0) {
                 self.forget_flows(&cookies[..i]);
                 return Err(e);
             }

@@ -13,10 +13,11 @@ use std::{
 use crate::{
     admission::Admission,
     backend::Backends,
+    budget::Backlog,
     config::Config,
     metrics,
     privileges::{self, Identity, PrivilegeError},
-    probe::{self, Backlog, Probe, ProbeError},
+    probe::{self, Probe, ProbeError},
     route::{RouteTable, Router},
     server::{Limits, Listeners, Server},
     splice::{Closer, SPLICED_SEND_BUFFER, SpliceEngine},
@@ -68,10 +69,6 @@ pub enum ProxyError {
     /// [`Proxy::stop_accepting`] could not shut a listener.
     #[error("stopping the listeners")]
     StopAccepting(#[source] std::io::Error),
-    /// [`Proxy::reload`] replaced the routes and limits, but the probe kept its old
-    /// `splice_backlog_max`.
-    #[error("setting splice_backlog_max failed, keeping the old one")]
-    Backlog(#[source] ProbeError),
 }
 
 /// Whether a proxy splices in the kernel or copies in userspace. Either way a
@@ -162,8 +159,9 @@ impl ProxyBuilder {
         self
     }
 
-    /// Bytes the kernel may hold for one spliced direction (a routes file's
-    /// `splice_backlog_max`). Default: the file's, or 16 MiB.
+    /// Bytes the kernel may hold for one spliced direction and for all of them (a
+    /// routes file's `splice_backlog_max` and `splice_backlog_total`). Default: the
+    /// file's, or 16 MiB and 512 MiB.
     pub fn backlog(mut self, backlog: Backlog) -> ProxyBuilder {
         self.backlog = backlog;
         self
@@ -331,6 +329,7 @@ impl Proxy {
     pub fn from_config(config: Config) -> ProxyBuilder {
         let backlog = Backlog {
             bytes: config.splice_backlog_max,
+            total: config.splice_backlog_total,
         };
         ProxyBuilder::new(Routes::File(config), backlog)
     }
@@ -353,21 +352,21 @@ impl Proxy {
     }
 
     /// Routes connections accepted from now on as `config` says, with its limits, and
-    /// bounds spliced directions not yet granted credit by its `splice_backlog_max`.
+    /// bounds spliced directions by its `splice_backlog_max` and `splice_backlog_total`
+    /// from their next grant, and pairs that join from now on.
     /// Connections already accepted keep the routing they started with. The listen
     /// address is not part of a routes file and stays.
-    pub fn reload(&self, config: &Config) -> Result<(), ProxyError> {
+    pub fn reload(&self, config: &Config) {
         self.server.routing().replace(
             Arc::new(RouteTable::new(config, &self.backends)),
             Limits::from(config),
         );
         if let Some(probe) = self.engine.probe() {
-            let backlog = Backlog {
+            probe.set_backlog(Backlog {
                 bytes: config.splice_backlog_max,
-            };
-            probe.set_backlog(backlog).map_err(ProxyError::Backlog)?;
+                total: config.splice_backlog_total,
+            });
         }
-        Ok(())
     }
 
     /// Routes connections accepted from now on with `router` and `limits`; those

@@ -19,17 +19,14 @@ pub const PEER_OF_MAP: &str = "PEER_OF";
 /// Per-CPU array of `u64` counters, indexed by the `COUNTER_*` slots.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
-/// Hash from a source socket's cookie to its [`Flow`]. Only the verdict writes it; the
-/// verdict creates an entry on a socket's first bytes, userspace deletes it at teardown.
+/// Hash from a source socket's cookie to its [`Flow`]. Userspace creates an entry, with
+/// the socket's [`Flow::first_credit`], before the socket joins and deletes it at
+/// teardown; in between only the verdict writes it.
 pub const FLOW_MAP: &str = "FLOW";
 
 /// Hash from a source socket's cookie to its [`Credit`]. Only userspace writes it; a
-/// socket without an entry has [`DEFAULT_CREDIT_MAP`]'s.
+/// socket without an entry has its [`Flow::first_credit`].
 pub const CREDIT_MAP: &str = "CREDIT";
-
-/// Array of one [`Credit`]: the credit of every socket userspace has not yet written one
-/// for, counted from the socket's first redirected byte.
-pub const DEFAULT_CREDIT_MAP: &str = "DEFAULT_CREDIT";
 
 /// Ring buffer of credit requests: each record is the `u64` cookie of a source socket
 /// whose [`Flow`] reached its [`Credit::ask_at`] or started parking.
@@ -75,9 +72,10 @@ pub const COUNTER_SLOTS: u32 = 11;
 /// connection. `FLOW` and `CREDIT` hold as many.
 pub const DEFAULT_MAP_CAPACITY: u32 = 1 << 18;
 
-/// What the verdict did with one source socket's bytes since it joined the maps. Only
-/// the verdict writes it, one message at a time (the kernel runs a socket's verdict
-/// under its lock), so userspace reads totals that only grow.
+/// What the verdict did with one source socket's bytes since it joined the maps. Apart
+/// from [`Flow::first_credit`], which userspace sets when it creates the record, only the
+/// verdict writes it, one message at a time (the kernel runs a socket's verdict under its
+/// lock), so userspace reads totals that only grow.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -92,6 +90,10 @@ pub struct Flow {
     /// The TCP sequence number just past the last byte the verdict handled; 0 before
     /// the first (a retransmission that overlaps it is cut).
     pub next_seq: u32,
+    /// The socket's credit until userspace writes one into `CREDIT`: set per socket at
+    /// the join, because every socket's first credit is taken from a budget shared by
+    /// all of them.
+    pub first_credit: Credit,
 }
 
 /// Bytes are redirected while the credit lasts.

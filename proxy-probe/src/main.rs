@@ -29,7 +29,7 @@ use aya_ebpf::{
     },
     helpers::bpf_get_socket_cookie,
     macros::{map, stream_verdict},
-    maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use proxy_probe::{
@@ -63,9 +63,6 @@ static CREDIT: HashMap<u64, Credit> =
     HashMap::with_max_entries(DEFAULT_MAP_CAPACITY, BPF_F_NO_PREALLOC);
 
 #[map]
-static DEFAULT_CREDIT: Array<Credit> = Array::with_max_entries(1, 0);
-
-#[map]
 static ASKS: RingBuf = RingBuf::with_byte_size(ASKS_BYTES, 0);
 
 #[stream_verdict]
@@ -97,7 +94,7 @@ fn splice_verdict(ctx: SkBuffContext) -> u32 {
         // skb reads nothing more off the socket.
         return SK_DROP;
     };
-    let credit = credit_of(cookie);
+    let credit = credit_of(cookie, flow);
 
     if flow.state != FLOWING {
         if credit.unparked != flow.parked {
@@ -213,16 +210,12 @@ fn cut_resent_bytes(ctx: &SkBuffContext, flow: &mut Flow) -> Option<u64> {
 }
 
 #[inline(always)]
-fn credit_of(cookie: u64) -> Credit {
-    if let Some(credit) = CREDIT.get_ptr(cookie) {
+fn credit_of(cookie: u64, flow: &Flow) -> Credit {
+    match CREDIT.get_ptr(cookie) {
         // SAFETY: a not-preallocated entry stays valid while this program runs; a copy
         // taken while userspace replaces it is the old value or the new one.
-        return unsafe { *credit };
-    }
-    match DEFAULT_CREDIT.get(0) {
-        Some(credit) => *credit,
-        // Array slot 0 always exists; a zero credit would park everything.
-        None => Credit::default(),
+        Some(credit) => unsafe { *credit },
+        None => flow.first_credit,
     }
 }
 

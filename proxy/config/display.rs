@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::route::Matcher;
 
-use super::{Config, DEFAULT_SPLICE_BACKLOG_MAX, RouteConfig};
+use super::{Config, DEFAULT_SPLICE_BACKLOG_MAX, DEFAULT_SPLICE_BACKLOG_TOTAL, RouteConfig};
 
 /// What `splice-proxy --check` prints: the timeouts, then one line per route in file
 /// order, every line ending in a newline.
@@ -26,6 +26,13 @@ impl fmt::Display for Config {
         }
         if self.splice_backlog_max != DEFAULT_SPLICE_BACKLOG_MAX {
             writeln!(f, "splice_backlog_max {} bytes", self.splice_backlog_max)?;
+        }
+        if self.splice_backlog_total != DEFAULT_SPLICE_BACKLOG_TOTAL {
+            writeln!(
+                f,
+                "splice_backlog_total {} bytes",
+                self.splice_backlog_total
+            )?;
         }
         if let Some(idle) = self.idle_timeout {
             writeln!(f, "idle_timeout {}", humantime::format_duration(idle))?;

@@ -45,6 +45,10 @@ use self::span::Source;
 /// has the measurements it was chosen from.
 pub const DEFAULT_SPLICE_BACKLOG_MAX: u64 = 16 << 20;
 
+/// `splice_backlog_total` when the file has none; docs/flow-control.md, "A bound on all
+/// directions together", has the measurements it was chosen from.
+pub const DEFAULT_SPLICE_BACKLOG_TOTAL: u64 = 512 << 20;
+
 /// What the proxy does, from routes.toml.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -69,6 +73,9 @@ pub struct Config {
     /// The most bytes the kernel holds for one spliced direction beyond its two sockets'
     /// buffers: redirected from the source and not yet in the destination's send queue.
     pub splice_backlog_max: u64,
+    /// The most the kernel holds for every spliced direction together, in the same
+    /// sense; a pair the rest of it cannot give a first credit is copied instead.
+    pub splice_backlog_total: u64,
     /// In file order, which is the order they are tried in.
     pub routes: Vec<RouteConfig>,
 }

@@ -25,6 +25,7 @@ pub(super) struct RawConfig {
     pub(super) on_unparsed: Option<Spanned<String>>,
     pub(super) http_path_normalize: Option<Spanned<bool>>,
     pub(super) splice_backlog_max: Option<Spanned<i64>>,
+    pub(super) splice_backlog_total: Option<Spanned<i64>>,
     #[serde(default)]
     pub(super) route: Vec<RawRoute>,
 }

@@ -20,7 +20,7 @@ use crate::route::{OnUnparsed, PathForm};
 use super::error::{ConfigError, Place, Problem, RouteLabel};
 use super::raw::{DurationText, RawBackend, RawConfig, RawRoute};
 use super::span::{Source, line_at};
-use super::{Config, DEFAULT_SPLICE_BACKLOG_MAX, RouteConfig};
+use super::{Config, DEFAULT_SPLICE_BACKLOG_MAX, DEFAULT_SPLICE_BACKLOG_TOTAL, RouteConfig};
 
 const DEFAULT_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(3);
 const DEFAULT_FIRST_MESSAGE_MAX: usize = 16 * 1024;
@@ -37,6 +37,10 @@ const FIRST_MESSAGE_MAX_LIMIT: usize = 1024 * 1024;
 /// Below this a spliced direction would ask for credit every few packets; above it one
 /// connection could hold a gigabyte of the host's memory.
 const SPLICE_BACKLOG_MAX_RANGE: (usize, usize) = (64 * 1024, 1 << 30);
+
+/// `splice_backlog_total`: at least a few pairs' first credits; at most 1 TiB, beyond any
+/// machine this runs on, so a larger value is a typo.
+const SPLICE_BACKLOG_TOTAL_RANGE: (usize, usize) = (1 << 20, 1 << 40);
 
 /// Longer timeouts let silent clients hold connections for hours: a typo, not a wish.
 const TIMEOUT_LIMIT: Duration = Duration::from_hours(1);
@@ -92,6 +96,15 @@ impl Source<'_> {
                 })? as u64
             }
             None => DEFAULT_SPLICE_BACKLOG_MAX,
+        };
+        let splice_backlog_total = match &raw.splice_backlog_total {
+            Some(value) => {
+                let (min, max) = SPLICE_BACKLOG_TOTAL_RANGE;
+                integer_in(value, min, max).map_err(|problem| {
+                    self.invalid(value.span(), Place::key("splice_backlog_total"), problem)
+                })? as u64
+            }
+            None => DEFAULT_SPLICE_BACKLOG_TOTAL,
         };
 
         let interval = (raw.health_interval)
@@ -191,6 +204,7 @@ impl Source<'_> {
             idle_timeout,
             on_unparsed,
             splice_backlog_max,
+            splice_backlog_total,
             routes,
         })
     }
@@ -503,7 +517,9 @@ mod tests {
     use crate::backend::HealthCheck;
     use crate::balance::Balance;
     use crate::config::tests::{assert_refused, backend, parse};
-    use crate::config::{Config, DEFAULT_SPLICE_BACKLOG_MAX, RouteConfig};
+    use crate::config::{
+        Config, DEFAULT_SPLICE_BACKLOG_MAX, DEFAULT_SPLICE_BACKLOG_TOTAL, RouteConfig,
+    };
     use crate::proxy_protocol::ProxyProtocol;
     use crate::route::{Matcher, OnUnparsed};
 
@@ -632,6 +648,28 @@ mod tests {
                 1,
                 r#"key "splice_backlog_max": "#,
                 &format!("{value} is out of range: must be 65536..=1073741824"),
+            );
+        }
+    }
+
+    #[test]
+    fn splice_backlog_total_is_bytes_within_its_range() {
+        let route = "[[route]]\nname = \"all\"\ndefault = true\nbackends = [\"127.0.0.1:9001\"]\n";
+        let default = Config::parse(route, Path::new("routes.toml")).unwrap();
+        assert_eq!(default.splice_backlog_total, DEFAULT_SPLICE_BACKLOG_TOTAL);
+        let text = format!("splice_backlog_total = 67108864\n{route}");
+        let set = Config::parse(&text, Path::new("routes.toml")).unwrap();
+        assert_eq!(set.splice_backlog_total, 64 << 20);
+        assert!(
+            set.to_string()
+                .contains("splice_backlog_total 67108864 bytes\n")
+        );
+        for value in ["1048575", "1099511627777", "-1"] {
+            assert_refused(
+                &[&format!("splice_backlog_total = {value}")],
+                1,
+                r#"key "splice_backlog_total": "#,
+                &format!("{value} is out of range: must be 1048576..=1099511627776"),
             );
         }
     }

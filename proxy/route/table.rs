@@ -228,6 +228,7 @@ pub(super) mod tests {
                 idle_timeout: None,
                 on_unparsed,
                 splice_backlog_max: crate::config::DEFAULT_SPLICE_BACKLOG_MAX,
+                splice_backlog_total: crate::config::DEFAULT_SPLICE_BACKLOG_TOTAL,
                 routes,
             },
             &Backends::new(),

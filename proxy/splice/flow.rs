@@ -10,7 +10,8 @@
 //! backlog for the direction beyond the two sockets' own buffers.
 //!
 //! A quarter of the way through a credit the probe asks for more on its ring, and the
-//! worker grants the backlog past what the destination has taken by then. A destination
+//! worker grants a span past what the destination has taken by then, as large as the
+//! direction's [`Promise`] from the proxy's budget (budget.rs) renews to. A destination
 //! slower than its sender takes less than the sender sends, so the credit runs out: the
 //! next message parks in its own socket's receive queue, charged to that socket's
 //! receive buffer, and every later message parks behind it. Parked bytes are not eaten,
@@ -37,6 +38,7 @@ use std::{
 
 use super::copy::write_now;
 use crate::{
+    budget::Promise,
     probe::{Cookie, Credit, FLOWING, SpliceMaps},
     socket,
 };
@@ -103,8 +105,14 @@ pub(super) struct KernelFlow {
     /// Bytes this process read from the source since the kernel took over: parked ones
     /// ([`Credit::unparked`] once written).
     unparked: u64,
-    /// The credit last granted; `None` while the probe's default applies.
-    credit: Option<Credit>,
+    /// The credit last granted, or the first credit the direction joined with.
+    credit: Credit,
+    /// Whether `credit` was granted, which is a record in the probe's `CREDIT` map
+    /// until the engine removes it.
+    recorded: bool,
+    /// The budget's promise that covers `credit`: the most the kernel may hold for the
+    /// direction. Given back when the pair ends.
+    promise: Promise,
     /// Set while the direction moves parked bytes.
     throttle: Option<Throttle>,
     /// Times the direction parked, for the access log.
@@ -156,14 +164,28 @@ pub(super) enum Unpark {
     Waiting(Instant),
 }
 
+/// The credit of a direction that joins with `promise`: it asks for more once a quarter
+/// is used, early enough that a direction whose reader keeps up gets more before it
+/// reaches the limit and parks.
+pub(super) fn first_credit(promise: &Promise) -> Credit {
+    Credit {
+        limit: promise.bytes(),
+        ask_at: promise.bytes() / 4,
+        unparked: 0,
+    }
+}
+
 impl KernelFlow {
-    pub fn new(cookie: Cookie, base: u64) -> KernelFlow {
+    /// `promise` covers the first credit the direction joined the maps with.
+    pub fn new(cookie: Cookie, base: u64, promise: Promise) -> KernelFlow {
         KernelFlow {
             cookie,
             base,
             copied: 0,
             unparked: 0,
-            credit: None,
+            credit: first_credit(&promise),
+            recorded: false,
+            promise,
             throttle: None,
             throttles: 0,
             held: 0,
@@ -237,32 +259,34 @@ impl KernelFlow {
         });
     }
 
-    /// Credit for a backlog past `moved`; the probe asks again once it has redirected
-    /// another quarter of the backlog.
+    /// Credit for the span the budget renews the direction's promise to, past `moved`;
+    /// the probe asks again once it has redirected another quarter of it.
     fn grant_from(&mut self, maps: &mut SpliceMaps, moved: u64, redirected: u64) -> io::Result<()> {
-        let backlog = maps.backlog().bytes;
-        let limit = moved + backlog;
-        self.grant(maps, limit, (redirected + backlog / 4).min(limit))
+        // What the probe may still redirect under the last credit stays promised.
+        let span = self.promise.renew(self.credit.limit.saturating_sub(moved));
+        let limit = moved + span;
+        self.grant(maps, limit, (redirected + span / 4).min(limit))
     }
 
     /// Whether the direction was granted credit of its own, which is a record in the
     /// probe's `CREDIT` map until the engine removes it.
     pub fn has_credit_record(&self) -> bool {
-        self.credit.is_some()
+        self.recorded
     }
 
     /// Writes a credit no field of which is below the last one's: the probe compares
     /// against whichever it reads.
     fn grant(&mut self, maps: &mut SpliceMaps, limit: u64, ask_at: u64) -> io::Result<()> {
-        let last = self.credit.unwrap_or_else(|| maps.backlog().first_credit());
+        let last = self.credit;
         let credit = Credit {
             limit: limit.max(last.limit),
             ask_at: ask_at.max(last.ask_at),
             unparked: self.unparked,
         };
-        if self.credit != Some(credit) {
+        if credit != last {
             maps.grant(self.cookie, credit).map_err(io::Error::other)?;
-            self.credit = Some(credit);
+            self.credit = credit;
+            self.recorded = true;
         }
         Ok(())
     }
@@ -324,7 +348,6 @@ impl KernelFlow {
         dst: BorrowedFd<'_>,
         now: Instant,
     ) -> io::Result<Unpark> {
-        let backlog = maps.backlog().bytes;
         PEEKED.with_borrow_mut(|peeked| {
             peeked.resize(2 * self.window.buffer + PEEK_SLACK, 0);
             let mut moved_now = 0;
@@ -357,8 +380,9 @@ impl KernelFlow {
                     }
                     continue;
                 }
-                let redirected = throttle.redirected;
-                self.grant(maps, redirected + backlog, redirected + backlog / 4)?;
+                // Everything redirected before is in the destination: `moved` is
+                // `redirected`, and the credit runs from there.
+                self.grant_from(maps, throttle.redirected, throttle.redirected)?;
                 self.window.ready_for_read(src)?;
                 discard(src, &mut peeked[..throttle.written_ahead])?;
                 throttle.written_ahead = 0;
@@ -485,7 +509,7 @@ mod tests {
 
     use super::{
         Cookie, FIRST_RECEIVE_BUFFER, HAND_BACK_RECEIVE_BUFFER, KernelFlow, LAST_RECEIVE_BUFFER,
-        ReceiveWindow,
+        Promise, ReceiveWindow,
     };
     use crate::socket;
 
@@ -607,7 +631,7 @@ mod tests {
 
     #[test]
     fn the_redirected_bytes_are_those_written_since_the_base_less_those_copied() {
-        let mut flow = KernelFlow::new(Cookie::fake(1), 1000);
+        let mut flow = KernelFlow::new(Cookie::fake(1), 1000, Promise::for_tests());
         assert_eq!(flow.redirected_of(1500), 500);
         flow.copied = 200;
         assert_eq!(flow.redirected_of(1500), 300);
@@ -620,8 +644,11 @@ mod tests {
     fn progress_counts_the_bytes_written_into_the_destination_and_those_unparked() {
         let (mut dst, _peer) = connected();
         dst.write_all(b"before the splice").unwrap();
-        let mut flow =
-            KernelFlow::new(Cookie::fake(1), socket::bytes_written(dst.as_fd()).unwrap());
+        let mut flow = KernelFlow::new(
+            Cookie::fake(1),
+            socket::bytes_written(dst.as_fd()).unwrap(),
+            Promise::for_tests(),
+        );
         assert_eq!(flow.progress(dst.as_fd()).unwrap(), 0);
         // As if redirected by the kernel: 300 bytes, of which this process copied 100.
         dst.write_all(&[0; 300]).unwrap();

@@ -1056,6 +1056,10 @@ fn splice(
         Origin::Arrived => 0,
     };
     let upstream_written = socket::bytes_written(pair.upstream.fd())?;
+    let Some([to_upstream, to_client]) = maps.budget().promise_pair() else {
+        tracing::debug!(client = %pair.info.client, "splice_backlog_total is promised to other pairs; copying in userspace");
+        return Ok(pair);
+    };
     let joined = maps.join(
         MapSocket {
             fd: pair.client.fd(),
@@ -1065,13 +1069,14 @@ fn splice(
             fd: pair.upstream.fd(),
             cookie: pair.upstream.cookie,
         },
+        flow::first_credit(&to_client),
     );
     match joined {
         Ok(outcome) => {
             pair.in_maps = true;
-            pair.kernel_moves_to_client(client_written);
+            pair.kernel_moves_to_client(client_written, to_client);
             if outcome == JoinOutcome::Both {
-                pair.kernel_moves_to_upstream(upstream_written);
+                pair.kernel_moves_to_upstream(upstream_written, to_upstream);
             }
             // Each source's receive window starts small and grows only while its
             // destination's reader keeps up (flow.rs, `ReceiveWindow`); set before the

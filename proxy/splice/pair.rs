@@ -17,6 +17,7 @@ use super::{
 use crate::{
     admission::Ticket,
     backend::Lease,
+    budget::Promise,
     ending::{ConnectionInfo, Mode},
     probe::{Cookie, Side, SpliceMaps},
     socket::{self, SyscallError},
@@ -151,15 +152,23 @@ impl Pair {
         }
     }
 
-    /// Hands the client-to-upstream direction to the kernel; `upstream_written` is the
-    /// upstream's `bytes_written` measured before the client joined the maps.
-    pub fn kernel_moves_to_upstream(&mut self, upstream_written: u64) {
-        self.to_upstream.mover =
-            Mover::Kernel(KernelFlow::new(self.client.cookie, upstream_written));
+    /// Hands the client-to-upstream direction to the kernel with the credit `promise`
+    /// covers; `upstream_written` is the upstream's `bytes_written` measured before the
+    /// client joined the maps.
+    pub fn kernel_moves_to_upstream(&mut self, upstream_written: u64, promise: Promise) {
+        self.to_upstream.mover = Mover::Kernel(KernelFlow::new(
+            self.client.cookie,
+            upstream_written,
+            promise,
+        ));
     }
 
-    pub fn kernel_moves_to_client(&mut self, client_written: u64) {
-        self.to_client.mover = Mover::Kernel(KernelFlow::new(self.upstream.cookie, client_written));
+    pub fn kernel_moves_to_client(&mut self, client_written: u64, promise: Promise) {
+        self.to_client.mover = Mover::Kernel(KernelFlow::new(
+            self.upstream.cookie,
+            client_written,
+            promise,
+        ));
     }
 
     /// The cookies of the sources whose directions have a credit record in the probe.
@@ -612,7 +621,7 @@ mod tests {
 
     use super::{
         ConnectionInfo, Cookie, DRAIN_STALL_LIMIT, Direction, Endpoint, KernelFlow, Mode, Mover,
-        Next, Pair, Side, Ticket, drain_stalled, owed_after_fin, poll,
+        Next, Pair, Promise, Side, Ticket, drain_stalled, owed_after_fin, poll,
     };
     use crate::socket;
 
@@ -871,7 +880,7 @@ mod tests {
 
         // A spliced direction can only take epoll's word for it.
         let mut spliced = Direction::copied(Side::Upstream, 0);
-        spliced.mover = Mover::Kernel(KernelFlow::new(Cookie::fake(1), 0));
+        spliced.mover = Mover::Kernel(KernelFlow::new(Cookie::fake(1), 0, Promise::for_tests()));
         spliced.eof_seen_by_kernel();
         assert!(spliced.eof);
     }
@@ -887,7 +896,7 @@ mod tests {
         assert_eq!(pair.mode(), Mode::Copy);
         assert_eq!(pair.kernel_sources().count(), 0);
 
-        pair.kernel_moves_to_upstream(0);
+        pair.kernel_moves_to_upstream(0, Promise::for_tests());
         assert_eq!(
             pair.interest(Side::Client),
             poll::READ_CLOSED | poll::WRITABLE
@@ -904,7 +913,7 @@ mod tests {
         // No credit was granted: nothing to delete from the probe's maps.
         assert_eq!(pair.credited_sources(), [None, None]);
 
-        pair.kernel_moves_to_client(0);
+        pair.kernel_moves_to_client(0, Promise::for_tests());
         assert_eq!(
             (pair.interest(Side::Client), pair.interest(Side::Upstream)),
             (poll::READ_CLOSED, poll::READ_CLOSED)
