@@ -27,10 +27,11 @@ use crate::config::{DEFAULT_SPLICE_BACKLOG_MAX, DEFAULT_SPLICE_BACKLOG_TOTAL};
 
 /// The credit a direction is promised when its pair joins once half the budget is
 /// promised, and the least it is ever promised (at a `splice_backlog_max` below it, that
-/// bound): one loopback segment, small enough that the default budget gives 2,048 pairs a
-/// first credit when nothing else is promised, large enough that a short exchange never
-/// asks for more.
-pub const FIRST_CREDIT: u64 = 64 * 1024;
+/// bound): small, because an idle connection keeps it promised, so that the default
+/// budget's other half gives 8,192 pairs their first credits (the hold benchmark keeps
+/// 7,952 connections in one process); large enough for the first exchange of most
+/// request-response protocols before the direction asks for more.
+pub const FIRST_CREDIT: u64 = 16 * 1024;
 
 /// How far spliced directions may run ahead of their destinations: the bytes the probe may
 /// have redirected that the destination's kworker has not yet written into the
@@ -257,7 +258,7 @@ mod tests {
         let spans: Vec<u64> = (0..6).map(|_| a.renew(0)).collect();
         assert_eq!(
             spans,
-            [128 << 10, 256 << 10, 512 << 10, 1 << 20, 1 << 20, 1 << 20]
+            [32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]
         );
     }
 
