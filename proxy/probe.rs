@@ -453,8 +453,9 @@ impl SpliceMaps {
     /// either's ingress goes through the verdict (`SPLICED`), so no byte is ever
     /// redirected to an empty slot. The caller must have written the first message to the
     /// upstream completely (docs/kernel.md, "Insert the upstream first") and must kick the
-    /// receive queues afterwards. Each socket's bytes have `first` credit until the caller
-    /// [`grant`](Self::grant)s one.
+    /// receive queues afterwards. Each socket's bytes may be redirected up to `first_limit`
+    /// (asking for more at a quarter of it) until the caller [`grant`](Self::grant)s a
+    /// credit.
     ///
     /// An error leaves nothing in the maps. The kernel only admits ESTABLISHED sockets,
     /// so a client whose FIN lands between the upstream's insert and its own is refused
@@ -465,10 +466,10 @@ impl SpliceMaps {
         &mut self,
         client: MapSocket<'_>,
         upstream: MapSocket<'_>,
-        first: Credit,
+        first_limit: u64,
     ) -> Result<JoinOutcome, JoinError> {
         let refused = |refused| move |source| JoinError { refused, source };
-        self.track(&[client.cookie, upstream.cookie], first)
+        self.track(&[client.cookie, upstream.cookie], first_limit)
             .map_err(refused(Refused::FlowRecords))?;
         if let Err(source) = self.peer_of.insert(client.cookie.0, upstream.fd, 0) {
             self.forget_flows(&[client.cookie, upstream.cookie]);
@@ -493,11 +494,11 @@ impl SpliceMaps {
     /// kernel, an echo server without userspace reads (examples/echo.rs). `PEER_OF`
     /// before `SPLICED`, as in [`join`](SpliceMaps::join); the caller must kick the
     /// receive queue afterwards. An error leaves nothing in the maps; `leave(cookie,
-    /// cookie)` takes the socket out again. Its bytes have `first` credit until the caller
-    /// [`grant`](Self::grant)s one.
-    pub fn loop_back(&mut self, socket: MapSocket<'_>, first: Credit) -> Result<(), JoinError> {
+    /// cookie)` takes the socket out again. Its bytes may be redirected up to
+    /// `first_limit` until the caller [`grant`](Self::grant)s a credit.
+    pub fn loop_back(&mut self, socket: MapSocket<'_>, first_limit: u64) -> Result<(), JoinError> {
         let refused = |refused| move |source| JoinError { refused, source };
-        self.track(&[socket.cookie], first)
+        self.track(&[socket.cookie], first_limit)
             .map_err(refused(Refused::FlowRecords))?;
         if let Err(source) = self.peer_of.insert(socket.cookie.0, socket.fd, 0) {
             self.forget_flows(&[socket.cookie]);
@@ -523,9 +524,9 @@ impl SpliceMaps {
     /// Creates `cookies`' flow records before their sockets join `SPLICED`: the verdict
     /// only updates records, so one that runs after the pair has ended (and its records
     /// are gone) cannot leave a new one behind. All or none.
-    fn track(&mut self, cookies: &[Cookie], first: Credit) -> Result<(), MapError> {
+    fn track(&mut self, cookies: &[Cookie], first_limit: u64) -> Result<(), MapError> {
         let record = FlowRecord(Flow {
-            first_credit: first,
+            first_limit,
             ..Flow::default()
         });
         for (i, cookie) in cookies.iter().enumerate() {

@@ -461,12 +461,7 @@ fn looped_back(
     let (receiver, _) = listener.accept().unwrap();
     let socket = splice_proxy::probe::MapSocket::new(receiver.as_fd()).unwrap();
     let cookie = socket.cookie;
-    let first = splice_proxy::probe::Credit {
-        limit: 1,
-        ask_at: 1,
-        unparked: 0,
-    };
-    maps.loop_back(socket, first).unwrap();
+    maps.loop_back(socket, 1).unwrap();
     (sender, receiver, cookie)
 }
 

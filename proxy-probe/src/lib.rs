@@ -20,12 +20,12 @@ pub const PEER_OF_MAP: &str = "PEER_OF";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
 /// Hash from a source socket's cookie to its [`Flow`]. Userspace creates an entry, with
-/// the socket's [`Flow::first_credit`], before the socket joins and deletes it at
+/// the socket's [`Flow::first_limit`], before the socket joins and deletes it at
 /// teardown; in between only the verdict writes it.
 pub const FLOW_MAP: &str = "FLOW";
 
 /// Hash from a source socket's cookie to its [`Credit`]. Only userspace writes it; a
-/// socket without an entry has its [`Flow::first_credit`].
+/// socket without an entry has the credit of its [`Flow::first_limit`].
 pub const CREDIT_MAP: &str = "CREDIT";
 
 /// Ring buffer of credit requests: each record is the `u64` cookie of a source socket
@@ -73,7 +73,7 @@ pub const COUNTER_SLOTS: u32 = 11;
 pub const DEFAULT_MAP_CAPACITY: u32 = 1 << 18;
 
 /// What the verdict did with one source socket's bytes since it joined the maps. Apart
-/// from [`Flow::first_credit`], which userspace sets when it creates the record, only the
+/// from [`Flow::first_limit`], which userspace sets when it creates the record, only the
 /// verdict writes it, one message at a time (the kernel runs a socket's verdict under its
 /// lock), so userspace reads totals that only grow.
 #[repr(C)]
@@ -90,10 +90,12 @@ pub struct Flow {
     /// The TCP sequence number just past the last byte the verdict handled; 0 before
     /// the first (a retransmission that overlaps it is cut).
     pub next_seq: u32,
-    /// The socket's credit until userspace writes one into `CREDIT`: set per socket at
-    /// the join, because every socket's first credit is taken from a budget shared by
-    /// all of them.
-    pub first_credit: Credit,
+    /// The socket's credit limit until userspace writes a credit into `CREDIT` (the
+    /// verdict asks for more at a quarter of it): set per socket at the join, because
+    /// every socket's first credit is taken from a budget shared by all of them. Only
+    /// the limit (8 bytes, where a whole [`Credit`] is 24): two records per spliced
+    /// connection, and held connections are counted in their hundreds of thousands.
+    pub first_limit: u64,
 }
 
 /// Bytes are redirected while the credit lasts.

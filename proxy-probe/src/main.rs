@@ -215,7 +215,11 @@ fn credit_of(cookie: u64, flow: &Flow) -> Credit {
         // SAFETY: a not-preallocated entry stays valid while this program runs; a copy
         // taken while userspace replaces it is the old value or the new one.
         Some(credit) => unsafe { *credit },
-        None => flow.first_credit,
+        None => Credit {
+            limit: flow.first_limit,
+            ask_at: flow.first_limit / 4,
+            unparked: 0,
+        },
     }
 }
 

@@ -164,10 +164,10 @@ pub(super) enum Unpark {
     Waiting(Instant),
 }
 
-/// The credit of a direction that joins with `promise`: it asks for more once a quarter
-/// is used, early enough that a direction whose reader keeps up gets more before it
-/// reaches the limit and parks.
-pub(super) fn first_credit(promise: &Promise) -> Credit {
+/// The credit the probe gives a direction that joined with `promise`'s span as its first
+/// limit: it asks for more once a quarter is used, early enough that a direction whose
+/// reader keeps up gets more before it reaches the limit and parks.
+fn first_credit(promise: &Promise) -> Credit {
     Credit {
         limit: promise.bytes(),
         ask_at: promise.bytes() / 4,

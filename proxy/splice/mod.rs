@@ -1069,7 +1069,7 @@ fn splice(
             fd: pair.upstream.fd(),
             cookie: pair.upstream.cookie,
         },
-        flow::first_credit(&to_client),
+        to_client.bytes(),
     );
     match joined {
         Ok(outcome) => {
