@@ -11,7 +11,8 @@
 //! under these workloads, each a few seconds and bounded in time and count:
 //!
 //! - bulk: 1 and 4 streams, upload and download, in Gbit/s, every byte verified at the
-//!   sink against a reference block (see `wire.rs`);
+//!   sink against a reference block (see `wire.rs`), and the peak memory the machine
+//!   gave the run, kernel included (MemAvailable's largest fall, see `measure.rs`);
 //! - ping-pong: 1 KiB request and response at 1 and 32 connections: requests/s and
 //!   latency percentiles in microseconds, every response compared with its request;
 //! - connection rate: connect, 64-byte first message, echo, close: connections/s and
@@ -73,7 +74,7 @@ use clap::Parser;
 
 use crate::{
     backend::{Backend, HoldBackend},
-    measure::{Processes, Snapshot, Usage},
+    measure::{MemoryWatch, Processes, Snapshot, Usage},
     process::TempDir,
     report::{Cell, Sample},
     targets::{HoldPlan, Kind, Program, Target},
@@ -504,13 +505,20 @@ fn run_once(
         proxy: target.pids(),
     };
     let before = Snapshot::take(&processes);
+    // Only bulk holds enough in the kernel to show; elsewhere the sampler's wake-ups
+    // would only touch the latencies.
+    let memory = matches!(workload, Workload::Bulk { .. })
+        .then(MemoryWatch::start)
+        .flatten();
     let outcome = workloads::run(workload, target.addr, duration, pattern)?;
+    let peak_memory = memory.and_then(MemoryWatch::stop);
     let after = Snapshot::take(&processes);
     target.check_alive()?;
     Ok(Sample::new(
         workload,
         outcome,
         Usage::between(&before, &after),
+        peak_memory,
         target.kind != Kind::Direct,
     ))
 }
@@ -540,8 +548,10 @@ fn print_preamble(settings: &Settings, targets: &[Target], load: &str) {
         "figures: medians over the runs; min-max: the range of the first figure; x: the figure\n\
          before it divided by direct's. CPU in seconds per GB moved (bulk) or per 10k requests\n\
          or connections: proxy = the proxy's processes, machine = all CPUs less other\n\
-         processes' user time. Notes: range = the first figure's range is wider than {:.0}% of\n\
-         its median; others = other processes used more than {:.0}% of the machine in a run.",
+         processes' user time. peak mem MiB (bulk): the largest fall of the machine's\n\
+         MemAvailable below its value at the run's start, kernel memory included. Notes:\n\
+         range = the first figure's range is wider than {:.0}% of its median; others = other\n\
+         processes used more than {:.0}% of the machine in a run.",
         report::DISTURBED_RANGE * 100.0,
         report::DISTURBED_OTHERS * 100.0
     );

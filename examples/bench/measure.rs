@@ -1,4 +1,5 @@
-//! CPU accounting from /proc, latency percentiles, and what the machine is.
+//! CPU accounting from /proc, the memory a run takes, latency percentiles, and what the
+//! machine is.
 //!
 //! A proxy's own CPU is the utime + stime of its processes (/proc/<pid>/stat, all threads
 //! included). That misses what the kernel does for it in softirq and kworker context,
@@ -8,8 +9,19 @@
 //! out of the machine figure and, when it is large, marks the run as disturbed. The
 //! system time of other processes cannot be told apart from our softirq work and stays
 //! in; it is small next to a compiler's user time.
+//!
+//! A spliced byte waits in the kernel (socket buffers, pipes, the psock's queue), not in
+//! the proxy's memory, so a run's memory is read for the whole machine, kernel and
+//! processes alike: the largest fall of MemAvailable (/proc/meminfo) below its value at
+//! the run's start, sampled by a thread. Other processes' allocations during the run
+//! count in it too.
 
-use std::{fs, time::Instant};
+use std::{
+    fs,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 
 /// CPU ticks of one process (all its threads).
 #[derive(Debug, Clone, Copy, Default)]
@@ -128,6 +140,73 @@ fn ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// How often the memory watch reads MemAvailable: often enough to catch a peak that
+/// lasts a fraction of a second, while a read of /proc/meminfo costs microseconds.
+const MEMORY_INTERVAL: Duration = Duration::from_millis(10);
+/// A watch takes at most this many samples (ten minutes' worth), so that its thread
+/// ends even if its stop never comes; a run is far shorter.
+const MEMORY_SAMPLES: usize = 60_000;
+
+/// Watches the machine's MemAvailable from `start` to `stop`.
+pub struct MemoryWatch {
+    start: u64,
+    /// Dropped to stop the sampler, which notices at once.
+    stop: mpsc::Sender<()>,
+    sampler: thread::JoinHandle<u64>,
+}
+
+impl MemoryWatch {
+    /// None where MemAvailable cannot be read or the sampler cannot start: the figure
+    /// is then missing, as a CPU figure that cannot be read is zero, not an error.
+    pub fn start() -> Option<MemoryWatch> {
+        let start = mem_available()?;
+        let (stop, stopped) = mpsc::channel();
+        let sampler = thread::Builder::new()
+            .name("memory-watch".to_owned())
+            .spawn(move || lowest_available(start, &stopped))
+            .ok()?;
+        Some(MemoryWatch {
+            start,
+            stop,
+            sampler,
+        })
+    }
+
+    /// The largest fall of MemAvailable below its value at the start, in bytes; None if
+    /// the sampler panicked.
+    pub fn stop(self) -> Option<u64> {
+        drop(self.stop);
+        let lowest = self.sampler.join().ok()?;
+        Some(self.start.saturating_sub(lowest))
+    }
+}
+
+/// Reads MemAvailable every [`MEMORY_INTERVAL`] until the watch stops, and returns the
+/// lowest value read; a failed read is skipped.
+fn lowest_available(start: u64, stop: &mpsc::Receiver<()>) -> u64 {
+    let mut lowest = start;
+    for _ in 0..MEMORY_SAMPLES {
+        if stop.recv_timeout(MEMORY_INTERVAL) != Err(mpsc::RecvTimeoutError::Timeout) {
+            break;
+        }
+        if let Some(available) = mem_available() {
+            lowest = lowest.min(available);
+        }
+    }
+    lowest
+}
+
+/// MemAvailable in bytes: the kernel's estimate of what could be allocated without
+/// swapping, which socket buffers and other unreclaimable kernel memory lower.
+fn mem_available() -> Option<u64> {
+    let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
+    let value = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))?;
+    let kib: u64 = value.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 pub fn cpus() -> usize {

@@ -25,11 +25,20 @@ pub struct Sample {
     /// processes (None without a proxy) and the machine's.
     pub proxy_cpu: Option<f64>,
     pub machine_cpu: f64,
+    /// MiB: the largest fall of the machine's MemAvailable during the run (bulk only).
+    pub peak_memory: Option<f64>,
     pub others_share: f64,
 }
 
 impl Sample {
-    pub fn new(workload: Workload, outcome: Outcome, usage: Usage, has_proxy: bool) -> Sample {
+    /// `peak_memory` in bytes.
+    pub fn new(
+        workload: Workload,
+        outcome: Outcome,
+        usage: Usage,
+        peak_memory: Option<u64>,
+        has_proxy: bool,
+    ) -> Sample {
         let seconds = outcome.elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
         let units = outcome.units as f64;
         let (rate, per) = match workload {
@@ -41,6 +50,7 @@ impl Sample {
             latency: Percentiles::of(outcome.latencies),
             proxy_cpu: has_proxy.then_some(usage.proxy / per),
             machine_cpu: usage.machine / per,
+            peak_memory: peak_memory.map(|bytes| bytes as f64 / (1024.0 * 1024.0)),
             others_share: usage.others_share,
         }
     }
@@ -148,8 +158,20 @@ fn columns(workload: Workload) -> Vec<Column> {
         decimals: 3,
         ratio: true,
     };
+    // No ratio: direct's figure, its socket buffers alone, is often near zero or lost in
+    // other processes' noise.
+    let peak_memory = Column {
+        header: "peak mem MiB",
+        figure: |s| s.peak_memory,
+        decimals: 1,
+        ratio: false,
+    };
     match workload {
-        Workload::Bulk { .. } => vec![proxy_cpu("proxy s/GB"), machine_cpu("machine s/GB")],
+        Workload::Bulk { .. } => vec![
+            proxy_cpu("proxy s/GB"),
+            machine_cpu("machine s/GB"),
+            peak_memory,
+        ],
         Workload::PingPong { .. } => vec![
             p50,
             p99,
