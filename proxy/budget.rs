@@ -15,6 +15,10 @@
 //!   that grew cannot shut every later connection out of the kernel.
 //! - A promise is given back when its pair ends. A direction whose reader stopped holds
 //!   what it was promised, no more: under load, what it had reached by doubling.
+//! - While new pairs no longer join with the bound, the engine takes back what idle
+//!   directions were promised beyond the least (splice/flow.rs, `KernelFlow::reclaim`),
+//!   so that a connection that moved a bulk transfer once and sat idle since does not
+//!   keep a bound's worth promised for good.
 //!
 //! docs/flow-control.md, "A bound on all directions together", has the measurements.
 
@@ -98,6 +102,13 @@ impl Budget {
         }
     }
 
+    /// Whether a pair joining now would not get the bound for its directions: then the
+    /// engine takes back what idle directions were promised.
+    pub fn is_tight(&self) -> bool {
+        let backlog = self.backlog();
+        self.promised() + 2 * backlog.bytes > backlog.total / 2
+    }
+
     /// Bytes promised to spliced directions now: the most the kernel can hold for them.
     pub fn promised(&self) -> u64 {
         self.promised.load(Ordering::Relaxed)
@@ -112,10 +123,10 @@ impl Budget {
     /// cannot promise both.
     pub fn promise_pair(self: &Arc<Budget>) -> Option<[Promise; 2]> {
         let backlog = self.backlog();
-        let first = if self.promised() + 2 * backlog.bytes <= backlog.total / 2 {
-            backlog.bytes
-        } else {
+        let first = if self.is_tight() {
             backlog.least_credit()
+        } else {
+            backlog.bytes
         };
         if self.take(2 * first, 0, true) == 0 {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +182,14 @@ impl Promise {
     /// The span promised.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Gives back what is promised beyond `bytes`.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.budget.give_back(self.bytes - bytes);
+            self.bytes = bytes;
+        }
     }
 
     /// The credit span for the next grant: the per-direction bound while that leaves
@@ -274,6 +293,22 @@ mod tests {
         let [a, _] = &mut pairs[0];
         assert_eq!(a.bytes(), FIRST_CREDIT);
         assert_eq!(a.renew(0), 1 << 20);
+    }
+
+    #[test]
+    fn a_shrunk_promise_gives_back_the_rest() {
+        let budget = budget(1 << 20, 4 << 20);
+        let [mut a, b] = budget.promise_pair().unwrap();
+        assert!(
+            budget.is_tight(),
+            "2 MiB promised of 4: the next pair gets less"
+        );
+        a.shrink_to(FIRST_CREDIT);
+        a.shrink_to(1 << 20);
+        assert_eq!(a.bytes(), FIRST_CREDIT, "shrinking never grows");
+        assert_eq!(budget.promised(), (1 << 20) + FIRST_CREDIT);
+        drop((a, b));
+        assert!(!budget.is_tight());
     }
 
     #[test]

@@ -140,7 +140,8 @@ pub struct Probe {
     flow: HashMap<MapData, u64, FlowRecord>,
     credit: HashMap<MapData, u64, CreditRecord>,
     asks: Mutex<Option<RingBuf<MapData>>>,
-    counters: PerCpuArray<MapData, u64>,
+    /// Shared with every [`SpliceMaps`], which read one counter.
+    counters: Arc<PerCpuArray<MapData, u64>>,
     /// The bounds on what the kernel may hold and the account of it, shared with every
     /// [`SpliceMaps`] so that a reload reaches the workers' grants.
     budget: Arc<Budget>,
@@ -190,7 +191,7 @@ impl Probe {
             flow,
             credit,
             asks: Mutex::new(Some(asks)),
-            counters,
+            counters: Arc::new(counters),
             budget: Arc::new(Budget::new(backlog)),
         };
         Ok(probe)
@@ -225,6 +226,7 @@ impl Probe {
             peer_of: duplicate(self.peer_of.fd().as_fd(), PEER_OF_MAP)?,
             flow: duplicate(map_data(&self.flow).fd().as_fd(), FLOW_MAP)?,
             credit: duplicate(map_data(&self.credit).fd().as_fd(), CREDIT_MAP)?,
+            counters: Arc::clone(&self.counters),
             budget: Arc::clone(&self.budget),
         })
     }
@@ -439,10 +441,17 @@ pub struct SpliceMaps {
     peer_of: SockHash<MapData, u64>,
     flow: HashMap<MapData, u64, FlowRecord>,
     credit: HashMap<MapData, u64, CreditRecord>,
+    counters: Arc<PerCpuArray<MapData, u64>>,
     budget: Arc<Budget>,
 }
 
 impl SpliceMaps {
+    /// Credit requests the probe's ring refused so far (all CPUs): each one a direction
+    /// that may have parked without its ask reaching the engine.
+    pub fn asks_refused(&self) -> Result<u64, MapError> {
+        Ok(self.counters.get(&COUNTER_ASKS_REFUSED, 0)?.iter().sum())
+    }
+
     /// The bounds on what the kernel may hold, and the account the engine's grants are
     /// promised from.
     pub fn budget(&self) -> &Arc<Budget> {

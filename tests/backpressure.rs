@@ -809,7 +809,12 @@ fn many_stalled_readers_are_bounded(upload: bool) {
         let read = reading
             .join()
             .expect("reader thread panicked")
-            .unwrap_or_else(|e| panic!("connection {index}: read: {e}"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connection {index}: read: {e}; probe {:?}",
+                    proxy.counters()
+                )
+            });
         assert_eq!(
             read, written,
             "connection {index}: (bytes, hash) read and written"
@@ -906,7 +911,12 @@ fn stalled_downloads_are_bounded_together() {
         let read = reading
             .join()
             .expect("reader thread panicked")
-            .unwrap_or_else(|e| panic!("connection {index}: read: {e}"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connection {index}: read: {e}; probe {:?}",
+                    proxy.counters()
+                )
+            });
         assert_eq!(
             read, written,
             "connection {index}: (bytes, hash) read and written"
@@ -917,6 +927,52 @@ fn stalled_downloads_are_bounded_together() {
         metric(&proxy, "splice_proxy_splice_budget_promised_bytes"),
         0
     );
+}
+
+/// A connection that moved a bulk upload and then sat idle gives back what its directions
+/// were promised once the budget is tight, so that it does not keep a bound's worth
+/// promised for good; and its next upload arrives whole and in order, through the lowered
+/// credit and the grant that follows it.
+#[test]
+fn an_idle_connection_gives_back_its_promise() {
+    const UPLOAD: usize = 32 << 20;
+    const LEAST: u64 = 16 << 10;
+    let _shared = shared();
+    let (backend, held) = holding_backend();
+    let routes = format!(
+        "splice_backlog_total = {TOTAL}\n\n[[route]]\nname = \"hello\"\nprefix = \"hello\"\nbackends = [\"{}\"]\n",
+        backend.addr
+    );
+    let proxy = Proxy::start(&routes, SPLICE);
+    let (client, mut upstream) = connect_held(&proxy, &held);
+    let promised = || metric(&proxy, "splice_proxy_splice_budget_promised_bytes");
+    // Half the budget free: the pair joined with the bound (16 MiB) for each direction,
+    // which leaves the budget tight.
+    assert_eq!(promised(), 32 << 20);
+    for round in 0..2 {
+        let data = payload(UPLOAD, round);
+        let mut writer = client.try_clone().unwrap();
+        let sent = data.clone();
+        let writing = thread::spawn(move || writer.write_all(&sent));
+        let mut got = vec![0; UPLOAD];
+        upstream.read_exact(&mut got).expect("read the upload");
+        writing.join().unwrap().unwrap();
+        assert!(got == data, "round {round}: the upload arrived changed");
+        // Idle now: within three sweeps of a second, each direction is down to the least
+        // credit.
+        let deadline = Instant::now() + 5 * Duration::from_secs(1);
+        while promised() > 2 * LEAST {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: still {} bytes promised to an idle connection",
+                promised()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    drop((client, upstream));
+    proxy.wait_idle(IO_TIMEOUT);
+    assert_eq!(promised(), 0);
 }
 
 /// A metric without labels from the proxy's exposition.

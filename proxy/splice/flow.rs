@@ -115,6 +115,8 @@ pub(super) struct KernelFlow {
     promise: Promise,
     /// Set while the direction moves parked bytes.
     throttle: Option<Throttle>,
+    /// Where taking back an idle direction's promise has got to.
+    reclaim: Reclaim,
     /// Times the direction parked, for the access log.
     throttles: u32,
     /// Bytes the kernel held for the direction at the last look (redirected, not yet in
@@ -154,6 +156,19 @@ struct Throttle {
     last_moved: u64,
 }
 
+/// Taking back what an idle direction was promised, over two sweeps of the worker: a
+/// credit can be lowered only under a verdict that may be running with the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reclaim {
+    /// What the direction had redirected at the last sweep: the same at the next, and it
+    /// is idle.
+    Watching(u64),
+    /// Its credit was lowered to this at the last sweep. A verdict that had read the old
+    /// one then has long finished (a verdict runs in microseconds), so what it may have
+    /// redirected under it is in `FLOW` now.
+    Lowered(Credit),
+}
+
 /// What a direction in the kernel needs from the worker after [`KernelFlow::unthrottle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Unpark {
@@ -187,6 +202,7 @@ impl KernelFlow {
             recorded: false,
             promise,
             throttle: None,
+            reclaim: Reclaim::Watching(0),
             throttles: 0,
             held: 0,
             window: ReceiveWindow {
@@ -262,8 +278,10 @@ impl KernelFlow {
     /// Credit for the span the budget renews the direction's promise to, past `moved`;
     /// the probe asks again once it has redirected another quarter of it.
     fn grant_from(&mut self, maps: &mut SpliceMaps, moved: u64, redirected: u64) -> io::Result<()> {
-        // What the probe may still redirect under the last credit stays promised.
-        let span = self.promise.renew(self.credit.limit.saturating_sub(moved));
+        // What the probe may still redirect under the last credit stays promised, and
+        // what it redirected past a lowered one (`reclaim`) is held.
+        let committed = self.credit.limit.max(redirected).saturating_sub(moved);
+        let span = self.promise.renew(committed);
         let limit = moved + span;
         self.grant(maps, limit, (redirected + span / 4).min(limit))
     }
@@ -289,6 +307,50 @@ impl KernelFlow {
             self.recorded = true;
         }
         Ok(())
+    }
+
+    /// One sweep's look at the direction's promise, while the budget is tight: one that
+    /// redirected nothing since the last sweep has its credit lowered to the least span
+    /// past what it redirected, and at the next sweep, unless it was granted credit
+    /// since, its promise shrinks to what the lowered credit still allows (and what the
+    /// destination has not taken yet). The direction's next bytes ask for more, as a new
+    /// direction's would.
+    pub fn reclaim(&mut self, maps: &mut SpliceMaps, dst: BorrowedFd<'_>) -> io::Result<()> {
+        let least = maps.budget().backlog().least_credit();
+        if self.throttle.is_some() || (self.promise.bytes() <= least && !self.reclaim_pending()) {
+            return Ok(());
+        }
+        let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+        self.reclaim = match self.reclaim {
+            Reclaim::Lowered(credit) if credit == self.credit => {
+                let moved = self.kernel_moved(dst)?;
+                let still = credit.limit.max(flow.redirected).saturating_sub(moved);
+                self.promise.shrink_to(still.max(least));
+                Reclaim::Watching(flow.redirected)
+            }
+            Reclaim::Watching(seen)
+                if seen == flow.redirected
+                    && flow.state == FLOWING
+                    && self.credit.limit > flow.redirected + least =>
+            {
+                let credit = Credit {
+                    limit: flow.redirected + least,
+                    ask_at: flow.redirected + least / 4,
+                    unparked: self.unparked,
+                };
+                maps.grant(self.cookie, credit).map_err(io::Error::other)?;
+                self.credit = credit;
+                self.recorded = true;
+                Reclaim::Lowered(credit)
+            }
+            _ => Reclaim::Watching(flow.redirected),
+        };
+        Ok(())
+    }
+
+    /// Whether a lowered credit waits for its second sweep.
+    fn reclaim_pending(&self) -> bool {
+        matches!(self.reclaim, Reclaim::Lowered(_))
     }
 
     /// Moves a throttled direction on as far as it can go now.
@@ -434,6 +496,26 @@ impl KernelFlow {
             }
         }
         Ok(false)
+    }
+
+    /// Starts moving the bytes of a park whose ask the probe's full ring refused, if the
+    /// direction has one; whether it had. A park's ask is retried only with the next
+    /// message, and a sender whose window the parked bytes closed sends none.
+    pub fn find_lost_park(
+        &mut self,
+        maps: &mut SpliceMaps,
+        dst: BorrowedFd<'_>,
+    ) -> io::Result<bool> {
+        if self.throttle.is_some() {
+            return Ok(false);
+        }
+        let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+        if flow.state == FLOWING || flow.parked <= self.unparked {
+            return Ok(false);
+        }
+        let moved = self.kernel_moved(dst)?;
+        self.throttle(flow.redirected, moved);
+        Ok(true)
     }
 
     /// Bytes moved so far, redirected or copied: progress while a close waits.

@@ -65,6 +65,12 @@ pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 /// How long a worker sleeps after epoll_wait failed, before it tries again.
 const WAIT_RETRY: Duration = Duration::from_millis(1);
 
+/// How often a worker sweeps its spliced directions: for parks whose ask the probe's
+/// full ring refused, once the count of refusals rose, and while the budget is tight for
+/// idle directions whose promise to take back (budget.rs: a direction idle for one
+/// interval has its credit lowered, and its promise shrinks one interval later).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long a worker waits to accept again after accept failed (EMFILE and friends).
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
@@ -183,6 +189,8 @@ impl SpliceEngine {
                 sources: HashMap::new(),
                 polls: Timers::default(),
                 idle_checks: Timers::default(),
+                next_sweep: Instant::now() + SWEEP_INTERVAL,
+                refused_asks: 0,
                 live: Arc::clone(&engine.live),
                 closing: Arc::clone(&engine.closer.closing),
                 stopping: Arc::clone(&engine.stopping),
@@ -420,6 +428,15 @@ impl<T> Slots<T> {
         self.slots.get_mut(slot).and_then(Option::as_mut)
     }
 
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.slots.iter_mut().flatten()
+    }
+
+    /// Slots taken or free: every slot index is below it.
+    fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
     fn take(&mut self, slot: usize) -> Option<T> {
         let value = self.slots.get_mut(slot).and_then(Option::take);
         if value.is_some() {
@@ -498,6 +515,10 @@ struct Worker {
     /// its pair's [`Pair::idle_check`] any more (the pair closed, or was rescheduled) is
     /// stale and skipped.
     idle_checks: Timers,
+    /// When to sweep the spliced directions next.
+    next_sweep: Instant,
+    /// The probe's count of refused asks at the last sweep.
+    refused_asks: u64,
     live: Arc<ConnectionCount>,
     /// Set by [`SpliceEngine::shutdown`].
     closing: Arc<AtomicBool>,
@@ -516,6 +537,7 @@ impl Worker {
                 self.polls.next(),
                 self.arrival_deadlines.next(),
                 self.accept_retry,
+                self.maps.as_ref().map(|_| self.next_sweep),
             ]
             .into_iter()
             .flatten()
@@ -543,6 +565,7 @@ impl Worker {
             }
             self.poll_due();
             self.check_idle();
+            self.sweep_due();
             self.arrivals_due();
             if self.accept_retry.is_some_and(|due| due <= Instant::now()) {
                 self.accept_retry = None;
@@ -904,6 +927,51 @@ impl Worker {
                 pair.idle_check = Some((timeout, next));
                 self.idle_checks.push(next, slot);
             }
+        }
+    }
+
+    /// Once an interval: moves the parks whose ask the probe's ring refused, if it
+    /// refused any since the last sweep, and takes back what idle directions were
+    /// promised while the budget is tight. A pair whose sockets cannot be read for the
+    /// promise is left as it is: its errors reach it through epoll.
+    fn sweep_due(&mut self) {
+        let now = Instant::now();
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + SWEEP_INTERVAL;
+        let Some(maps) = self.maps.as_mut() else {
+            return;
+        };
+        match maps.asks_refused() {
+            Ok(refused) if refused != self.refused_asks => {
+                self.refused_asks = refused;
+                self.find_lost_parks();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("reading the probe's count of refused asks failed: {e}"),
+        }
+        let Some(maps) = self.maps.as_mut() else {
+            return;
+        };
+        if !maps.budget().is_tight() {
+            return;
+        }
+        for pair in self.pairs.iter_mut() {
+            if let Err(e) = pair.reclaim(maps) {
+                tracing::debug!(client = %pair.info.client, "taking back an idle promise: {e}");
+            }
+        }
+    }
+
+    /// Looks at every spliced direction for bytes parked without an ask.
+    fn find_lost_parks(&mut self) {
+        for slot in 0..self.pairs.slot_count() {
+            let (Some(pair), Some(maps)) = (self.pairs.get_mut(slot), self.maps.as_mut()) else {
+                continue;
+            };
+            let next = pair.find_lost_parks(maps);
+            self.settle(slot, next);
         }
     }
 

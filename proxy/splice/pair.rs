@@ -211,6 +211,36 @@ impl Pair {
             + self.to_client.flow().map_or(0, KernelFlow::held)
     }
 
+    /// While the budget is tight, takes back what its idle directions in the kernel were
+    /// promised (flow.rs, `KernelFlow::reclaim`).
+    pub fn reclaim(&mut self, maps: &mut SpliceMaps) -> io::Result<()> {
+        for (direction, dst) in [
+            (&mut self.to_upstream, self.upstream.fd.as_fd()),
+            (&mut self.to_client, self.client.fd.as_fd()),
+        ] {
+            if let Mover::Kernel(flow) = &mut direction.mover {
+                flow.reclaim(maps, dst)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts moving what either direction parked without its ask reaching the engine
+    /// (the probe's ring was full), and what follows from it.
+    pub fn find_lost_parks(&mut self, maps: &mut SpliceMaps) -> Next {
+        for (direction, dst) in [
+            (&mut self.to_upstream, self.upstream.fd.as_fd()),
+            (&mut self.to_client, self.client.fd.as_fd()),
+        ] {
+            if let Mover::Kernel(flow) = &mut direction.mover
+                && let Err(e) = flow.find_lost_park(maps, dst)
+            {
+                return Next::Reset(e);
+            }
+        }
+        self.advance(Some(maps))
+    }
+
     /// The probe asked for credit for the direction whose source is `source`.
     pub fn on_ask(&mut self, source: Side, maps: &mut SpliceMaps) -> Next {
         let (direction, src, dst) = match source {
