@@ -16,9 +16,11 @@
 //! - A promise is given back when its pair ends. A direction whose reader stopped holds
 //!   what it was promised, no more: under load, what it had reached by doubling.
 //! - While new pairs no longer join with the bound, the engine takes back what idle
-//!   directions were promised beyond the least (splice/flow.rs, `KernelFlow::reclaim`),
-//!   so that a connection that moved a bulk transfer once and sat idle since does not
-//!   keep a bound's worth promised for good.
+//!   directions were promised (splice/flow.rs, `KernelFlow::reclaim`), so that a
+//!   connection that moved a bulk transfer once and sat idle since does not keep a
+//!   bound's worth promised for good, and idle connections, however many, hold none of
+//!   the budget: a direction's next message after that parks and asks, as a new
+//!   direction's would past its first credit.
 //!
 //! docs/flow-control.md, "A bound on all directions together", has the measurements.
 
@@ -30,12 +32,13 @@ use std::sync::{
 use crate::config::{DEFAULT_SPLICE_BACKLOG_MAX, DEFAULT_SPLICE_BACKLOG_TOTAL};
 
 /// The credit a direction is promised when its pair joins once half the budget is
-/// promised, and the least it is ever promised (at a `splice_backlog_max` below it, that
-/// bound): small, because an idle connection keeps it promised, so that the default
-/// budget's other half gives 8,192 pairs their first credits (the hold benchmark keeps
-/// 7,952 connections in one process); large enough for the first exchange of most
-/// request-response protocols before the direction asks for more.
-pub const FIRST_CREDIT: u64 = 16 * 1024;
+/// promised, and the least a grant gives it (at a `splice_backlog_max` below it, that
+/// bound): small, because a connection keeps it promised until it has been idle for a
+/// sweep or two, so that the default budget's other half gives 32,768 pairs their first
+/// credits at once (the soak holds 9,850 connections in one process, the hold benchmark
+/// 7,952); a page, so that a request of most request-response protocols goes through
+/// before the direction asks for more.
+pub const FIRST_CREDIT: u64 = 4 * 1024;
 
 /// How far spliced directions may run ahead of their destinations: the bytes the probe may
 /// have redirected that the destination's kworker has not yet written into the
@@ -277,7 +280,7 @@ mod tests {
         let spans: Vec<u64> = (0..6).map(|_| a.renew(0)).collect();
         assert_eq!(
             spans,
-            [32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]
+            [8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10]
         );
     }
 

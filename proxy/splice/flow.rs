@@ -310,32 +310,31 @@ impl KernelFlow {
     }
 
     /// One sweep's look at the direction's promise, while the budget is tight: one that
-    /// redirected nothing since the last sweep has its credit lowered to the least span
-    /// past what it redirected, and at the next sweep, unless it was granted credit
-    /// since, its promise shrinks to what the lowered credit still allows (and what the
-    /// destination has not taken yet). The direction's next bytes ask for more, as a new
-    /// direction's would.
+    /// redirected nothing since the last sweep has its credit lowered to what it
+    /// redirected, and at the next sweep, unless it was granted credit since, its promise
+    /// shrinks to what the destination has not taken yet (and what a verdict still
+    /// running with the old credit redirected). The direction's next message parks and
+    /// asks for credit, as a new direction's would past its first credit.
     pub fn reclaim(&mut self, maps: &mut SpliceMaps, dst: BorrowedFd<'_>) -> io::Result<()> {
-        let least = maps.budget().backlog().least_credit();
-        if self.throttle.is_some() || (self.promise.bytes() <= least && !self.reclaim_pending()) {
+        if self.throttle.is_some() || (self.promise.bytes() == 0 && !self.reclaim_pending()) {
             return Ok(());
         }
         let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
         self.reclaim = match self.reclaim {
             Reclaim::Lowered(credit) if credit == self.credit => {
                 let moved = self.kernel_moved(dst)?;
-                let still = credit.limit.max(flow.redirected).saturating_sub(moved);
-                self.promise.shrink_to(still.max(least));
+                self.promise
+                    .shrink_to(credit.limit.max(flow.redirected).saturating_sub(moved));
                 Reclaim::Watching(flow.redirected)
             }
             Reclaim::Watching(seen)
                 if seen == flow.redirected
                     && flow.state == FLOWING
-                    && self.credit.limit > flow.redirected + least =>
+                    && self.credit.limit > flow.redirected =>
             {
                 let credit = Credit {
-                    limit: flow.redirected + least,
-                    ask_at: flow.redirected + least / 4,
+                    limit: flow.redirected,
+                    ask_at: flow.redirected,
                     unparked: self.unparked,
                 };
                 maps.grant(self.cookie, credit).map_err(io::Error::other)?;
