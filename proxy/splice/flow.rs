@@ -327,9 +327,11 @@ impl KernelFlow {
                     .shrink_to(credit.limit.max(flow.redirected).saturating_sub(moved));
                 Reclaim::Watching(flow.redirected)
             }
+            // Every parked byte moved: a direction whose last bytes parked is idle too,
+            // though the probe marks it flowing only at its next message.
             Reclaim::Watching(seen)
                 if seen == flow.redirected
-                    && flow.state == FLOWING
+                    && flow.parked == self.unparked
                     && self.credit.limit > flow.redirected =>
             {
                 let credit = Credit {
