@@ -792,34 +792,7 @@ fn many_stalled_readers_are_bounded(upload: bool) {
     for writer in &writers {
         writer.stop.store(true, Ordering::Relaxed);
     }
-    // io::copy reads through an 8 KiB buffer on the stack, where read_to_end_hashed's
-    // 256 KiB each would take a quarter of a gigabyte for the thousand readers.
-    let reading: Vec<_> = readers
-        .into_iter()
-        .map(|mut reader| {
-            thread::spawn(move || {
-                let mut hasher = Sha256::new();
-                let read = io::copy(&mut reader, &mut hasher)?;
-                Ok::<_, io::Error>((read, <[u8; 32]>::from(hasher.finalize())))
-            })
-        })
-        .collect();
-    for (index, (writer, reading)) in writers.into_iter().zip(reading).enumerate() {
-        let written = writer.finish();
-        let read = reading
-            .join()
-            .expect("reader thread panicked")
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connection {index}: read: {e}; probe {:?}",
-                    proxy.counters()
-                )
-            });
-        assert_eq!(
-            read, written,
-            "connection {index}: (bytes, hash) read and written"
-        );
-    }
+    every_byte_arrives(&proxy, readers, writers);
     drop(senders);
     proxy.wait_idle(IO_TIMEOUT);
 }
@@ -896,32 +869,7 @@ fn stalled_downloads_are_bounded_together() {
         at_limit, 0,
         "{at_limit} senders ran to their limit of {limit} bytes ({stalled} in all)"
     );
-    let reading: Vec<_> = clients
-        .into_iter()
-        .map(|mut reader| {
-            thread::spawn(move || {
-                let mut hasher = Sha256::new();
-                let read = io::copy(&mut reader, &mut hasher)?;
-                Ok::<_, io::Error>((read, <[u8; 32]>::from(hasher.finalize())))
-            })
-        })
-        .collect();
-    for (index, (writer, reading)) in writers.into_iter().zip(reading).enumerate() {
-        let written = writer.finish();
-        let read = reading
-            .join()
-            .expect("reader thread panicked")
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connection {index}: read: {e}; probe {:?}",
-                    proxy.counters()
-                )
-            });
-        assert_eq!(
-            read, written,
-            "connection {index}: (bytes, hash) read and written"
-        );
-    }
+    every_byte_arrives(&proxy, clients, writers);
     proxy.wait_idle(IO_TIMEOUT);
     assert_eq!(
         metric(&proxy, "splice_proxy_splice_budget_promised_bytes"),
@@ -971,6 +919,39 @@ fn an_idle_connection_gives_back_its_promise() {
     drop((client, upstream));
     proxy.wait_idle(IO_TIMEOUT);
     assert_eq!(promised(), 0);
+}
+
+/// Lets every reader read to the end, each on its own thread, and checks that it got
+/// what its writer wrote, byte count and hash. io::copy reads through an 8 KiB buffer on
+/// the stack, where read_to_end_hashed's 256 KiB each would take a quarter of a gigabyte
+/// for a thousand readers.
+fn every_byte_arrives(proxy: &Proxy, readers: Vec<TcpStream>, writers: Vec<Writer>) {
+    let reading: Vec<_> = readers
+        .into_iter()
+        .map(|mut reader| {
+            thread::spawn(move || {
+                let mut hasher = Sha256::new();
+                let read = io::copy(&mut reader, &mut hasher)?;
+                Ok::<_, io::Error>((read, <[u8; 32]>::from(hasher.finalize())))
+            })
+        })
+        .collect();
+    for (index, (writer, reading)) in writers.into_iter().zip(reading).enumerate() {
+        let written = writer.finish();
+        let read = reading
+            .join()
+            .expect("reader thread panicked")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connection {index}: read: {e}; probe {:?}",
+                    proxy.counters()
+                )
+            });
+        assert_eq!(
+            read, written,
+            "connection {index}: (bytes, hash) read and written"
+        );
+    }
 }
 
 /// A metric without labels from the proxy's exposition.
