@@ -423,25 +423,27 @@ fn setsockopt<T>(
     Ok(())
 }
 
+/// Both ends of a loopback connection, for the unit tests of the modules that take
+/// sockets: (the accepted one, the connecting one).
+#[cfg(test)]
+pub(crate) fn connected() -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let connecting = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    (accepted, connecting)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
         fs::File,
         io,
-        net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+        net::{Ipv4Addr, TcpListener, UdpSocket},
         os::fd::AsFd,
     };
 
     use super::{SyscallError, accept, peek_queued, read, read_queued, set_receive_buffer};
-    use super::{shutdown_write, tcp_info, write};
-
-    /// Both ends of a loopback connection: (the accepted one, the connecting one).
-    fn connected() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (server, client)
-    }
+    use super::{connected, shutdown_write, tcp_info, write};
 
     /// The message `call` failing with `errno` must have.
     fn message(call: &str, errno: i32) -> String {

@@ -155,15 +155,7 @@ mod tests {
     };
 
     use super::{COPY_BUFFER, CopyBuffer, FIRST_COPY_BUFFER, Filled, Pumped};
-    use crate::socket;
-
-    /// Both ends of a loopback connection: (the accepted one, the connecting one).
-    fn connected() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        (accepted, connecting)
-    }
+    use crate::socket::{self, connected};
 
     /// A copy's four sockets: `sender` writes into `src`, `dst` is read by `reader`.
     /// `src` and `dst` are non-blocking, as the engine's are.

@@ -584,7 +584,7 @@ fn discard(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
 mod tests {
     use std::{
         io::Write,
-        net::{Ipv4Addr, TcpListener, TcpStream},
+        net::TcpStream,
         os::fd::AsFd,
         thread,
         time::{Duration, Instant},
@@ -594,15 +594,7 @@ mod tests {
         Cookie, FIRST_RECEIVE_BUFFER, HAND_BACK_RECEIVE_BUFFER, KernelFlow, LAST_RECEIVE_BUFFER,
         Promise, ReceiveWindow,
     };
-    use crate::socket;
-
-    /// Both ends of a loopback connection: (the accepted one, the connecting one).
-    fn connected() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        (accepted, connecting)
-    }
+    use crate::socket::{self, connected};
 
     /// The source's receive buffer as the kernel has it (twice what was set).
     fn receive_buffer(src: &TcpStream) -> usize {

@@ -1181,7 +1181,7 @@ mod tests {
     use std::{
         collections::HashSet,
         io::{self, Read, Write},
-        net::{Ipv4Addr, TcpListener, TcpStream},
+        net::TcpStream,
         os::fd::OwnedFd,
         sync::Arc,
         thread,
@@ -1192,7 +1192,7 @@ mod tests {
         Connection, ConnectionInfo, MAX_LISTENERS, Side, Slots, SpliceEngine, Timers, Token,
         Waiting,
     };
-    use crate::admission::Ticket;
+    use crate::{admission::Ticket, socket::connected};
 
     #[test]
     fn every_token_decodes_to_what_it_encodes() {
@@ -1301,14 +1301,6 @@ mod tests {
             ]
         );
         assert_eq!(timers.next(), None);
-    }
-
-    /// Both ends of a loopback connection: (the accepted one, the connecting one).
-    fn connected() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        (accepted, connecting)
     }
 
     /// A copying engine (no probe) holding one pair with an idle timeout: the engine,

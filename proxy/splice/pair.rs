@@ -653,15 +653,7 @@ mod tests {
         ConnectionInfo, Cookie, DRAIN_STALL_LIMIT, Direction, Endpoint, KernelFlow, Mode, Mover,
         Next, Pair, Promise, Side, Ticket, drain_stalled, owed_after_fin, poll,
     };
-    use crate::socket;
-
-    /// Both ends of a loopback connection: (the accepted one, the connecting one).
-    fn connected() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let connecting = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        (accepted, connecting)
-    }
+    use crate::socket::{self, connected};
 
     /// A copied pair (no probe) and its two peers: `client` talks to the pair's client
     /// socket, `backend` to its upstream socket. The cookies are 1 and 2.
