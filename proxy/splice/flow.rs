@@ -39,7 +39,7 @@ use std::{
 use super::copy::write_now;
 use crate::{
     budget::Promise,
-    probe::{Cookie, Credit, FLOWING, SpliceMaps},
+    probe::{Cookie, Credit, FLOWING, Flow, SpliceMaps},
     socket,
 };
 
@@ -257,7 +257,7 @@ impl KernelFlow {
         self.held = flow.redirected.saturating_sub(moved);
         self.window
             .grow(src, info.bytes_acked, self.held, self.throttles)?;
-        if flow.state != FLOWING && flow.parked > self.unparked {
+        if self.has_unmoved_park(&flow) {
             self.throttle(flow.redirected, moved);
             return Ok(());
         }
@@ -490,11 +490,9 @@ impl KernelFlow {
         if moved + self.unparked >= owed {
             return Ok(true);
         }
-        if self.throttle.is_none() {
-            let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-            if flow.state != FLOWING && flow.parked > self.unparked {
-                self.throttle(flow.redirected, moved);
-            }
+        let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
+        if self.has_unmoved_park(&flow) {
+            self.throttle(flow.redirected, moved);
         }
         Ok(false)
     }
@@ -511,12 +509,18 @@ impl KernelFlow {
             return Ok(false);
         }
         let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
-        if flow.state == FLOWING || flow.parked <= self.unparked {
+        if !self.has_unmoved_park(&flow) {
             return Ok(false);
         }
         let moved = self.kernel_moved(dst)?;
         self.throttle(flow.redirected, moved);
         Ok(true)
+    }
+
+    /// Whether the probe is parking the direction's bytes and this process has not moved
+    /// them all: the direction must be throttled.
+    fn has_unmoved_park(&self, flow: &Flow) -> bool {
+        flow.state != FLOWING && flow.parked > self.unparked
     }
 
     /// Bytes moved so far, redirected or copied: progress while a close waits.

@@ -214,13 +214,8 @@ impl Pair {
     /// While the budget is tight, takes back what its idle directions in the kernel were
     /// promised (flow.rs, `KernelFlow::reclaim`).
     pub fn reclaim(&mut self, maps: &mut SpliceMaps) -> io::Result<()> {
-        for (direction, dst) in [
-            (&mut self.to_upstream, self.upstream.fd.as_fd()),
-            (&mut self.to_client, self.client.fd.as_fd()),
-        ] {
-            if let Mover::Kernel(flow) = &mut direction.mover {
-                flow.reclaim(maps, dst)?;
-            }
+        for (flow, dst) in self.kernel_flows() {
+            flow.reclaim(maps, dst)?;
         }
         Ok(())
     }
@@ -228,17 +223,25 @@ impl Pair {
     /// Starts moving what either direction parked without its ask reaching the engine
     /// (the probe's ring was full), and what follows from it.
     pub fn find_lost_parks(&mut self, maps: &mut SpliceMaps) -> Next {
-        for (direction, dst) in [
-            (&mut self.to_upstream, self.upstream.fd.as_fd()),
-            (&mut self.to_client, self.client.fd.as_fd()),
-        ] {
-            if let Mover::Kernel(flow) = &mut direction.mover
-                && let Err(e) = flow.find_lost_park(maps, dst)
-            {
+        for (flow, dst) in self.kernel_flows() {
+            if let Err(e) = flow.find_lost_park(maps, dst) {
                 return Next::Reset(e);
             }
         }
         self.advance(Some(maps))
+    }
+
+    /// Each direction the kernel moves, with its destination socket.
+    fn kernel_flows(&mut self) -> impl Iterator<Item = (&mut KernelFlow, BorrowedFd<'_>)> {
+        [
+            (&mut self.to_upstream, self.upstream.fd.as_fd()),
+            (&mut self.to_client, self.client.fd.as_fd()),
+        ]
+        .into_iter()
+        .filter_map(|(direction, dst)| match &mut direction.mover {
+            Mover::Kernel(flow) => Some((flow, dst)),
+            Mover::Copy(_) => None,
+        })
     }
 
     /// The probe asked for credit for the direction whose source is `source`.
