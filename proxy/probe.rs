@@ -418,8 +418,9 @@ impl<'a> MapSocket<'a> {
     /// redirect is asynchronous").
     pub fn byte_counts(&self) -> io::Result<ByteCounts> {
         // Written first: a byte received between the two reads is in `received` only, so
-        // the redirect can look behind but never ahead of what it owes.
-        let written = socket::bytes_written(self.fd)?;
+        // the redirect can look behind but never ahead of what it owes. Settled, so
+        // that `written` can serve as a base (socket.rs).
+        let written = socket::settled_bytes_written(self.fd)?;
         let received = socket::tcp_info(self.fd)?.bytes_received;
         Ok(ByteCounts { received, written })
     }

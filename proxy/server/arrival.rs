@@ -63,6 +63,9 @@ pub(crate) enum Step {
     Forward {
         connection: Connection,
         in_flight: InFlight,
+        /// Bytes written into the upstream: the PROXY header, if any, and the first
+        /// message.
+        sent: u64,
     },
     /// Closed here, and logged.
     Closed,
@@ -110,6 +113,7 @@ struct Dialed {
     lease: Option<Lease>,
     route: Arc<str>,
     forwarded: u64,
+    sent: u64,
 }
 
 /// One backend being dialed.
@@ -215,6 +219,7 @@ impl Arrival {
                 lease: dialed.lease,
             },
             in_flight: self.in_flight,
+            sent: dialed.sent,
         }
     }
 
@@ -420,6 +425,7 @@ impl Arrival {
                     route: route.forward.route,
                     // The client's bytes only: the header is the proxy's.
                     forwarded: route.first,
+                    sent: route.out.len() as u64,
                 })
             }
             Ok(false) => {

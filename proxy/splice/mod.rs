@@ -735,6 +735,7 @@ impl Worker {
             Step::Forward {
                 connection,
                 in_flight,
+                sent,
             } => {
                 // The engine's calls add both sockets to epoll anew.
                 for (on, fd) in [
@@ -746,7 +747,12 @@ impl Worker {
                     }
                 }
                 self.live.add();
-                self.adopt(connection, Origin::Arrived);
+                self.adopt(
+                    connection,
+                    Origin::Arrived {
+                        upstream_sent: sent,
+                    },
+                );
                 // Only now: in flight plus live must never miss it.
                 drop(in_flight);
             }
@@ -1078,18 +1084,18 @@ impl Worker {
 #[derive(Debug, Clone, Copy)]
 enum Origin {
     /// A program that embeds the engine: its sockets may block, and what was written
-    /// into the client's is unknown.
+    /// into either is unknown.
     Adopted,
-    /// This proxy's own arrival: accepted and dialed non-blocking, and nothing was
-    /// written to its client. The kernel's count of bytes written into a socket that
-    /// was accepted and wrote nothing is 0 (the SYN-ACK is not counted), so the hand-off
-    /// spares two syscalls, and the copy two more.
-    Arrived,
+    /// This proxy's own arrival: accepted and dialed non-blocking, nothing written to
+    /// its client and `upstream_sent` bytes to its upstream. So the hand-off computes
+    /// both sockets' counts of bytes written (socket.rs, `dialed_bytes_written`)
+    /// instead of reading them (three syscalls each), and the copy spares two more.
+    Arrived { upstream_sent: u64 },
 }
 
 impl Origin {
     fn nonblocking(self) -> bool {
-        matches!(self, Origin::Arrived)
+        matches!(self, Origin::Arrived { .. })
     }
 }
 
@@ -1118,12 +1124,16 @@ fn splice(
         // A smaller buffer is slower, not wrong.
         let _ = socket::grow_send_buffer(endpoint.fd(), SPLICED_SEND_BUFFER);
     }
-    // Taken before the inserts: from now on only the kernel writes into either socket.
-    let client_written = match origin {
-        Origin::Adopted => socket::bytes_written(pair.client.fd())?,
-        Origin::Arrived => 0,
+    // The bases the kernel's progress in each direction is measured from, exact (a
+    // short one would count queued bytes as delivered), and taken before the inserts:
+    // from then on only the kernel writes into either socket.
+    let (client_written, upstream_written) = match origin {
+        Origin::Adopted => (
+            socket::settled_bytes_written(pair.client.fd())?,
+            socket::settled_bytes_written(pair.upstream.fd())?,
+        ),
+        Origin::Arrived { upstream_sent } => (0, socket::dialed_bytes_written(upstream_sent)),
     };
-    let upstream_written = socket::bytes_written(pair.upstream.fd())?;
     let Some([to_upstream, to_client]) = maps.budget().promise_pair() else {
         tracing::debug!(client = %pair.info.client, "splice_backlog_total is promised to other pairs; copying in userspace");
         return Ok(pair);
