@@ -63,9 +63,9 @@ pub(crate) enum Step {
     Forward {
         connection: Connection,
         in_flight: InFlight,
-        /// Bytes written into the upstream: the PROXY header, if any, and the first
-        /// message.
-        sent: u64,
+        /// The length of the PROXY header written into the upstream before the first
+        /// message (0 without one).
+        header: u64,
     },
     /// Closed here, and logged.
     Closed,
@@ -113,7 +113,7 @@ struct Dialed {
     lease: Option<Lease>,
     route: Arc<str>,
     forwarded: u64,
-    sent: u64,
+    header: u64,
 }
 
 /// One backend being dialed.
@@ -219,7 +219,7 @@ impl Arrival {
                 lease: dialed.lease,
             },
             in_flight: self.in_flight,
-            sent: dialed.sent,
+            header: dialed.header,
         }
     }
 
@@ -425,7 +425,7 @@ impl Arrival {
                     route: route.forward.route,
                     // The client's bytes only: the header is the proxy's.
                     forwarded: route.first,
-                    sent: route.out.len() as u64,
+                    header: route.out.len() as u64 - route.first,
                 })
             }
             Ok(false) => {

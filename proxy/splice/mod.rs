@@ -735,7 +735,7 @@ impl Worker {
             Step::Forward {
                 connection,
                 in_flight,
-                sent,
+                header,
             } => {
                 // The engine's calls add both sockets to epoll anew.
                 for (on, fd) in [
@@ -747,12 +747,7 @@ impl Worker {
                     }
                 }
                 self.live.add();
-                self.adopt(
-                    connection,
-                    Origin::Arrived {
-                        upstream_sent: sent,
-                    },
-                );
+                self.adopt(connection, Origin::Arrived { header });
                 // Only now: in flight plus live must never miss it.
                 drop(in_flight);
             }
@@ -1087,10 +1082,11 @@ enum Origin {
     /// into either is unknown.
     Adopted,
     /// This proxy's own arrival: accepted and dialed non-blocking, nothing written to
-    /// its client and `upstream_sent` bytes to its upstream. So the hand-off computes
-    /// both sockets' counts of bytes written (socket.rs, `dialed_bytes_written`)
-    /// instead of reading them (three syscalls each), and the copy spares two more.
-    Arrived { upstream_sent: u64 },
+    /// its client, and to its upstream a PROXY header of `header` bytes (or none) and
+    /// then only what the pair forwarded. So the hand-off computes both sockets' counts
+    /// of bytes written (socket.rs, `dialed_bytes_written`) instead of reading them
+    /// (three syscalls each), and the copy spares two more.
+    Arrived { header: u64 },
 }
 
 impl Origin {
@@ -1132,7 +1128,7 @@ fn splice(
             socket::settled_bytes_written(pair.client.fd())?,
             socket::settled_bytes_written(pair.upstream.fd())?,
         ),
-        Origin::Arrived { upstream_sent } => (0, socket::dialed_bytes_written(upstream_sent)),
+        Origin::Arrived { header } => (0, socket::dialed_bytes_written(header + pair.forwarded())),
     };
     let Some([to_upstream, to_client]) = maps.budget().promise_pair() else {
         tracing::debug!(client = %pair.info.client, "splice_backlog_total is promised to other pairs; copying in userspace");

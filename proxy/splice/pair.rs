@@ -326,6 +326,13 @@ impl Pair {
         Ok(false)
     }
 
+    /// Bytes this process read from the client and wrote to the upstream: the first
+    /// message, and what settling the client's queue copied after it (all of it written
+    /// once [`Pair::settle_client_queue`] returned true).
+    pub fn forwarded(&self) -> u64 {
+        self.to_upstream.consumed
+    }
+
     pub fn mode(&self) -> Mode {
         if matches!(self.to_upstream.mover, Mover::Kernel(_))
             || matches!(self.to_client.mover, Mover::Kernel(_))
@@ -979,7 +986,12 @@ mod tests {
             thread::sleep(Duration::from_millis(1));
         }
         assert!(pair.settle_client_queue().unwrap());
-        assert_eq!(pair.to_upstream.consumed, 9);
+        assert_eq!(pair.forwarded(), 9);
+        // The engine's base for a dialed upstream counts what settling copied.
+        assert_eq!(
+            socket::settled_bytes_written(pair.upstream.fd()).unwrap(),
+            socket::dialed_bytes_written(pair.forwarded())
+        );
         let mut forwarded = [0; 9];
         backend.read_exact(&mut forwarded).unwrap();
         assert_eq!(&forwarded, b"pipelined");
