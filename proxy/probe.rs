@@ -17,11 +17,11 @@ use aya::{
     programs::{ProgramError, SkSkb},
 };
 use proxy_probe::{
-    ASKS_MAP, COUNTER_ASKS, COUNTER_ASKS_REFUSED, COUNTER_DROPPED_BYTES, COUNTER_PARKED_BYTES,
-    COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES, COUNTER_REDIRECTED_MESSAGES,
-    COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED, COUNTER_UNSEQUENCED_MESSAGES,
-    COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, CREDIT_MAP, FLOW_MAP, PEER_OF_MAP, SPLICED_MAP,
-    VERDICT_PROGRAM,
+    ASKS_BYTES, ASKS_MAP, COUNTER_ASKS, COUNTER_ASKS_REFUSED, COUNTER_DROPPED_BYTES,
+    COUNTER_PARKED_BYTES, COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES,
+    COUNTER_REDIRECTED_MESSAGES, COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED,
+    COUNTER_UNSEQUENCED_MESSAGES, COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, CREDIT_MAP, FLOW_MAP,
+    PEER_OF_MAP, SPLICED_MAP, VERDICT_PROGRAM,
 };
 pub use proxy_probe::{Credit, FLOWING, Flow};
 
@@ -147,6 +147,22 @@ pub struct Probe {
     budget: Arc<Budget>,
 }
 
+/// Bytes of the ring of credit requests for maps that hold `capacity` sockets: room for
+/// two requests from every socket at once. A source socket asks once per credit the
+/// engine writes (`Flow::asked_at`) and once per park, and the engine writes a credit
+/// or ends a park almost always in answer to an ask it has taken out of the ring, so a
+/// socket seldom has more than two waiting. With the 256 KiB the object asks for, a
+/// burst of 16,384 asks before the engine drained the ring lost the rest to the sweep
+/// for lost parks (splice/mod.rs), which stays for what is left. A record takes 16
+/// bytes (header and cookie), and the kernel wants a power of two of pages: 8 MiB for
+/// the default capacity.
+fn asks_ring_bytes(capacity: u32) -> u32 {
+    let needed = u64::from(capacity) * 2 * 16;
+    u32::try_from(needed.next_power_of_two())
+        .unwrap_or(1 << 31)
+        .max(ASKS_BYTES)
+}
+
 impl Probe {
     /// Loads the verdict program and attaches it to `SPLICED`. `capacity` is the number
     /// of sockets each SockHash can hold: two per spliced connection. `backlog` bounds
@@ -158,6 +174,7 @@ impl Probe {
     /// of the spliced path").
     pub fn load(capacity: u32, backlog: Backlog) -> Result<Probe, ProbeError> {
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(ASKS_MAP, asks_ring_bytes(capacity))
             .map_max_entries(SPLICED_MAP, capacity)
             .map_max_entries(PEER_OF_MAP, capacity)
             .map_max_entries(FLOW_MAP, capacity)
@@ -622,7 +639,15 @@ fn duplicate<T: TryFrom<Map, Error = MapError>>(
 
 #[cfg(test)]
 mod tests {
-    use super::bound_is_tested_on;
+    use super::{ASKS_BYTES, asks_ring_bytes, bound_is_tested_on};
+
+    #[test]
+    fn the_ring_of_asks_holds_two_per_socket_in_a_power_of_two() {
+        assert_eq!(asks_ring_bytes(proxy_probe::DEFAULT_MAP_CAPACITY), 8 << 20);
+        assert_eq!(asks_ring_bytes(100_000), 4 << 20);
+        assert_eq!(asks_ring_bytes(1000), ASKS_BYTES);
+        assert_eq!(asks_ring_bytes(u32::MAX), 1 << 31);
+    }
 
     #[test]
     fn the_bound_is_tested_from_6_1() {

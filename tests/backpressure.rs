@@ -804,6 +804,10 @@ fn many_stalled_readers_are_bounded(upload: bool) {
         counters.untracked_messages, 0,
         "FLOW had no room for some sockets, whose bytes went without a bound"
     );
+    assert_eq!(
+        counters.asks_refused, 0,
+        "the ring of credit requests was full (it holds two per socket of the maps)"
+    );
 
     // Every writer stops at its next write before any reader reads: the ones joined last
     // would otherwise write on to their limit.

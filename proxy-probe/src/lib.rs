@@ -32,8 +32,8 @@ pub const CREDIT_MAP: &str = "CREDIT";
 /// whose [`Flow`] reached its [`Credit::ask_at`] or started parking.
 pub const ASKS_MAP: &str = "ASKS";
 
-/// Bytes the ring of credit requests holds: 16 bytes a record (header and cookie), so
-/// 16,384 requests before the verdict has to retry one.
+/// Bytes the ring of credit requests holds in the object (16 bytes a record): the least
+/// the loader gives it, which sizes it to the maps' capacity (proxy/probe.rs).
 pub const ASKS_BYTES: u32 = 1 << 18;
 
 /// The `stream_verdict` program: redirect to the peer's egress within the credit.
