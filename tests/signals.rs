@@ -356,9 +356,20 @@ fn dropping_a_proxy_resets_its_connections_and_ends_its_threads_and_probe() {
     assert_eq!(read_exactly(&mut open, 4).unwrap(), b"held");
 
     drop(proxy);
-    // The drop returned: the workers are gone, and so are their listeners and the probe
-    // (its programs detach with it).
-    assert_eq!(proxy_threads(), workers_before);
+    // The drop returned: the workers are joined, and so are their listeners and the
+    // probe (its programs detach with it). A joined thread's task leaves
+    // /proc/self/task a moment after the join returns (the kernel finishes its exit
+    // after waking the joiner; CI once counted one still there), so its count is
+    // awaited; a thread the drop had not joined would stay and fail here.
+    let deadline = Instant::now() + LOG_LIMIT;
+    while proxy_threads() != workers_before {
+        assert!(
+            Instant::now() < deadline,
+            "{} threads named splice-* after the drop, {workers_before} before the proxy",
+            proxy_threads()
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
     assert!(probe.upgrade().is_none(), "the probe outlived the proxy");
     match TcpStream::connect(addr) {
         Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}"),
