@@ -151,11 +151,11 @@ pub struct Probe {
 /// two requests from every socket at once. A source socket asks once per credit the
 /// engine writes (`Flow::asked_at`) and once per park, and the engine writes a credit
 /// or ends a park almost always in answer to an ask it has taken out of the ring, so a
-/// socket seldom has more than two waiting. With the 256 KiB the object asks for, a
-/// burst of 16,384 asks before the engine drained the ring lost the rest to the sweep
-/// for lost parks (splice/mod.rs), which stays for what is left. A record takes 16
-/// bytes (header and cookie), and the kernel wants a power of two of pages: 8 MiB for
-/// the default capacity.
+/// socket seldom has more than two waiting. At the object's own 256 KiB (16,384 asks),
+/// asks beyond that in one burst were refused and left to the once-a-second sweep for
+/// lost parks (splice/mod.rs), which stays for what is left. A record takes 16 bytes
+/// (header and cookie), and the kernel wants a power of two of pages: 8 MiB for the
+/// default capacity.
 fn asks_ring_bytes(capacity: u32) -> u32 {
     let needed = u64::from(capacity) * 2 * 16;
     u32::try_from(needed.next_power_of_two())
