@@ -819,6 +819,28 @@ fn many_stalled_readers_are_bounded(upload: bool) {
     proxy.wait_idle(IO_TIMEOUT);
 }
 
+/// The loader sizes the ring of credit requests to the maps: two 16-byte requests for
+/// each socket, 512 KiB for the 16,384 sockets of a test proxy, where the object itself
+/// asks for 256 KiB. A loader that kept the object's size would leave no ring of that
+/// size loaded (every test proxy's maps have the same capacity), and the
+/// thousand-connection tests, whose asks fit in 256 KiB, would not notice.
+#[test]
+fn the_ring_of_credit_asks_is_sized_to_the_maps() {
+    let _shared = shared();
+    let (backend, _held) = holding_backend();
+    let proxy = Proxy::start(&routes(backend.addr), SPLICE);
+    assert!(proxy.probe().is_some(), "the probe is loaded");
+    let rings: Vec<u32> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|map| map.name_as_str() == Some(proxy_probe::ASKS_MAP))
+        .map(|map| map.max_entries())
+        .collect();
+    assert!(
+        rings.contains(&(512 << 10)),
+        "no ring of credit requests of 512 KiB is loaded: {rings:?}"
+    );
+}
+
 /// Connections of [`stalled_downloads_are_bounded_together`].
 const STALLED_TOGETHER: usize = 16;
 
