@@ -270,6 +270,21 @@ pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> Result<(), Syscal
     }
 }
 
+/// Lets the receive window grow to `bytes` (`TCP_WINDOW_CLAMP`). A buffer set with
+/// [`set_receive_buffer`] does not move the clamp, which the kernel fixed at the handshake
+/// and raised only while it autotuned the buffer: past it the window stays where it was
+/// however large the buffer grows (docs/flow-control.md, "A buffer is not a window").
+pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: usize) -> Result<(), SyscallError> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_WINDOW_CLAMP,
+        bytes,
+        "setsockopt(TCP_WINDOW_CLAMP)",
+    )
+}
+
 /// The pending socket error, cleared by reading it. It is the connection's, not a failed
 /// call's, so it comes as the kernel gave it.
 pub fn take_error(fd: BorrowedFd<'_>) -> Result<Option<io::Error>, SyscallError> {
@@ -463,6 +478,19 @@ pub(crate) fn connected() -> (std::net::TcpStream, std::net::TcpStream) {
     let connecting = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     let (accepted, _) = listener.accept().unwrap();
     (accepted, connecting)
+}
+
+/// The receive window's clamp, for the unit tests of what sets it.
+#[cfg(test)]
+pub(crate) fn window_clamp(fd: BorrowedFd<'_>) -> usize {
+    let clamp: libc::c_int = getsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_WINDOW_CLAMP,
+        "getsockopt(TCP_WINDOW_CLAMP)",
+    )
+    .unwrap();
+    clamp as usize
 }
 
 #[cfg(test)]

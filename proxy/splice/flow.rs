@@ -534,9 +534,18 @@ impl ReceiveWindow {
     /// sender's window ([`HAND_BACK_RECEIVE_BUFFER`]).
     fn ready_for_read(&mut self, src: BorrowedFd<'_>) -> io::Result<()> {
         if self.buffer < HAND_BACK_RECEIVE_BUFFER {
-            socket::set_receive_buffer(src, HAND_BACK_RECEIVE_BUFFER)?;
-            self.buffer = HAND_BACK_RECEIVE_BUFFER;
+            self.resize(src, HAND_BACK_RECEIVE_BUFFER)?;
         }
+        Ok(())
+    }
+
+    /// Sets the buffer, and the window's clamp to the whole of it (the kernel's doubled
+    /// size): the kernel's own count of free space then bounds the window, as it does
+    /// for a buffer it autotunes.
+    fn resize(&mut self, src: BorrowedFd<'_>, buffer: usize) -> io::Result<()> {
+        socket::set_receive_buffer(src, buffer)?;
+        socket::set_window_clamp(src, 2 * buffer)?;
+        self.buffer = buffer;
         Ok(())
     }
 
@@ -560,9 +569,7 @@ impl ReceiveWindow {
         if acked.saturating_sub(self.acked_at) < self.buffer as u64 {
             return Ok(());
         }
-        let buffer = (self.buffer * 2).min(LAST_RECEIVE_BUFFER);
-        socket::set_receive_buffer(src, buffer)?;
-        self.buffer = buffer;
+        self.resize(src, (self.buffer * 2).min(LAST_RECEIVE_BUFFER))?;
         self.acked_at = acked;
         Ok(())
     }
@@ -587,7 +594,7 @@ fn discard(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::{
-        io::Write,
+        io::{self, Write},
         net::TcpStream,
         os::fd::AsFd,
         thread,
@@ -685,6 +692,46 @@ mod tests {
         assert_eq!(
             (window.buffer, window.acked_at),
             (LAST_RECEIVE_BUFFER, 2 << 20)
+        );
+    }
+
+    #[test]
+    fn a_grown_buffer_is_a_grown_window() {
+        let (src, mut peer) = connected();
+        let mut window = first_window(&src);
+        let mut acked = 0;
+        while window.buffer < LAST_RECEIVE_BUFFER {
+            acked += window.buffer as u64;
+            window.grow(src.as_fd(), acked, 0, 0).unwrap();
+        }
+        // The kernel fixed the clamp at the handshake (64 KiB here). For a buffer it does
+        // not autotune, 6.12 moves it only when the segments' ratio of payload to memory
+        // changes, which a steady stream of full segments never does.
+        let clamp = socket::window_clamp(src.as_fd());
+        assert!(
+            clamp >= receive_buffer(&src),
+            "the window's clamp {clamp} is under the buffer {}",
+            receive_buffer(&src)
+        );
+        // Nothing reads `src`: what the peer gets acknowledged is what the window let in.
+        peer.set_nonblocking(true).unwrap();
+        let chunk = vec![0; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut in_src = 0;
+        while in_src < 2 << 20 && Instant::now() < deadline {
+            match peer.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("writing to the unread socket: {e}"),
+            }
+            in_src = socket::tcp_info(peer.as_fd()).unwrap().bytes_acked;
+        }
+        assert!(
+            in_src >= 2 << 20,
+            "the window let only {in_src} bytes into a buffer of {}",
+            receive_buffer(&src)
         );
     }
 
