@@ -98,6 +98,14 @@ pub struct Flow {
     pub first_limit: u64,
 }
 
+/// The furthest a first credit (a socket's [`Flow::first_limit`], with no entry in
+/// `CREDIT`) lets the verdict redirect before it asks for more: a quarter of the limit,
+/// or this if that is further. 128 KiB is the receive buffer a spliced socket joins with:
+/// the engine grows a source's window only when it hears of the source, so a first ask
+/// a quarter of the default bound (4 MiB) away held a sender on a real round trip to
+/// its first window for megabytes.
+pub const FIRST_ASK_AT: u64 = 128 * 1024;
+
 /// Bytes are redirected while the credit lasts.
 pub const FLOWING: u32 = 0;
 /// The credit ran out: every message parks until userspace has moved all parked bytes

@@ -39,7 +39,7 @@ use std::{
 use super::copy::write_now;
 use crate::{
     budget::Promise,
-    probe::{Cookie, Credit, FLOWING, Flow, SpliceMaps},
+    probe::{Cookie, Credit, FIRST_ASK_AT, FLOWING, Flow, SpliceMaps},
     socket,
 };
 
@@ -126,11 +126,13 @@ pub(super) struct KernelFlow {
 }
 
 /// The source's receive buffer, which bounds how much can park, grown in the kernel's
-/// place: it doubles each time the destination's peer has acknowledged a buffer's worth
-/// since the last growth while the destination kept up (the kernel held less than a
-/// buffer for the direction and it did not throttle), so a sender that sets the pace gets
-/// the window a fast transfer needs; where the destination sets it, a larger window
-/// would only park more per throttle.
+/// place: once the destination's peer has acknowledged a buffer's worth since the last
+/// growth while the destination kept up (the kernel held less than a buffer for the
+/// direction and it did not throttle), it doubles until it is larger than what was
+/// acknowledged, so a sender that sets the pace gets the window a fast transfer needs
+/// within one look (the probe asks only every quarter of a credit, megabytes apart);
+/// where the destination sets the pace, a larger window would only park more per
+/// throttle.
 struct ReceiveWindow {
     /// What the buffer was last set to.
     buffer: usize,
@@ -181,11 +183,12 @@ pub(super) enum Unpark {
 
 /// The credit the probe gives a direction that joined with `promise`'s span as its first
 /// limit: it asks for more once a quarter is used, early enough that a direction whose
-/// reader keeps up gets more before it reaches the limit and parks.
+/// reader keeps up gets more before it reaches the limit and parks, or once
+/// [`FIRST_ASK_AT`] is, if that comes first, so that the source's window can grow.
 fn first_credit(promise: &Promise) -> Credit {
     Credit {
         limit: promise.bytes(),
-        ask_at: promise.bytes() / 4,
+        ask_at: (promise.bytes() / 4).min(FIRST_ASK_AT),
         unparked: 0,
     }
 }
@@ -276,14 +279,21 @@ impl KernelFlow {
     }
 
     /// Credit for the span the budget renews the direction's promise to, past `moved`;
-    /// the probe asks again once it has redirected another quarter of it.
+    /// the probe asks again once it has redirected another quarter of it, or another
+    /// buffer's worth if that is less while the source's window can still grow and its
+    /// sender sets the pace (the direction never throttled: on loopback, where the
+    /// sender always outruns the destination, asking that often cost CPU for nothing).
     fn grant_from(&mut self, maps: &mut SpliceMaps, moved: u64, redirected: u64) -> io::Result<()> {
         // What the probe may still redirect under the last credit stays promised, and
         // what it redirected past a lowered one (`reclaim`) is held.
         let committed = self.credit.limit.max(redirected).saturating_sub(moved);
         let span = self.promise.renew(committed);
         let limit = moved + span;
-        self.grant(maps, limit, (redirected + span / 4).min(limit))
+        let mut step = span / 4;
+        if self.window.buffer < LAST_RECEIVE_BUFFER && self.throttles == 0 {
+            step = step.min(self.window.buffer as u64);
+        }
+        self.grant(maps, limit, (redirected + step).min(limit))
     }
 
     /// Whether the direction was granted credit of its own, which is a record in the
@@ -566,10 +576,15 @@ impl ReceiveWindow {
             self.acked_at = acked;
             return Ok(());
         }
-        if acked.saturating_sub(self.acked_at) < self.buffer as u64 {
+        let acknowledged = acked.saturating_sub(self.acked_at);
+        if acknowledged < self.buffer as u64 {
             return Ok(());
         }
-        self.resize(src, (self.buffer * 2).min(LAST_RECEIVE_BUFFER))?;
+        let mut buffer = self.buffer;
+        while buffer < LAST_RECEIVE_BUFFER && buffer as u64 <= acknowledged {
+            buffer *= 2;
+        }
+        self.resize(src, buffer.min(LAST_RECEIVE_BUFFER))?;
         self.acked_at = acked;
         Ok(())
     }
@@ -646,6 +661,16 @@ mod tests {
         assert_eq!(window.buffer, 2 * FIRST_RECEIVE_BUFFER);
         window.grow(src.as_fd(), 3 * FIRST, 0, 0).unwrap();
         assert_eq!(window.buffer, 4 * FIRST_RECEIVE_BUFFER);
+    }
+
+    #[test]
+    fn the_window_grows_past_what_was_acknowledged_since_the_last_look() {
+        let (src, _peer) = connected();
+        let mut window = first_window(&src);
+        window.grow(src.as_fd(), 10 * FIRST, 0, 0).unwrap();
+        assert_eq!(window.buffer, 16 * FIRST_RECEIVE_BUFFER);
+        window.grow(src.as_fd(), 100 * FIRST, 0, 0).unwrap();
+        assert_eq!(window.buffer, LAST_RECEIVE_BUFFER);
     }
 
     #[test]

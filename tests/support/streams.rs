@@ -1,9 +1,11 @@
 //! A client's side of a connection: connecting with bounded IO, reading exactly or to
-//! the end (hashing as it goes), writing while reading, and closing with a reset.
+//! the end (hashing as it goes), writing while reading, closing with a reset, and the
+//! window its peer advertised.
 
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     sync::Arc,
     thread,
     time::Duration,
@@ -70,4 +72,33 @@ pub fn close_with_reset(stream: TcpStream) {
         .set_linger(Some(Duration::ZERO))
         .expect("SO_LINGER 0");
     drop(stream);
+}
+
+/// The receive window `stream`'s peer last advertised (`tcpi_snd_wnd`, the 58th 32-bit
+/// word of `struct tcp_info`, there since Linux 5.4).
+pub fn send_window(stream: &TcpStream) -> u32 {
+    let mut info = [0u32; 58];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` has room for `len` bytes, and the kernel writes at most that many.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "getsockopt(TCP_INFO): {}",
+        io::Error::last_os_error()
+    );
+    assert_eq!(
+        len as usize,
+        std::mem::size_of_val(&info),
+        "this kernel's tcp_info has no tcpi_snd_wnd"
+    );
+    info[57]
 }
