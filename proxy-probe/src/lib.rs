@@ -98,9 +98,9 @@ pub struct Flow {
     pub first_limit: u64,
 }
 
-/// The furthest a first credit (a socket's [`Flow::first_limit`], with no entry in
-/// `CREDIT`) lets the verdict redirect before it asks for more: a quarter of the limit,
-/// or this if that is further. 128 KiB is the receive buffer a spliced socket joins with:
+/// Where a first credit (a socket's [`Flow::first_limit`], with no entry in `CREDIT`)
+/// has the verdict ask for more at the latest: it asks at a quarter of the limit, or
+/// here if that comes first. 128 KiB is the receive buffer a spliced socket joins with:
 /// the engine grows a source's window only when it hears of the source, so a first ask
 /// a quarter of the default bound (4 MiB) away held a sender on a real round trip to
 /// its first window for megabytes.

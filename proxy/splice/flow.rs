@@ -130,9 +130,9 @@ pub(super) struct KernelFlow {
 /// growth while the destination kept up (the kernel held less than a buffer for the
 /// direction and it did not throttle), it doubles until it is larger than what was
 /// acknowledged, so a sender that sets the pace gets the window a fast transfer needs
-/// within one look (the probe asks only every quarter of a credit, megabytes apart);
-/// where the destination sets the pace, a larger window would only park more per
-/// throttle.
+/// within one look (a look comes with an ask for credit, which can be megabytes
+/// apart); where the destination sets the pace, a larger window would only park more
+/// per throttle.
 struct ReceiveWindow {
     /// What the buffer was last set to.
     buffer: usize,
