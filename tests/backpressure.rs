@@ -155,6 +155,21 @@ fn connect_held(proxy: &Proxy, held: &mpsc::Receiver<TcpStream>) -> (TcpStream, 
     (client, upstream)
 }
 
+/// One connection spliced through a proxy at the default bound (routes without
+/// `splice_backlog_max`) to a [`holding_backend`], handed off: (proxy, backend, client,
+/// upstream).
+fn spliced_at_the_default_bound() -> (Proxy, Backend, TcpStream, TcpStream) {
+    let (backend, held) = holding_backend();
+    let routes = format!(
+        "[[route]]\nname = \"hello\"\nprefix = \"hello\"\nbackends = [\"{}\"]\n",
+        backend.addr
+    );
+    let proxy = Proxy::start(&routes, SPLICE);
+    let (client, upstream) = connect_held(&proxy, &held);
+    proxy.wait_handed_off(1, IO_TIMEOUT);
+    (proxy, backend, client, upstream)
+}
+
 /// A writer that starts before its reader reads, for STALL; asserts the sender stopped
 /// within the bound and that memory did not keep falling; then lets the reader read.
 fn stalled_reader_is_bounded(moving: Moving, upload: bool) {
@@ -371,14 +386,7 @@ fn a_reader_that_alternates_gets_every_byte() {
 #[test]
 fn a_paced_download_stays_in_the_kernel() {
     let _shared = shared();
-    let (backend, held) = holding_backend();
-    let routes = format!(
-        "[[route]]\nname = \"hello\"\nprefix = \"hello\"\nbackends = [\"{}\"]\n",
-        backend.addr
-    );
-    let proxy = Proxy::start(&routes, SPLICE);
-    let (mut client, upstream) = connect_held(&proxy, &held);
-    proxy.wait_handed_off(1, IO_TIMEOUT);
+    let (proxy, _backend, mut client, upstream) = spliced_at_the_default_bound();
     let before = proxy.counters();
     const TOTAL: u64 = 96 << 20;
     let writer = Writer::start(upstream.try_clone().unwrap(), 13, TOTAL);
@@ -422,14 +430,7 @@ fn a_paced_download_stays_in_the_kernel() {
 #[test]
 fn a_paced_upload_gets_a_growing_window() {
     let _shared = shared();
-    let (backend, held) = holding_backend();
-    let routes = format!(
-        "[[route]]\nname = \"hello\"\nprefix = \"hello\"\nbackends = [\"{}\"]\n",
-        backend.addr
-    );
-    let proxy = Proxy::start(&routes, SPLICE);
-    let (mut client, mut upstream) = connect_held(&proxy, &held);
-    proxy.wait_handed_off(1, IO_TIMEOUT);
+    let (proxy, _backend, mut client, mut upstream) = spliced_at_the_default_bound();
     let first_window = send_window(&client);
     let reader = thread::spawn(move || read_to_end_hashed(&mut upstream));
     const ENOUGH: u32 = 1 << 20;
