@@ -36,7 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::copy::write_now;
+use super::{SPLICED_SEND_BUFFER, copy::write_now};
 use crate::{
     budget::Promise,
     probe::{Cookie, Credit, FIRST_ASK_AT, FLOWING, Flow, SpliceMaps},
@@ -123,6 +123,9 @@ pub(super) struct KernelFlow {
     /// the destination's send queue), for the metrics.
     held: u64,
     window: ReceiveWindow,
+    /// Whether the destination has its [`SPLICED_SEND_BUFFER`], which it gets at the
+    /// direction's first ask.
+    send_buffer_grown: bool,
 }
 
 /// The source's receive buffer, which bounds how much can park, grown in the kernel's
@@ -213,6 +216,7 @@ impl KernelFlow {
                 acked_at: 0,
                 throttles_at: 0,
             },
+            send_buffer_grown: false,
         }
     }
 
@@ -250,6 +254,11 @@ impl KernelFlow {
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
     ) -> io::Result<()> {
+        if !self.send_buffer_grown {
+            // A smaller buffer is slower, not wrong.
+            let _ = socket::grow_send_buffer(dst, SPLICED_SEND_BUFFER);
+            self.send_buffer_grown = true;
+        }
         if self.throttle.is_some() {
             return Ok(());
         }

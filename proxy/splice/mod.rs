@@ -59,7 +59,9 @@ pub use crate::ending::ConnectionInfo;
 
 /// Send buffer for spliced sockets: with the default buffers a splice is no faster than a
 /// userspace copy (docs/kernel.md, "Send buffers decide a splice's speed"). Without
-/// CAP_NET_ADMIN the kernel caps it at `net.core.wmem_max`.
+/// CAP_NET_ADMIN the kernel caps it at `net.core.wmem_max`. A destination gets it at its
+/// direction's first ask for credit, not at the join: a short exchange never asks, and
+/// spares the two calls.
 pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 
 /// How long a worker sleeps after epoll_wait failed, before it tries again.
@@ -1115,10 +1117,6 @@ fn splice(
     if !pair.settle_client_queue()? {
         tracing::debug!(client = %pair.info.client, "client still streaming or closing at the hand-off; copying in userspace");
         return Ok(pair);
-    }
-    for endpoint in [&pair.client, &pair.upstream] {
-        // A smaller buffer is slower, not wrong.
-        let _ = socket::grow_send_buffer(endpoint.fd(), SPLICED_SEND_BUFFER);
     }
     // The bases the kernel's progress in each direction is measured from, exact (a
     // short one would count queued bytes as delivered), and taken before the inserts:
