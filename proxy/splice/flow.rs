@@ -741,7 +741,7 @@ mod tests {
         // The kernel fixed the clamp at the handshake (64 KiB here). For a buffer it does
         // not autotune, 6.12 moves it only when the segments' ratio of payload to memory
         // changes, which a steady stream of full segments never does.
-        let clamp = socket::window_clamp(src.as_fd());
+        let clamp = socket::window_clamp(src.as_fd()).unwrap() as usize;
         assert!(
             clamp >= receive_buffer(&src),
             "the window's clamp {clamp} is under the buffer {}",
