@@ -431,6 +431,7 @@ fn a_paced_download_stays_in_the_kernel() {
 fn a_paced_upload_gets_a_growing_window() {
     let _shared = shared();
     let (proxy, _backend, mut client, mut upstream) = spliced_at_the_default_bound();
+    let before = proxy.counters();
     let first_window = send_window(&client);
     let reader = thread::spawn(move || read_to_end_hashed(&mut upstream));
     const ENOUGH: u32 = 1 << 20;
@@ -457,6 +458,15 @@ fn a_paced_upload_gets_a_growing_window() {
     let (read, hash) = reader.join().unwrap().expect("backend read");
     assert_eq!(read, written);
     assert_eq!(hash, <[u8; 32]>::from(hasher.finalize()));
+    // Every byte went through the verdict: a copied connection's socket is autotuned by
+    // the kernel, and its window would grow with no help from the engine.
+    let after = proxy.counters();
+    let verdicts = (after.redirected_bytes - before.redirected_bytes)
+        + (after.parked_bytes - before.parked_bytes);
+    assert_eq!(
+        verdicts, written,
+        "bytes through the verdict of {written} written"
+    );
     assert!(
         widest >= ENOUGH,
         "the proxy's window stayed at {widest} bytes or less over {written} bytes \
