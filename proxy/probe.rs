@@ -23,7 +23,7 @@ use proxy_probe::{
     COUNTER_UNSEQUENCED_MESSAGES, COUNTER_UNTRACKED_MESSAGES, COUNTERS_MAP, CREDIT_MAP, FLOW_MAP,
     PEER_OF_MAP, SPLICED_MAP, VERDICT_PROGRAM,
 };
-pub use proxy_probe::{Credit, FIRST_ASK_AT, FLOWING, Flow};
+pub use proxy_probe::{Credit, FLOWING, Flow};
 
 use crate::{
     budget::{Backlog, Budget},

@@ -128,3 +128,19 @@ pub struct Credit {
     /// [`Flow::parked`], a parking direction may flow again.
     pub unparked: u64,
 }
+
+impl Credit {
+    /// The credit of a socket with no entry in `CREDIT`, whose [`Flow::first_limit`] is
+    /// `first_limit`: the verdict applies it, and the engine, which must know what the
+    /// verdict applied, computes it here too. It asks for more once a quarter is used,
+    /// early enough that a direction whose reader keeps up gets more before it parks, or
+    /// at [`FIRST_ASK_AT`] if that comes first.
+    #[inline(always)]
+    pub fn first(first_limit: u64) -> Credit {
+        Credit {
+            limit: first_limit,
+            ask_at: (first_limit / 4).min(FIRST_ASK_AT),
+            unparked: 0,
+        }
+    }
+}

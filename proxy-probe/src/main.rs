@@ -37,7 +37,7 @@ use proxy_probe::{
     COUNTER_REDIRECT_FAILURES, COUNTER_REDIRECTED_BYTES, COUNTER_REDIRECTED_MESSAGES,
     COUNTER_RESENT_BYTES_CUT, COUNTER_RESENT_BYTES_PASSED, COUNTER_SLOTS,
     COUNTER_UNSEQUENCED_MESSAGES, COUNTER_UNTRACKED_MESSAGES, Credit, DEFAULT_MAP_CAPACITY,
-    FIRST_ASK_AT, FLOWING, Flow, PARKING, PARKING_ANNOUNCED,
+    FLOWING, Flow, PARKING, PARKING_ANNOUNCED,
 };
 
 #[map]
@@ -215,11 +215,7 @@ fn credit_of(cookie: u64, flow: &Flow) -> Credit {
         // SAFETY: a not-preallocated entry stays valid while this program runs; a copy
         // taken while userspace replaces it is the old value or the new one.
         Some(credit) => unsafe { *credit },
-        None => Credit {
-            limit: flow.first_limit,
-            ask_at: (flow.first_limit / 4).min(FIRST_ASK_AT),
-            unparked: 0,
-        },
+        None => Credit::first(flow.first_limit),
     }
 }
 

@@ -39,7 +39,7 @@ use std::{
 use super::{SPLICED_SEND_BUFFER, copy::write_now};
 use crate::{
     budget::Promise,
-    probe::{Cookie, Credit, FIRST_ASK_AT, FLOWING, Flow, SpliceMaps},
+    probe::{Cookie, Credit, FLOWING, Flow, SpliceMaps},
     socket,
 };
 
@@ -184,18 +184,6 @@ pub(super) enum Unpark {
     Waiting(Instant),
 }
 
-/// The credit the probe gives a direction that joined with `promise`'s span as its first
-/// limit: it asks for more once a quarter is used, early enough that a direction whose
-/// reader keeps up gets more before it reaches the limit and parks, or once
-/// [`FIRST_ASK_AT`] is, if that comes first, so that the source's window can grow.
-fn first_credit(promise: &Promise) -> Credit {
-    Credit {
-        limit: promise.bytes(),
-        ask_at: (promise.bytes() / 4).min(FIRST_ASK_AT),
-        unparked: 0,
-    }
-}
-
 impl KernelFlow {
     /// `promise` covers the first credit the direction joined the maps with.
     pub fn new(cookie: Cookie, base: u64, promise: Promise) -> KernelFlow {
@@ -204,7 +192,7 @@ impl KernelFlow {
             base,
             copied: 0,
             unparked: 0,
-            credit: first_credit(&promise),
+            credit: Credit::first(promise.bytes()),
             recorded: false,
             promise,
             throttle: None,
