@@ -287,7 +287,7 @@ impl KernelFlow {
         let span = self.promise.renew(committed);
         let limit = moved + span;
         let mut step = span / 4;
-        if self.window.buffer < LAST_RECEIVE_BUFFER && self.throttles == 0 {
+        if !self.window.is_largest() && self.throttles == 0 {
             step = step.min(self.window.buffer as u64);
         }
         self.grant(maps, limit, (redirected + step).min(limit))
@@ -546,6 +546,11 @@ impl ReceiveWindow {
         Ok(())
     }
 
+    /// Whether the buffer has grown as far as it goes ([`LAST_RECEIVE_BUFFER`]).
+    fn is_largest(&self) -> bool {
+        self.buffer >= LAST_RECEIVE_BUFFER
+    }
+
     /// Sets the buffer, and the window's clamp to the whole of it (the kernel's doubled
     /// size): the kernel's own count of free space then bounds the window, as it does
     /// for a buffer it autotunes.
@@ -565,7 +570,7 @@ impl ReceiveWindow {
         held: u64,
         throttles: u32,
     ) -> io::Result<()> {
-        if self.buffer >= LAST_RECEIVE_BUFFER {
+        if self.is_largest() {
             return Ok(());
         }
         if throttles != self.throttles_at || held > self.buffer as u64 {
