@@ -66,6 +66,13 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = proxy_probe::DEFAULT_MAP_CAPACITY)]
     map_capacity: u32,
 
+    /// How long a connection is copied in userspace before it is spliced, unless a read
+    /// of it fills a 64 KiB buffer first (e.g. "100ms", "1s"; default 100ms): short
+    /// exchanges cost less copied. "0s" splices every connection right after its first
+    /// message.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    splice_after: Option<Duration>,
+
     /// On SIGTERM or SIGINT, how long live connections may take to finish before the
     /// rest are reset (e.g. "30s", "500ms"); a second signal ends it at once.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -165,6 +172,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             Mode::Splice => Splicing::Required,
             Mode::Copy => Splicing::Off,
         });
+    if let Some(after) = args.splice_after {
+        proxy = proxy.splice_after(after);
+    }
     if let Some(addr) = args.metrics {
         proxy = proxy.metrics(addr);
     }

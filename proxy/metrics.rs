@@ -33,7 +33,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{backend::Backends, probe::Probe};
+use crate::{backend::Backends, ending::Mode, probe::Probe};
 
 /// Upper bounds, in seconds, of the latency histograms' buckets: from a loopback
 /// round trip to the longest sensible timeout.
@@ -86,6 +86,7 @@ pub struct Metrics {
     connect_failures: Family<BackendLabels, Counter>,
     held: Gauge,
     throttled: Counter,
+    spliced_later: Counter,
     /// The backend set whose states are exported, once a proxy shows it.
     backends: BackendSlot,
 }
@@ -110,6 +111,7 @@ impl Metrics {
             connect_failures: Family::default(),
             held: Gauge::default(),
             throttled: Counter::default(),
+            spliced_later: Counter::default(),
             backends: BackendSlot::default(),
         };
         metrics.registered(probe)
@@ -176,6 +178,11 @@ impl Metrics {
             "Times a spliced direction ran out of credit and parked its bytes, because its reader was slower than its sender by more than splice_backlog_max",
             self.throttled.clone(),
         );
+        registry.register(
+            "connections_spliced_later",
+            "Connections copied at first and spliced once they streamed or outlived --splice-after; counted under mode copy in connections_total",
+            self.spliced_later.clone(),
+        );
         registry.register_collector(Box::new(BackendHealth(Arc::clone(&self.backends))));
         if let Some(probe) = probe {
             registry.register_collector(Box::new(ProbeCounters(probe)));
@@ -192,6 +199,17 @@ impl Metrics {
     /// The bytes the kernel holds for spliced directions changed by `delta`.
     pub(crate) fn held(&self, delta: i64) {
         self.held.inc_by(delta);
+    }
+
+    /// A connection [`Metrics::proxy_started`] counted as copied is spliced from now on.
+    pub(crate) fn spliced_later(&self, route: &str, backend: SocketAddr) {
+        self.active
+            .get_or_create(&pair_labels(route, backend, Mode::Copy.as_str()))
+            .dec();
+        self.active
+            .get_or_create(&pair_labels(route, backend, Mode::Splice.as_str()))
+            .inc();
+        self.spliced_later.inc();
     }
 
     /// Spliced directions parked `times` more times.

@@ -20,6 +20,7 @@ use crate::{
     probe::{self, Probe, ProbeError},
     route::{RouteTable, Router},
     server::{Limits, Listeners, Server},
+    splice::DEFAULT_SPLICE_AFTER,
     splice::{Closer, SPLICED_SEND_BUFFER, SpliceEngine},
 };
 
@@ -104,6 +105,7 @@ pub struct ProxyBuilder {
     workers: usize,
     splicing: Splicing,
     map_capacity: u32,
+    splice_after: Duration,
     backlog: Backlog,
     metrics: Option<SocketAddr>,
     run_as: Option<Identity>,
@@ -118,6 +120,7 @@ impl ProxyBuilder {
             workers: 0,
             splicing: Splicing::Auto,
             map_capacity: proxy_probe::DEFAULT_MAP_CAPACITY,
+            splice_after: DEFAULT_SPLICE_AFTER,
             backlog,
             metrics: None,
             run_as: None,
@@ -148,6 +151,15 @@ impl ProxyBuilder {
     /// are copied. Default: 262144.
     pub fn map_capacity(mut self, sockets: u32) -> ProxyBuilder {
         self.map_capacity = sockets;
+        self
+    }
+
+    /// How long a connection is copied in userspace before it is spliced, unless a read
+    /// of it fills a 64 KiB buffer first (it streams): a short exchange costs less
+    /// copied than spliced. Zero splices every connection right after its first
+    /// message. Default: 100 ms.
+    pub fn splice_after(mut self, after: Duration) -> ProxyBuilder {
+        self.splice_after = after;
         self
     }
 
@@ -265,7 +277,8 @@ impl ProxyBuilder {
             }
         }
 
-        let engine = SpliceEngine::new(probe.map(Arc::new), workers).map_err(ProxyError::Engine)?;
+        let engine = SpliceEngine::new(probe.map(Arc::new), workers, self.splice_after)
+            .map_err(ProxyError::Engine)?;
         let metrics = metrics_listener
             .map(|(addr, listener)| {
                 metrics::serve(listener, Arc::clone(engine.metrics()))

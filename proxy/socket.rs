@@ -163,6 +163,41 @@ pub fn unacked_bytes(fd: BorrowedFd<'_>) -> Result<u64, SyscallError> {
     Ok(u64::try_from(queued).unwrap_or(0))
 }
 
+/// Bytes received and not yet read (SIOCINQ).
+pub fn unread_bytes(fd: BorrowedFd<'_>) -> Result<usize, SyscallError> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCINQ (== FIONREAD) writes one c_int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    if rc < 0 {
+        return Err(SyscallError::last("ioctl(SIOCINQ)"));
+    }
+    Ok(usize::try_from(queued).unwrap_or(0))
+}
+
+/// A send buffer's room and use, by the kernel's own count (`SO_MEMINFO`), which
+/// includes each queued buffer's overhead: a write takes somewhat fewer bytes than
+/// `room` before it would block.
+pub struct SendSpace {
+    pub room: usize,
+    /// What the queued buffers take: 0 when everything written has been acknowledged.
+    pub queued: usize,
+}
+
+pub fn send_space(fd: BorrowedFd<'_>) -> Result<SendSpace, SyscallError> {
+    let meminfo: [u32; 9] = getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_MEMINFO,
+        "getsockopt(SO_MEMINFO)",
+    )?;
+    let field = |index: libc::c_int| meminfo[index as usize] as usize;
+    let queued = field(libc::SK_MEMINFO_WMEM_QUEUED);
+    Ok(SendSpace {
+        room: field(libc::SK_MEMINFO_SNDBUF).saturating_sub(queued),
+        queued,
+    })
+}
+
 /// Every byte ever written into the socket's send queue: acknowledged, in flight or not
 /// yet sent. Reads `bytes_acked` first so that an ACK arriving between the two calls can
 /// only make the sum smaller than the truth, never larger: right for a count of progress,
@@ -245,6 +280,17 @@ pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> Result<(), SyscallE
         ),
         result => result,
     }
+}
+
+/// The receive buffer as the kernel reports it: twice what was set, for its overhead.
+pub fn receive_buffer(fd: BorrowedFd<'_>) -> Result<usize, SyscallError> {
+    let bytes: libc::c_int = getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        "getsockopt(SO_RCVBUF)",
+    )?;
+    Ok(usize::try_from(bytes).unwrap_or(0))
 }
 
 /// Sets the receive buffer to `bytes` (the kernel doubles it for its overhead), beyond

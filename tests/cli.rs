@@ -266,7 +266,9 @@ fn check_log(
 
 /// The binary as root with `--mode mode` in front of `backend`, once it says it listens
 /// and moves bytes as `moves` ("splice" or "copy"); then one echo exchange of `len`
-/// bytes (seeded by `seed`), checked by hash and by its access-log line.
+/// bytes (seeded by `seed`), checked by hash and by its access-log line. The connection
+/// is spliced right after its first message (`--splice-after 0s`): a short exchange is
+/// otherwise copied.
 fn proxy_and_log(name: &str, mode: &str, moves: &str, len: usize, seed: u64) -> ProxyProcess {
     let backend = Backend::echo();
     let routes = echo_routes(name, backend.addr);
@@ -277,6 +279,8 @@ fn proxy_and_log(name: &str, mode: &str, moves: &str, len: usize, seed: u64) -> 
         routes.to_str().unwrap(),
         "--mode",
         mode,
+        "--splice-after",
+        "0s",
     ]);
     proxy.wait_for_log(&format!("({moves} mode"), LOG_LIMIT);
     let (client, bytes) = echo_exchange(proxy.addr(), len, seed);

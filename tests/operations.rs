@@ -705,6 +705,8 @@ fn the_systemd_unit_is_valid_and_its_capabilities_suffice() {
             .args([
                 "--mode",
                 "splice",
+                "--splice-after",
+                "0s",
                 "--metrics",
                 "127.0.0.1:0",
                 "--user",

@@ -45,14 +45,16 @@ fn alone() -> RwLockWriteGuard<'static, ()> {
 }
 
 /// `in_modes!(name, |mode| scenario(mode, args..))` makes `mod name` with a #[test] for
-/// each of `splice` and `copy`; `; modes..` at the end picks modes, and `alone` in front
+/// each of `splice`, `copy` and `later` (copied first, spliced once it lived
+/// `LATER_AFTER` or streamed: with `AfterHandOff` the bytes follow the switch, with
+/// `AllAtOnce` they race it); `; modes..` at the end picks modes, and `alone` in front
 /// runs the tests under the write lock of [`MEASURING`].
 macro_rules! in_modes {
     (alone $name:ident, |$m:ident| $body:expr) => {
-        in_modes!(alone $name, |$m| $body; splice, copy);
+        in_modes!(alone $name, |$m| $body; splice, copy, later);
     };
     ($name:ident, |$m:ident| $body:expr) => {
-        in_modes!($name, |$m| $body; splice, copy);
+        in_modes!($name, |$m| $body; splice, copy, later);
     };
     (alone $name:ident, |$m:ident| $body:expr; $($mode:ident),+) => {
         in_modes!(@mod alone, $name, |$m| $body; $($mode),+);
@@ -75,6 +77,7 @@ macro_rules! in_modes {
     };
     (@splice) => { SPLICE };
     (@copy) => { COPY };
+    (@later) => { LATER };
 }
 
 /// When the client sends what follows its first message.
@@ -465,7 +468,9 @@ in_modes! {
     |mode| client_half_closes_first(mode, AfterHandOff)
 }
 in_modes! { client_half_closes_first_all_at_once, |mode| client_half_closes_first(mode, AllAtOnce) }
-in_modes! { backend_half_closes_first, |mode| backend_half_closes_first(mode) }
+// Not `later`: the backend streams and half-closes while the client does not read yet,
+// so the pair ends before it could be spliced, and is copied to its end.
+in_modes! { backend_half_closes_first, |mode| backend_half_closes_first(mode); splice, copy }
 
 // ---------------------------------------------------------------------------------------
 // 6. Resets.
@@ -792,3 +797,94 @@ in_modes! {
     |mode| request_queued_at_hand_off(mode, Some(16))
 }
 in_modes! { greeting_queued_at_hand_off, |mode| greeting_queued_at_hand_off(mode) }
+
+// ---------------------------------------------------------------------------------------
+// 11. Copied first, spliced once long (`--splice-after`).
+
+/// A connection that ends within `LATER_AFTER` is copied to its end and never enters
+/// the maps; one still open after it is spliced, and from then on its bytes take the
+/// kernel's path.
+#[test]
+fn a_short_exchange_is_copied_and_a_long_one_spliced() {
+    let _lock = shared();
+    let echo = Backend::echo();
+    let proxy = Proxy::start(&prefix_routes("HELLO", &[echo.addr]), LATER);
+
+    let mut short = proxy.connect();
+    short.write_all(FIRST).unwrap();
+    assert_eq!(read_exactly(&mut short, FIRST.len()).unwrap(), FIRST);
+    drop(short);
+    proxy.wait_idle(WAIT);
+    assert_eq!(
+        (proxy.spliced_later(), proxy.redirected_bytes()),
+        (0, 0),
+        "a connection that closed within {LATER_AFTER:?} was spliced"
+    );
+
+    let mut long = proxy.connect();
+    long.write_all(FIRST).unwrap();
+    assert_eq!(read_exactly(&mut long, FIRST.len()).unwrap(), FIRST);
+    proxy.wait_handed_off(1, WAIT);
+    assert_eq!(proxy.spliced_later(), 1);
+    let data = shared_payload(MIB, 21);
+    let echoed = write_while_reading(&mut long, Arc::clone(&data)).unwrap();
+    assert_eq!(echoed, (MIB as u64, sha256(&data)));
+    assert!(
+        proxy.redirected_bytes() >= 2 * MIB as u64,
+        "after the switch the probe redirected only {} bytes of 2 MiB",
+        proxy.redirected_bytes()
+    );
+    drop(long);
+    finish(&proxy);
+}
+
+/// A connection that streams is spliced long before its time is up: a 64 MiB upload
+/// through a proxy that would otherwise copy for 10 s takes the kernel's path before it
+/// ends, and every byte arrives once, in order. (How much was copied first depends on
+/// how soon both sockets drain: alone on this machine, under half.)
+fn stream_is_spliced_early(len: usize, timing: Timing) {
+    let (sink, reports) = Backend::sink();
+    let proxy = Proxy::start_splicing_after(
+        &prefix_routes("HELLO", &[sink.addr]),
+        Duration::from_secs(10),
+    );
+    let data = shared_payload(len, 22);
+    let mut client = proxy.connect();
+    let started = Instant::now();
+    match timing {
+        AfterHandOff => {
+            client.write_all(FIRST).unwrap();
+            client.write_all(&data).unwrap();
+        }
+        AllAtOnce => client.write_all(&concat(&[FIRST, &data])).unwrap(),
+    }
+    client.shutdown(Shutdown::Write).unwrap();
+    let received = reports
+        .recv_timeout(WAIT)
+        .expect("the sink reported within 10s");
+    assert_eq!(
+        received,
+        ((FIRST.len() + len) as u64, sha256_concat(&[FIRST, &data])),
+        "the backend received other bytes than the client sent"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(proxy.spliced_later(), 1, "the stream was never spliced");
+    assert!(
+        proxy.redirected_bytes() > 0,
+        "spliced, yet the probe redirected none of the {len} bytes"
+    );
+    drop(client);
+    finish(&proxy);
+}
+
+#[test]
+fn a_stream_is_spliced_early() {
+    let _lock = shared();
+    stream_is_spliced_early(64 * MIB, AfterHandOff);
+}
+
+#[test]
+fn a_stream_in_the_first_write_is_spliced_early() {
+    let _lock = shared();
+    stream_is_spliced_early(64 * MIB, AllAtOnce);
+}

@@ -1,29 +1,41 @@
-//! The userspace copy of a direction's bytes: one buffer, read from the source and
-//! written to the destination without ever waiting on either. A direction the kernel
-//! cannot splice is copied this way from start to end; a spliced direction uses it only
-//! for the bytes the probe parked (see `flow.rs`).
+//! The userspace copy of a direction's bytes, read from the source and written to the
+//! destination without ever waiting on either. A direction the kernel cannot splice is
+//! copied this way from start to end, one copied first is until it is spliced, and a
+//! spliced direction uses it only for the bytes the probe parked (see `flow.rs`).
 
-use std::{io, os::fd::BorrowedFd};
+use std::{cell::RefCell, io, os::fd::BorrowedFd};
 
 use crate::socket;
 
 /// A userspace copy moves at most this much per read: large enough for a fast stream,
-/// small enough that thousands of copied connections stay cheap.
+/// small enough that a destination that is full holds little.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// What a direction's first read gets: most copied connections are short exchanges, and
-/// a 64 KiB buffer zeroed for each direction of each of them cost more than the bytes.
-const FIRST_COPY_BUFFER: usize = 4 * 1024;
+/// The most one drain reads ([`CopyBuffer::drain`]): more than Debian's `tcp_rmem`
+/// lets a receive queue hold (6 MiB of buffer).
+const DRAIN_MAX: usize = 8 << 20;
 
-/// Bytes read and not yet written. Allocated on first use (most spliced directions never
-/// need one), small, and grown to [`COPY_BUFFER`] once a read fills it.
+thread_local! {
+    /// A worker's buffer for reads: each is written out at once, and only what the
+    /// destination does not take is kept in the direction's own buffer, so one per
+    /// thread serves every direction.
+    static READ: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a copied direction read and its destination has not taken yet. Reads go
+/// through the worker's buffer and out to the destination at once, so a direction
+/// holds bytes of its own only while its destination is full: most copied directions,
+/// short exchanges and held connections, allocate nothing.
 #[derive(Default)]
 pub(super) struct CopyBuffer {
-    bytes: Box<[u8]>,
+    /// The bytes not yet written are `held[start..]`.
+    held: Vec<u8>,
     start: usize,
-    end: usize,
-    /// The last read filled the buffer: the next one gets a full-size buffer.
+    /// The last read filled what it was offered: more may be queued.
     filled: bool,
+    /// The last read found the source's receive queue empty (it returned less than it
+    /// was offered, or nothing): no buffer of the source's is left half-read.
+    drained: bool,
 }
 
 /// What one read into a [`CopyBuffer`] found.
@@ -37,6 +49,14 @@ pub(super) enum Filled {
     Full(usize),
 }
 
+/// What [`CopyBuffer::drain`] did.
+pub(super) enum Drain {
+    /// It read what was queued, if anything, and wrote or kept it.
+    Moved(Pumped),
+    /// The destination has too little room for what is queued: nothing was read.
+    NoRoom,
+}
+
 /// What [`CopyBuffer::pump`] did.
 pub(super) struct Pumped {
     /// Bytes read from the source.
@@ -48,65 +68,148 @@ pub(super) struct Pumped {
 }
 
 impl CopyBuffer {
-    /// Called with the buffer empty, before a read: allocates it, or grows it if the
-    /// last read filled it.
-    fn allocate(&mut self) {
-        let size = match self.bytes.len() {
-            0 => FIRST_COPY_BUFFER,
-            len if self.filled && len < COPY_BUFFER => COPY_BUFFER,
-            _ => return,
-        };
-        self.bytes = vec![0; size].into_boxed_slice();
-    }
-
     /// Nothing read is waiting to be written.
     pub fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.start == self.held.len()
     }
 
-    /// One read into the (empty) buffer. The source must be non-blocking.
-    pub fn read_once(&mut self, src: BorrowedFd<'_>) -> io::Result<Filled> {
-        self.allocate();
-        loop {
-            return match socket::read(src, &mut self.bytes) {
-                Ok(0) => Ok(Filled::Eof),
-                Ok(n) => {
-                    (self.start, self.end) = (0, n);
-                    self.filled = n == self.bytes.len();
-                    Ok(if n < self.bytes.len() {
-                        Filled::Partly(n)
-                    } else {
-                        Filled::Full(n)
-                    })
+    /// Whether the last read left the source's queue empty: the kernel may take the
+    /// direction over without redirecting a buffer this process read part of.
+    pub fn is_drained(&self) -> bool {
+        self.drained
+    }
+
+    /// Whether the last read filled a full-size buffer: the source streams.
+    pub fn streams(&self) -> bool {
+        self.filled
+    }
+
+    /// With nothing held: one read of up to [`COPY_BUFFER`] bytes, written to `dst` at
+    /// once; what `dst` does not take is held. The source must be non-blocking. Adds
+    /// what it wrote to `written`.
+    pub fn read_once(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        written: &mut u64,
+    ) -> io::Result<Filled> {
+        READ.with_borrow_mut(|scratch| {
+            scratch.resize(COPY_BUFFER, 0);
+            let n = loop {
+                match socket::read(src, scratch) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.drained = true;
+                        return Ok(Filled::Empty);
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::Empty),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(e.into()),
             };
-        }
+            if n == 0 {
+                return Ok(Filled::Eof);
+            }
+            self.filled = n == scratch.len();
+            self.drained = !self.filled;
+            self.write_out(dst, &scratch[..n], written)?;
+            Ok(if self.filled {
+                Filled::Full(n)
+            } else {
+                Filled::Partly(n)
+            })
+        })
     }
 
-    /// Writes the buffered bytes; false if `dst` would block before all were written
-    /// (what is left stays buffered). Returns how many it wrote through `written`.
+    /// Writes `bytes`, read just now, and holds what `dst` does not take.
+    fn write_out(
+        &mut self,
+        dst: BorrowedFd<'_>,
+        bytes: &[u8],
+        written: &mut u64,
+    ) -> io::Result<()> {
+        let n = write_now(dst, bytes)?;
+        *written += n as u64;
+        self.held.clear();
+        self.held.extend_from_slice(&bytes[n..]);
+        self.start = 0;
+        Ok(())
+    }
+
+    /// Writes the held bytes; false if `dst` would block before all were written
+    /// (what is left stays held). Adds what it wrote to `written`.
     pub fn write_all_now(&mut self, dst: BorrowedFd<'_>, written: &mut u64) -> io::Result<bool> {
-        let n = write_now(dst, &self.bytes[self.start..self.end])?;
+        let n = write_now(dst, &self.held[self.start..])?;
         self.start += n;
         *written += n as u64;
-        if self.start < self.end {
+        if !self.is_empty() {
             return Ok(false);
         }
-        (self.start, self.end) = (0, 0);
+        self.held.clear();
+        self.start = 0;
         Ok(true)
+    }
+
+    /// For a direction the kernel is about to take over, with nothing in this buffer:
+    /// reads everything the source has queued in one read offered more than that, so
+    /// that it comes back short and leaves no buffer of the source's half-read
+    /// ([`CopyBuffer::is_drained`]), and writes it; what the destination does not take
+    /// waits here. Only once the destination has room for what is queued, or has
+    /// nothing left to send (a queue larger than its whole buffer): so what waits is
+    /// little, and never more than the source's receive queue held. A drained source
+    /// must not be read again until the kernel has taken the direction over, since a
+    /// later read may stop inside a buffer.
+    pub fn drain(&mut self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<Drain> {
+        let mut moved = Pumped {
+            read: 0,
+            written: 0,
+            eof: false,
+        };
+        let queued = socket::unread_bytes(src)?;
+        if queued == 0 {
+            self.drained = true;
+            return Ok(Drain::Moved(moved));
+        }
+        let space = socket::send_space(dst)?;
+        if space.room < queued && space.queued > 0 {
+            return Ok(Drain::NoRoom);
+        }
+        // A queue past DRAIN_MAX is read in parts, none of which drains it.
+        let offered = (queued + COPY_BUFFER).min(DRAIN_MAX);
+        READ.with_borrow_mut(|scratch| {
+            scratch.resize(offered, 0);
+            let n = loop {
+                match socket::read(src, &mut scratch[..offered]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.drained = true;
+                        return Ok(Drain::Moved(moved));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if n == 0 {
+                moved.eof = true;
+                return Ok(Drain::Moved(moved));
+            }
+            self.drained = n < offered;
+            moved.read = n as u64;
+            self.write_out(dst, &scratch[..n], &mut moved.written)?;
+            Ok(Drain::Moved(moved))
+        })
     }
 
     /// Reads from `src` and writes to `dst` until one of them would block, the source
     /// ended and everything read was written, or `budget` bytes have been read and
-    /// written (one buffer more at most): a worker has other connections to serve.
+    /// written (one buffer more at most): a worker has other connections to serve. With
+    /// `short_read_ends`, a read that returns less than it was offered ends it too: the
+    /// queue is empty then, and epoll's next edge tells of more.
     pub fn pump(
         &mut self,
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
         budget: u64,
+        short_read_ends: bool,
     ) -> io::Result<Pumped> {
         let mut pumped = Pumped {
             read: 0,
@@ -114,13 +217,19 @@ impl CopyBuffer {
             eof: false,
         };
         while self.write_all_now(dst, &mut pumped.written)? && pumped.read < budget {
-            match self.read_once(src)? {
+            match self.read_once(src, dst, &mut pumped.written)? {
                 Filled::Empty => break,
                 Filled::Eof => {
                     pumped.eof = true;
                     break;
                 }
-                Filled::Partly(n) | Filled::Full(n) => pumped.read += n as u64,
+                Filled::Partly(n) => {
+                    pumped.read += n as u64;
+                    if short_read_ends {
+                        break;
+                    }
+                }
+                Filled::Full(n) => pumped.read += n as u64,
             }
         }
         Ok(pumped)
@@ -154,7 +263,7 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use super::{COPY_BUFFER, CopyBuffer, FIRST_COPY_BUFFER, Filled, Pumped};
+    use super::{COPY_BUFFER, CopyBuffer, Filled, Pumped};
     use crate::socket::{self, connected};
 
     /// A copy's four sockets: `sender` writes into `src`, `dst` is read by `reader`.
@@ -224,7 +333,7 @@ mod tests {
         let (mut read, mut written) = (0, 0);
         loop {
             let pumped = buffer
-                .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+                .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX, false)
                 .unwrap();
             read += pumped.read;
             written += pumped.written;
@@ -281,7 +390,7 @@ mod tests {
         let (mut read, mut written) = (0, 0);
         while buffer.is_empty() {
             let pumped = buffer
-                .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+                .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX, false)
                 .unwrap();
             assert!(!pumped.eof, "the end came before the destination filled");
             (read, written) = (read + pumped.read, written + pumped.written);
@@ -295,7 +404,7 @@ mod tests {
             written: out,
             eof,
         } = buffer
-            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX, false)
             .unwrap();
         assert_eq!((more, out, eof), (0, 0, false));
         assert!(!buffer.is_empty());
@@ -323,7 +432,7 @@ mod tests {
         let copy = copy();
         let mut buffer = CopyBuffer::default();
         let pumped = buffer
-            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX, false)
             .unwrap();
         assert_eq!((pumped.read, pumped.written, pumped.eof), (0, 0, false));
     }
@@ -341,7 +450,7 @@ mod tests {
         assert_eq!(received, b"last words");
         // The end stays the end.
         let again = buffer
-            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX)
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), u64::MAX, false)
             .unwrap();
         assert_eq!((again.read, again.written, again.eof), (0, 0, true));
     }
@@ -355,42 +464,42 @@ mod tests {
     }
 
     #[test]
-    fn the_first_read_gets_4_kib_and_one_that_fills_it_grows_the_buffer_to_64_kib() {
-        let mut copy = copy();
-        copy.sender.write_all(&pattern(100 * 1024)).unwrap();
-        wait_queued(&copy.src, FIRST_COPY_BUFFER);
-        let mut buffer = CopyBuffer::default();
-        assert!(matches!(
-            buffer.read_once(copy.src.as_fd()).unwrap(),
-            Filled::Full(FIRST_COPY_BUFFER)
-        ));
-        assert_eq!(buffer.bytes.len(), FIRST_COPY_BUFFER);
-        assert!(buffer.write_all_now(copy.dst.as_fd(), &mut 0).unwrap());
-        wait_queued(&copy.src, FIRST_COPY_BUFFER + 1);
-        let n = match buffer.read_once(copy.src.as_fd()).unwrap() {
-            Filled::Full(n) | Filled::Partly(n) => n,
-            Filled::Empty | Filled::Eof => panic!("the rest was queued"),
-        };
-        assert!(n > FIRST_COPY_BUFFER, "read {n} bytes");
-        assert_eq!(buffer.bytes.len(), COPY_BUFFER);
-        // The bytes read are the ones that came next.
-        assert!(buffer.bytes[..n] == pattern(FIRST_COPY_BUFFER + n)[FIRST_COPY_BUFFER..]);
-    }
-
-    #[test]
-    fn reads_that_do_not_fill_the_first_buffer_keep_it_small() {
+    fn a_read_the_destination_takes_whole_is_held_nowhere() {
         let mut copy = copy();
         let mut buffer = CopyBuffer::default();
         for _ in 0..3 {
             copy.sender.write_all(&[7; 100]).unwrap();
             wait_queued(&copy.src, 100);
+            let mut written = 0;
             assert!(matches!(
-                buffer.read_once(copy.src.as_fd()).unwrap(),
+                buffer
+                    .read_once(copy.src.as_fd(), copy.dst.as_fd(), &mut written)
+                    .unwrap(),
                 Filled::Partly(100)
             ));
-            assert_eq!(buffer.bytes.len(), FIRST_COPY_BUFFER);
-            assert!(buffer.write_all_now(copy.dst.as_fd(), &mut 0).unwrap());
+            assert_eq!(written, 100);
+            assert!(buffer.is_empty() && buffer.is_drained() && !buffer.streams());
+            assert_eq!(
+                buffer.held.capacity(),
+                0,
+                "a direction allocated for nothing"
+            );
         }
+    }
+
+    #[test]
+    fn a_read_that_fills_its_buffer_streams_and_is_not_drained() {
+        let mut copy = copy();
+        copy.sender.write_all(&pattern(100 * 1024)).unwrap();
+        wait_queued(&copy.src, COPY_BUFFER + 1);
+        let mut buffer = CopyBuffer::default();
+        assert!(matches!(
+            buffer
+                .read_once(copy.src.as_fd(), copy.dst.as_fd(), &mut 0)
+                .unwrap(),
+            Filled::Full(COPY_BUFFER)
+        ));
+        assert!(buffer.streams() && !buffer.is_drained());
     }
 
     #[test]
@@ -408,23 +517,25 @@ mod tests {
         wait_queued(&copy.src, sent.len());
         let mut buffer = CopyBuffer::default();
         // A budget of one byte still moves one buffer, and only one.
-        let pumped = buffer.pump(copy.src.as_fd(), copy.dst.as_fd(), 1).unwrap();
-        assert_eq!((pumped.read, pumped.written), (4096, 4096));
+        let pumped = buffer
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), 1, false)
+            .unwrap();
+        assert_eq!((pumped.read, pumped.written), (65_536, 65_536));
         assert!(buffer.is_empty());
         // Whole buffers until the budget is reached: 64 KiB, then a second past it.
         let pumped = buffer
-            .pump(copy.src.as_fd(), copy.dst.as_fd(), 70_000)
+            .pump(copy.src.as_fd(), copy.dst.as_fd(), 70_000, false)
             .unwrap();
         assert_eq!(
             (pumped.read, pumped.written, pumped.eof),
             (131_072, 131_072, false)
         );
         assert!(buffer.is_empty());
-        wait_queued(&copy.src, sent.len() - 4096 - 131_072);
+        wait_queued(&copy.src, sent.len() - 196_608);
         copy.sender.shutdown(Shutdown::Write).unwrap();
         assert_eq!(
             pump_to_end(&mut buffer, &copy),
-            (sent.len() as u64 - 135_168, sent.len() as u64 - 135_168)
+            (sent.len() as u64 - 196_608, sent.len() as u64 - 196_608)
         );
         copy.dst.shutdown(Shutdown::Write).unwrap();
         let mut received = Vec::new();

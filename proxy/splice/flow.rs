@@ -77,6 +77,15 @@ thread_local! {
 /// here it grows only as [`ReceiveWindow`] allows.
 pub const FIRST_RECEIVE_BUFFER: usize = 128 * 1024;
 
+/// The receive buffer a source that was copied first joins with: the one it had, which
+/// the kernel autotuned to the stream's pace (it reports it doubled), even past
+/// [`LAST_RECEIVE_BUFFER`] (`tcp_rmem` may allow more than Debian's 6 MiB). A smaller
+/// one would turn away what the window it had already offered lets in
+/// (docs/kernel.md, "Splicing a connection that was copied").
+pub fn joining_buffer(reported: usize) -> usize {
+    (reported / 2).max(FIRST_RECEIVE_BUFFER)
+}
+
 /// The least receive buffer a source has when this process reads its parked bytes: a
 /// window of four 64 KiB loopback segments. A sender left with less than a segment of
 /// window waits for its persist timer (200 ms and more), and only a read that at least
@@ -185,8 +194,9 @@ pub(super) enum Unpark {
 }
 
 impl KernelFlow {
-    /// `promise` covers the first credit the direction joined the maps with.
-    pub fn new(cookie: Cookie, base: u64, promise: Promise) -> KernelFlow {
+    /// `promise` covers the first credit the direction joined the maps with, and
+    /// `buffer` is the receive buffer its source joined with.
+    pub fn new(cookie: Cookie, base: u64, promise: Promise, buffer: usize) -> KernelFlow {
         KernelFlow {
             cookie,
             base,
@@ -200,7 +210,7 @@ impl KernelFlow {
             throttles: 0,
             held: 0,
             window: ReceiveWindow {
-                buffer: FIRST_RECEIVE_BUFFER,
+                buffer,
                 acked_at: 0,
                 throttles_at: 0,
             },
@@ -784,7 +794,12 @@ mod tests {
 
     #[test]
     fn the_redirected_bytes_are_those_written_since_the_base_less_those_copied() {
-        let mut flow = KernelFlow::new(Cookie::fake(1), 1000, Promise::for_tests());
+        let mut flow = KernelFlow::new(
+            Cookie::fake(1),
+            1000,
+            Promise::for_tests(),
+            FIRST_RECEIVE_BUFFER,
+        );
         assert_eq!(flow.redirected_of(1500), 500);
         flow.copied = 200;
         assert_eq!(flow.redirected_of(1500), 300);
@@ -801,6 +816,7 @@ mod tests {
             Cookie::fake(1),
             socket::bytes_written(dst.as_fd()).unwrap(),
             Promise::for_tests(),
+            FIRST_RECEIVE_BUFFER,
         );
         assert_eq!(flow.progress(dst.as_fd()).unwrap(), 0);
         // As if redirected by the kernel: 300 bytes, of which this process copied 100.

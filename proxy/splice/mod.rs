@@ -40,7 +40,7 @@ use std::{
 };
 
 use asks::Inbox;
-use pair::{Endpoint, Next, Pair};
+use pair::{Endpoint, Next, Pair, SpliceLater, Takeover};
 use poll::{Epoll, Wakeup};
 
 use crate::{
@@ -63,6 +63,13 @@ pub use crate::ending::ConnectionInfo;
 /// direction's first ask for credit, not at the join: a short exchange never asks, and
 /// spares the two calls.
 pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
+
+/// How long a connection is copied before it is spliced, unless it streams first
+/// ([`SpliceLater`]). Short connections, most of what a front proxy sees, end well
+/// within it: spliced, each cost the kernel a psock per socket and a kworker item per
+/// redirect, and the proxy its map inserts and socket options, for a few bytes
+/// (benchmarks/connection-path.md).
+pub const DEFAULT_SPLICE_AFTER: Duration = Duration::from_millis(100);
 
 /// How long a worker sleeps after epoll_wait failed, before it tries again.
 const WAIT_RETRY: Duration = Duration::from_millis(1);
@@ -147,7 +154,14 @@ enum Work {
 
 impl SpliceEngine {
     /// Starts `workers` threads. Without a probe every connection is copied.
-    pub(crate) fn new(probe: Option<Arc<Probe>>, workers: usize) -> io::Result<SpliceEngine> {
+    /// `splice_after`: how long the engine copies a connection from its own arrivals
+    /// before it splices it, unless the connection streams first; zero splices each one
+    /// as it is adopted.
+    pub(crate) fn new(
+        probe: Option<Arc<Probe>>,
+        workers: usize,
+        splice_after: Duration,
+    ) -> io::Result<SpliceEngine> {
         let metrics = Arc::new(Metrics::new(probe.clone()));
         // Built first and filled in: if a step fails, dropping it ends the workers
         // started before.
@@ -193,6 +207,7 @@ impl SpliceEngine {
                 idle_checks: Timers::default(),
                 next_sweep: Instant::now() + SWEEP_INTERVAL,
                 refused_asks: 0,
+                splice_after,
                 live: Arc::clone(&engine.live),
                 closing: Arc::clone(&engine.closer.closing),
                 stopping: Arc::clone(&engine.stopping),
@@ -521,6 +536,9 @@ struct Worker {
     next_sweep: Instant,
     /// The probe's count of refused asks at the last sweep.
     refused_asks: u64,
+    /// How long a connection from this proxy's own arrivals is copied before it is
+    /// spliced, unless it streams first ([`SpliceLater`]).
+    splice_after: Duration,
     live: Arc<ConnectionCount>,
     /// Set by [`SpliceEngine::shutdown`].
     closing: Arc<AtomicBool>,
@@ -783,9 +801,9 @@ impl Worker {
                     let mode = pair.mode().as_str();
                     self.metrics
                         .proxy_started(&pair.info.route, pair.info.backend, mode);
-                    // Bytes (or a FIN) may have arrived before epoll was watching.
-                    let next = pair.advance(self.maps.as_mut());
-                    self.settle(slot, next);
+                    // Bytes or a FIN that arrived before epoll was watching are
+                    // reported by the registration itself, as the first events.
+                    self.settle(slot, Next::Wait);
                 }
             }
             Err(e) => {
@@ -818,11 +836,21 @@ impl Worker {
             info,
             lease,
         } = connection;
+        let splice_later = match origin {
+            Origin::Arrived { header } if self.maps.is_some() && !self.splice_after.is_zero() => {
+                Some(SpliceLater::new(
+                    Instant::now() + self.splice_after,
+                    header,
+                    self.splice_after,
+                ))
+            }
+            _ => None,
+        };
         let mut pair = match &mut self.maps {
-            Some(maps) => splice(
+            Some(maps) if splice_later.is_none() => splice(
                 maps, client, upstream, origin, forwarded, ticket, info, lease,
             )?,
-            None => Pair::new(
+            _ => Pair::new(
                 Endpoint::new(client, Cookie::UNMAPPED, origin.nonblocking()),
                 Endpoint::new(upstream, Cookie::UNMAPPED, origin.nonblocking()),
                 forwarded,
@@ -831,6 +859,7 @@ impl Worker {
                 lease,
             ),
         };
+        pair.splice_later = splice_later;
         let slot = self.pairs.next_slot();
         let registered = pair
             .prepare_copying()
@@ -979,12 +1008,31 @@ impl Worker {
     }
 
     fn settle(&mut self, slot: usize, next: Next) {
-        let due = match next {
+        let mut due = match next {
             Next::Wait => None,
             Next::Poll(due) => Some(due),
             Next::Done => return self.finish(slot, Ending::Closed),
             Next::Reset(e) => return self.finish(slot, Ending::Reset(e)),
         };
+        let Some(pair) = self.pairs.get_mut(slot) else {
+            return;
+        };
+        match pair.takeover() {
+            Takeover::Now => {
+                if let Err(e) = self.splice_later(slot) {
+                    return self.finish(slot, Ending::Reset(e));
+                }
+                // What a direction left copied (refused by the maps, or a client that
+                // closed during the join) queued unread while it was drained.
+                let Some(pair) = self.pairs.get_mut(slot) else {
+                    return;
+                };
+                let next = pair.advance(self.maps.as_mut());
+                return self.settle(slot, next);
+            }
+            Takeover::At(at) => due = Some(due.map_or(at, |due| due.min(at))),
+            Takeover::NotNow => {}
+        }
         let Some(pair) = self.pairs.get_mut(slot) else {
             return;
         };
@@ -1019,6 +1067,33 @@ impl Worker {
                 *registered = interest;
             }
         }
+    }
+
+    /// Hands a pair copied so far to the kernel (pair.rs, [`SpliceLater`]); a pair the
+    /// maps refuse stays copied to its end.
+    fn splice_later(&mut self, slot: usize) -> io::Result<()> {
+        let (Some(pair), Some(maps)) = (self.pairs.get_mut(slot), self.maps.as_mut()) else {
+            return Ok(());
+        };
+        let Some(later) = pair.splice_later.take() else {
+            return Ok(());
+        };
+        pair.client.cookie = Cookie::of(pair.client.fd())?;
+        pair.upstream.cookie = Cookie::of(pair.upstream.fd())?;
+        let written = pair.written_by_copy(later.header);
+        let buffers = [
+            flow::joining_buffer(socket::receive_buffer(pair.client.fd())?),
+            flow::joining_buffer(socket::receive_buffer(pair.upstream.fd())?),
+        ];
+        join(maps, pair, written, buffers)?;
+        if pair.in_maps {
+            self.metrics
+                .spliced_later(&pair.info.route, pair.info.backend);
+            for (cookie, side) in pair.kernel_sources() {
+                self.sources.insert(cookie, (slot, side));
+            }
+        }
+        Ok(())
     }
 
     /// Tears a pair down: out of the maps, both sockets closed (with an RST unless both
@@ -1121,16 +1196,36 @@ fn splice(
     // The bases the kernel's progress in each direction is measured from, exact (a
     // short one would count queued bytes as delivered), and taken before the inserts:
     // from then on only the kernel writes into either socket.
-    let (client_written, upstream_written) = match origin {
+    let written = match origin {
         Origin::Adopted => (
             socket::settled_bytes_written(pair.client.fd())?,
             socket::settled_bytes_written(pair.upstream.fd())?,
         ),
         Origin::Arrived { header } => (0, socket::dialed_bytes_written(header + pair.forwarded())),
     };
+    join(
+        maps,
+        &mut pair,
+        written,
+        [flow::FIRST_RECEIVE_BUFFER, flow::FIRST_RECEIVE_BUFFER],
+    )?;
+    Ok(pair)
+}
+
+/// Puts both sockets of a pair this process has stopped reading into the maps, the
+/// kernel's progress in each direction measured from `written`: what had been written
+/// into the client and into the upstream; `[client_buffer, upstream_buffer]` are the
+/// receive buffers they join with. What the kernel refuses stays copied; an error is
+/// a pair that can be neither.
+fn join(
+    maps: &mut SpliceMaps,
+    pair: &mut Pair,
+    (client_written, upstream_written): (u64, u64),
+    [client_buffer, upstream_buffer]: [usize; 2],
+) -> io::Result<()> {
     let Some([to_upstream, to_client]) = maps.budget().promise_pair() else {
         tracing::debug!(client = %pair.info.client, "splice_backlog_total is promised to other pairs; copying in userspace");
-        return Ok(pair);
+        return Ok(());
     };
     let joined = maps.join(
         MapSocket {
@@ -1146,19 +1241,17 @@ fn splice(
     match joined {
         Ok(outcome) => {
             pair.in_maps = true;
-            pair.kernel_moves_to_client(client_written, to_client);
+            pair.kernel_moves_to_client(client_written, to_client, upstream_buffer);
             if outcome == JoinOutcome::Both {
-                pair.kernel_moves_to_upstream(upstream_written, to_upstream);
+                pair.kernel_moves_to_upstream(upstream_written, to_upstream, client_buffer);
             }
             // Each source's receive window starts small and grows only while its
             // destination's reader keeps up (flow.rs, `ReceiveWindow`); set before the
             // kick, whose verdict runs would grow it otherwise. Bytes queued before the
             // inserts wait for a data_ready (docs/kernel.md, "Bytes queued before the
             // insert").
-            let kicked = socket::set_receive_buffer(pair.client.fd(), flow::FIRST_RECEIVE_BUFFER)
-                .and_then(|()| {
-                    socket::set_receive_buffer(pair.upstream.fd(), flow::FIRST_RECEIVE_BUFFER)
-                })
+            let kicked = socket::set_receive_buffer(pair.client.fd(), client_buffer)
+                .and_then(|()| socket::set_receive_buffer(pair.upstream.fd(), upstream_buffer))
                 .and_then(|()| socket::kick_receive_queue(pair.upstream.fd()))
                 .and_then(|()| match outcome {
                     JoinOutcome::Both => socket::kick_receive_queue(pair.client.fd()),
@@ -1177,7 +1270,7 @@ fn splice(
             tracing::debug!(client = %pair.info.client, "{refused}: {}; copying in userspace", refused.source);
         }
     }
-    Ok(pair)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1310,7 +1403,7 @@ mod tests {
     /// A copying engine (no probe) holding one pair with an idle timeout: the engine,
     /// the pair's client and its backend, and when it was adopted.
     fn engine_with_idle_pair(timeout: Duration) -> (SpliceEngine, TcpStream, TcpStream, Instant) {
-        let engine = SpliceEngine::new(None, 1).unwrap();
+        let engine = SpliceEngine::new(None, 1, Duration::ZERO).unwrap();
         let (client_side, client) = connected();
         let (backend, upstream) = connected();
         let adopted = Instant::now();

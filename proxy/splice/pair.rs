@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::{
-    copy::{CopyBuffer, Filled},
+    copy::{CopyBuffer, Drain, Filled},
     flow::{KernelFlow, Unpark},
     poll,
 };
@@ -22,6 +22,21 @@ use crate::{
     probe::{Cookie, Side, SpliceMaps},
     socket::{self, SyscallError},
 };
+
+/// What a direction of a pair waiting to be spliced copies per look, at most: a stream
+/// is spliced once its reads show it streams, not copied whole first.
+const COPY_FIRST_BUDGET: u64 = 1 << 20;
+
+/// How long an attempt to hand a copied pair to the kernel may keep its sources
+/// drained and unread ([`SpliceLater`]): a fast destination takes what was queued
+/// within a millisecond or two.
+const SWITCH_ATTEMPT: Duration = Duration::from_millis(20);
+
+/// The longest wait between attempts to hand a copied pair to the kernel.
+const LAST_RETRY: Duration = Duration::from_secs(10);
+
+/// How long a drain waits for room in its destination before it looks again.
+const DRAIN_LOOK: Duration = Duration::from_millis(1);
 
 /// How often a half-close that waits for the kernel to drain is checked again. The waits
 /// measured here took 2-600 us, so a millisecond keeps the close prompt.
@@ -62,6 +77,99 @@ impl Endpoint {
         }
         Ok(())
     }
+}
+
+/// A pair copied for now, which the engine moves into the kernel once it shows it is
+/// long: short exchanges cost less copied than spliced (benchmarks/connection-path.md).
+///
+/// The kernel may take a direction over only while this process holds none of its
+/// bytes and has left no buffer of its source half-read (the kernel would redirect one
+/// from its start, repeating what was copied): so from `at` on, each direction
+/// drains its source (copy.rs, `CopyBuffer::drain`) and reads it no more, and the join
+/// waits for both. A direction drained and left unread could hold up the other's peer
+/// for good (a backend that reads the rest of a request only once its reply is
+/// taken), so an attempt that has not joined within [`SWITCH_ATTEMPT`] is given up and
+/// tried again later.
+pub(super) struct SpliceLater {
+    /// When the next attempt starts: brought forward to the first read that fills a
+    /// full-size copy buffer.
+    pub at: Instant,
+    /// The PROXY header's length, written into the upstream before the first message.
+    pub header: u64,
+    /// Until when the running attempt may drain.
+    attempt: Option<Instant>,
+    /// How long after a failed attempt the next starts; doubles each time.
+    retry: Duration,
+}
+
+impl SpliceLater {
+    pub fn new(at: Instant, header: u64, retry: Duration) -> SpliceLater {
+        SpliceLater {
+            at,
+            header,
+            attempt: None,
+            retry,
+        }
+    }
+
+    /// Whether the directions drain now, starting an attempt or giving one up.
+    fn drains(&mut self, now: Instant) -> bool {
+        if self.at > now {
+            return false;
+        }
+        match self.attempt {
+            None => {
+                self.attempt = Some(now + SWITCH_ATTEMPT);
+                true
+            }
+            Some(until) if until > now => true,
+            Some(_) => {
+                self.attempt = None;
+                self.at = now + self.retry;
+                self.retry = (self.retry * 2).min(LAST_RETRY);
+                false
+            }
+        }
+    }
+}
+
+/// Whether the kernel should take a [`SpliceLater`] pair over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Takeover {
+    /// Now: both directions are drained (see [`Pair::takeover`]).
+    Now,
+    /// Look at the pair again at this time (an attempt starts, or is given up).
+    At(Instant),
+    /// The pair is not waiting to be spliced.
+    NotNow,
+}
+
+/// What an event on one socket asks of a direction: an event concerns the direction
+/// the socket is the source of and, if that direction waits for room, the one it is
+/// the destination of. Looking at another would cost a read that finds nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// Nothing.
+    Skip,
+    /// Move what can move, reading a copied source until its queue is empty.
+    Full,
+    /// Its source reported bytes and no end: a copy's read that comes back short has
+    /// emptied the queue (copy.rs, `CopyBuffer::pump`). Not after an end was reported:
+    /// a FIN queued behind the bytes raises no edge of its own.
+    Readable,
+}
+
+/// How a copied direction moves its bytes in one look.
+#[derive(Debug, Clone, Copy)]
+struct Copying {
+    /// What it may read, at most (a buffer more): a copy that reaches it is looked at
+    /// again at once.
+    budget: u64,
+    /// Drain the source for the kernel to take the direction over, and read it no
+    /// more once it is drained ([`SpliceLater`]).
+    drain: bool,
+    /// A read that comes back short ends the look ([`Look::Readable`]).
+    short_read_ends: bool,
 }
 
 /// Who moves a direction's bytes.
@@ -124,6 +232,8 @@ pub(super) struct Pair {
     /// [`Pair::held`] and [`Pair::throttles`] as last added to the metrics.
     pub held_reported: u64,
     pub throttles_reported: u32,
+    /// Set while the pair is copied until it shows it is long.
+    pub splice_later: Option<SpliceLater>,
 }
 
 impl Pair {
@@ -149,25 +259,66 @@ impl Pair {
             registered: [0; 2],
             held_reported: 0,
             throttles_reported: 0,
+            splice_later: None,
         }
+    }
+
+    /// Whether the engine should hand a pair it copies first to the kernel: once an
+    /// attempt has drained both directions ([`SpliceLater`]) and neither source has
+    /// ended. What arrives after the drain waits in the source's queue for the join's
+    /// kick.
+    pub fn takeover(&self) -> Takeover {
+        let Some(later) = &self.splice_later else {
+            return Takeover::NotNow;
+        };
+        match later.attempt {
+            None => Takeover::At(later.at),
+            Some(_) if self.to_upstream.is_drained() && self.to_client.is_drained() => {
+                Takeover::Now
+            }
+            Some(until) => Takeover::At(until),
+        }
+    }
+
+    /// What this process has written into the client and into the upstream, counted as
+    /// the kernel counts `bytes_written`, for a pair whose every read byte is written
+    /// (see [`Pair::takeover`]): the bases a join measures the kernel's progress from.
+    pub fn written_by_copy(&self, header: u64) -> (u64, u64) {
+        (
+            self.to_client.consumed,
+            socket::dialed_bytes_written(header + self.to_upstream.consumed),
+        )
     }
 
     /// Hands the client-to-upstream direction to the kernel with the credit `promise`
     /// covers; `upstream_written` is the upstream's `bytes_written` measured before the
-    /// client joined the maps.
-    pub fn kernel_moves_to_upstream(&mut self, upstream_written: u64, promise: Promise) {
+    /// client joined the maps, and `client_buffer` the receive buffer the client joined
+    /// with.
+    pub fn kernel_moves_to_upstream(
+        &mut self,
+        upstream_written: u64,
+        promise: Promise,
+        client_buffer: usize,
+    ) {
         self.to_upstream.mover = Mover::Kernel(KernelFlow::new(
             self.client.cookie,
             upstream_written,
             promise,
+            client_buffer,
         ));
     }
 
-    pub fn kernel_moves_to_client(&mut self, client_written: u64, promise: Promise) {
+    pub fn kernel_moves_to_client(
+        &mut self,
+        client_written: u64,
+        promise: Promise,
+        upstream_buffer: usize,
+    ) {
         self.to_client.mover = Mover::Kernel(KernelFlow::new(
             self.upstream.cookie,
             client_written,
             promise,
+            upstream_buffer,
         ));
     }
 
@@ -304,15 +455,13 @@ impl Pair {
         }
         let (client, upstream) = (client.fd(), upstream.fd());
         for _ in 0..MAX_READS {
-            match buffer.read_once(client)? {
+            match buffer.read_once(client, upstream, &mut 0)? {
                 Filled::Empty => return Ok(true),
                 Filled::Eof => {
                     direction.eof = true;
                     return Ok(false);
                 }
-                Filled::Partly(n) | Filled::Full(n)
-                    if !buffer.write_all_now(upstream, &mut 0)? =>
-                {
+                Filled::Partly(n) | Filled::Full(n) if !buffer.is_empty() => {
                     direction.consumed += n as u64;
                     return Ok(false);
                 }
@@ -400,7 +549,29 @@ impl Pair {
                 }
             }
         }
-        self.advance(maps)
+        let into = match side {
+            Side::Client => &self.to_client,
+            Side::Upstream => &self.to_upstream,
+        };
+        let from = if events & (poll::READ_CLOSED | poll::HANG_UP | poll::ERROR) != 0 {
+            Look::Full
+        } else if events & poll::READABLE != 0 {
+            Look::Readable
+        } else {
+            Look::Skip
+        };
+        let into = if events & (poll::HANG_UP | poll::ERROR) != 0
+            || (events & poll::WRITABLE != 0 && into.waits_for_room())
+        {
+            Look::Full
+        } else {
+            Look::Skip
+        };
+        let looks = match side {
+            Side::Client => [from, into],
+            Side::Upstream => [into, from],
+        };
+        self.advance_some(maps, looks)
     }
 
     /// Why `side` can never take the bytes still owed to it, if it cannot: the
@@ -425,7 +596,12 @@ impl Pair {
     }
 
     /// Moves whatever can move now in both directions and passes on finished closes.
-    pub fn advance(&mut self, mut maps: Option<&mut SpliceMaps>) -> Next {
+    pub fn advance(&mut self, maps: Option<&mut SpliceMaps>) -> Next {
+        self.advance_some(maps, [Look::Full, Look::Full])
+    }
+
+    /// [`Pair::advance`] with a [`Look`] for each direction, `[up, down]`.
+    fn advance_some(&mut self, mut maps: Option<&mut SpliceMaps>, [up, down]: [Look; 2]) -> Next {
         // Parked bytes are read like copied ones: without waiting.
         if self.to_upstream.copies()
             && let Err(e) = self.client.make_nonblocking()
@@ -438,10 +614,36 @@ impl Pair {
             return Next::Reset(e);
         }
         let (client, upstream) = (self.client.fd.as_fd(), self.upstream.fd.as_fd());
-        let up = self
-            .to_upstream
-            .advance(client, upstream, maps.as_deref_mut());
-        let down = self.to_client.advance(upstream, client, maps);
+        let (budget, drain) = match &mut self.splice_later {
+            None => (u64::MAX, false),
+            Some(later) => (COPY_FIRST_BUDGET, later.drains(Instant::now())),
+        };
+        let copying = |look: Look| Copying {
+            budget,
+            drain,
+            short_read_ends: look == Look::Readable,
+        };
+        let up = match up {
+            Look::Skip => Ok(Next::Wait),
+            look => self
+                .to_upstream
+                .advance(client, upstream, maps.as_deref_mut(), copying(look)),
+        };
+        let down = match down {
+            Look::Skip => Ok(Next::Wait),
+            look => self
+                .to_client
+                .advance(upstream, client, maps, copying(look)),
+        };
+        if let Some(later) = &mut self.splice_later {
+            let (up, down) = (&self.to_upstream, &self.to_client);
+            if up.eof || down.eof {
+                // An ending pair is copied to its end.
+                self.splice_later = None;
+            } else if !drain && (up.streams() || down.streams()) {
+                later.at = later.at.min(Instant::now());
+            }
+        }
         match (up, down) {
             (Err(e), _) | (_, Err(e)) => Next::Reset(e),
             (Ok(up), Ok(down)) => {
@@ -515,6 +717,28 @@ impl Direction {
         }
     }
 
+    /// A copied direction with nothing in hand, whose source's queue the last read
+    /// emptied, and whose source has not ended.
+    fn is_drained(&self) -> bool {
+        !self.eof
+            && !self.closed
+            && matches!(&self.mover, Mover::Copy(buffer) if buffer.is_empty() && buffer.is_drained())
+    }
+
+    /// Whether the direction has bytes for its destination that it could not write:
+    /// room there is what it waits for.
+    fn waits_for_room(&self) -> bool {
+        match &self.mover {
+            Mover::Copy(buffer) => !buffer.is_empty(),
+            Mover::Kernel(flow) => flow.is_throttled(),
+        }
+    }
+
+    /// A copied direction whose last read filled a full-size buffer.
+    fn streams(&self) -> bool {
+        matches!(&self.mover, Mover::Copy(buffer) if buffer.streams())
+    }
+
     /// Whether this process reads the source and writes the destination now: a copied
     /// direction always, a spliced one while it moves parked bytes.
     fn copies(&self) -> bool {
@@ -529,15 +753,36 @@ impl Direction {
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
         maps: Option<&mut SpliceMaps>,
+        copying: Copying,
     ) -> io::Result<Next> {
         if self.closed {
             return Ok(Next::Wait);
         }
         let drained = match &mut self.mover {
+            Mover::Copy(buffer) if copying.drain => {
+                // What is held goes first; a drained source is read no more.
+                if buffer.write_all_now(dst, &mut 0)? && !buffer.is_drained() {
+                    match buffer.drain(src, dst)? {
+                        Drain::Moved(drained) => {
+                            self.consumed += drained.read;
+                            self.eof |= drained.eof;
+                            if !self.eof && buffer.is_empty() && !buffer.is_drained() {
+                                // It read less than was queued by the time it read.
+                                return Ok(Next::Poll(Instant::now()));
+                            }
+                        }
+                        Drain::NoRoom => return Ok(Next::Poll(Instant::now() + DRAIN_LOOK)),
+                    }
+                }
+                buffer.is_empty()
+            }
             Mover::Copy(buffer) => {
-                let pumped = buffer.pump(src, dst, u64::MAX)?;
+                let pumped = buffer.pump(src, dst, copying.budget, copying.short_read_ends)?;
                 self.consumed += pumped.read;
                 self.eof |= pumped.eof;
+                if pumped.read >= copying.budget && !pumped.eof {
+                    return Ok(Next::Poll(Instant::now()));
+                }
                 buffer.is_empty()
             }
             Mover::Kernel(flow) => {
@@ -663,7 +908,10 @@ mod tests {
         ConnectionInfo, Cookie, DRAIN_STALL_LIMIT, Direction, Endpoint, KernelFlow, Mode, Mover,
         Next, Pair, Promise, Side, Ticket, drain_stalled, owed_after_fin, poll,
     };
-    use crate::socket::{self, connected};
+    use crate::{
+        socket::{self, connected},
+        splice::flow::FIRST_RECEIVE_BUFFER,
+    };
 
     /// A copied pair (no probe) and its two peers: `client` talks to the pair's client
     /// socket, `backend` to its upstream socket. The cookies are 1 and 2.
@@ -912,7 +1160,12 @@ mod tests {
 
         // A spliced direction can only take epoll's word for it.
         let mut spliced = Direction::copied(Side::Upstream, 0);
-        spliced.mover = Mover::Kernel(KernelFlow::new(Cookie::fake(1), 0, Promise::for_tests()));
+        spliced.mover = Mover::Kernel(KernelFlow::new(
+            Cookie::fake(1),
+            0,
+            Promise::for_tests(),
+            FIRST_RECEIVE_BUFFER,
+        ));
         spliced.eof_seen_by_kernel();
         assert!(spliced.eof);
     }
@@ -928,7 +1181,7 @@ mod tests {
         assert_eq!(pair.mode(), Mode::Copy);
         assert_eq!(pair.kernel_sources().count(), 0);
 
-        pair.kernel_moves_to_upstream(0, Promise::for_tests());
+        pair.kernel_moves_to_upstream(0, Promise::for_tests(), FIRST_RECEIVE_BUFFER);
         assert_eq!(
             pair.interest(Side::Client),
             poll::READ_CLOSED | poll::WRITABLE
@@ -945,7 +1198,7 @@ mod tests {
         // No credit was granted: nothing to delete from the probe's maps.
         assert_eq!(pair.credited_sources(), [None, None]);
 
-        pair.kernel_moves_to_client(0, Promise::for_tests());
+        pair.kernel_moves_to_client(0, Promise::for_tests(), FIRST_RECEIVE_BUFFER);
         assert_eq!(
             (pair.interest(Side::Client), pair.interest(Side::Upstream)),
             (poll::READ_CLOSED, poll::READ_CLOSED)

@@ -30,8 +30,9 @@ impl ProxyProcess {
     }
 
     /// Starts the binary on 127.0.0.1:0 with `routes`, `--mode mode` and the layout the
-    /// tests use on this 2-core machine (2 workers), then `extra`;
-    /// fails the test unless it listens.
+    /// tests use on this 2-core machine (2 workers), then `extra`; fails the test unless
+    /// it listens. A test connection is spliced right after its first message
+    /// (`--splice-after 0s`) unless `extra` sets `--splice-after`.
     pub fn serve(routes: &Path, mode: &str, extra: &[&str]) -> ProxyProcess {
         let proxy = ProxyProcess::launch(routes, mode, extra);
         proxy.addr();
@@ -52,6 +53,9 @@ impl ProxyProcess {
             "--workers",
             "2",
         ];
+        if !extra.contains(&"--splice-after") {
+            args.extend_from_slice(&["--splice-after", "0s"]);
+        }
         args.extend_from_slice(extra);
         ProxyProcess::start(&args)
     }

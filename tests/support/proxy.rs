@@ -16,12 +16,20 @@ use super::connect;
 /// How a test proxy moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Moving {
+    /// Splice each connection right after its first message.
     Splice,
     Copy,
+    /// Copy each connection first, and splice it once it has lived [`LATER_AFTER`] or
+    /// streamed: the command's default (100 ms there).
+    Later,
 }
 
 pub const SPLICE: Moving = Moving::Splice;
 pub const COPY: Moving = Moving::Copy;
+pub const LATER: Moving = Moving::Later;
+
+/// How long a [`Moving::Later`] proxy copies a connection before it splices it.
+pub const LATER_AFTER: Duration = Duration::from_millis(20);
 
 /// A proxy in this process (the library's [`splice_proxy::Proxy`], which it derefs to),
 /// with the waits and counts the tests ask of it. Dropping it stops it.
@@ -48,14 +56,31 @@ impl Proxy {
     /// As [`Proxy::start`], with maps that hold `map_capacity` sockets (two per spliced
     /// connection).
     pub fn start_sized(routes: &str, moving: Moving, map_capacity: u32) -> Proxy {
+        let (splicing, splice_after) = match moving {
+            Moving::Splice => (Splicing::Required, Duration::ZERO),
+            Moving::Copy => (Splicing::Off, Duration::ZERO),
+            Moving::Later => (Splicing::Required, LATER_AFTER),
+        };
+        Proxy::start_with(routes, splicing, splice_after, map_capacity)
+    }
+
+    /// A splicing proxy that copies each connection for `after` first, or until it
+    /// streams.
+    pub fn start_splicing_after(routes: &str, after: Duration) -> Proxy {
+        Proxy::start_with(routes, Splicing::Required, after, 1 << 14)
+    }
+
+    fn start_with(
+        routes: &str,
+        splicing: Splicing,
+        splice_after: Duration,
+        map_capacity: u32,
+    ) -> Proxy {
         let config =
             Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
-        let splicing = match moving {
-            Moving::Splice => Splicing::Required,
-            Moving::Copy => Splicing::Off,
-        };
         let running = splice_proxy::Proxy::from_config(config)
             .workers(2)
+            .splice_after(splice_after)
             .map_capacity(map_capacity)
             .splicing(splicing)
             .start()
@@ -141,6 +166,18 @@ impl Proxy {
             );
             thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Connections copied first and spliced since, from the metrics.
+    pub fn spliced_later(&self) -> u64 {
+        let metrics = self.engine().metrics().encode();
+        let sample = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("splice_proxy_connections_spliced_later_total "))
+            .unwrap_or_else(|| panic!("no count of connections spliced later in:\n{metrics}"));
+        sample
+            .parse()
+            .unwrap_or_else(|e| panic!("not a count ({e}): {sample:?}"))
     }
 
     /// The probe's counters since it was loaded (all 0 when copying).
