@@ -107,6 +107,22 @@ fn finish(proxy: &Proxy) {
     );
 }
 
+/// The sink behind `reports` received the first message and `data` after it, and then
+/// the client's FIN.
+fn sink_received(reports: &mpsc::Receiver<(u64, [u8; 32])>, data: &[u8]) {
+    let received = reports
+        .recv_timeout(WAIT)
+        .expect("the sink reported within 10s");
+    assert_eq!(
+        received,
+        (
+            (FIRST.len() + data.len()) as u64,
+            sha256_concat(&[FIRST, data])
+        ),
+        "the backend received other bytes than the client sent"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. Sizes in each direction and both at once.
 
@@ -125,14 +141,7 @@ fn upload(mode: Moving, len: usize, timing: Timing) {
         AllAtOnce => client.write_all(&concat(&[FIRST, &data])).unwrap(),
     }
     client.shutdown(Shutdown::Write).unwrap();
-    let received = reports
-        .recv_timeout(WAIT)
-        .expect("the sink reported within 10s");
-    assert_eq!(
-        received,
-        ((FIRST.len() + len) as u64, sha256_concat(&[FIRST, &data])),
-        "the backend received other bytes than the client sent"
-    );
+    sink_received(&reports, &data);
     // The sink closed after the FIN; the client must see that close, with no bytes.
     assert_eq!(read_to_end_hashed(&mut client).unwrap().0, 0);
     drop(client);
@@ -859,14 +868,7 @@ fn stream_is_spliced_early(len: usize, timing: Timing) {
         AllAtOnce => client.write_all(&concat(&[FIRST, &data])).unwrap(),
     }
     client.shutdown(Shutdown::Write).unwrap();
-    let received = reports
-        .recv_timeout(WAIT)
-        .expect("the sink reported within 10s");
-    assert_eq!(
-        received,
-        ((FIRST.len() + len) as u64, sha256_concat(&[FIRST, &data])),
-        "the backend received other bytes than the client sent"
-    );
+    sink_received(&reports, &data);
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(proxy.spliced_later(), 1, "the stream was never spliced");
     assert!(
