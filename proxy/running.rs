@@ -157,7 +157,8 @@ impl ProxyBuilder {
     /// How long a connection is copied in userspace before it is spliced, unless a read
     /// of it fills a 64 KiB buffer first (it streams): a short exchange costs less
     /// copied than spliced. Zero splices every connection right after its first
-    /// message. Default: 100 ms.
+    /// message. Connections handed to the engine with `adopt` are spliced at once.
+    /// Default: 100 ms.
     pub fn splice_after(mut self, after: Duration) -> ProxyBuilder {
         self.splice_after = after;
         self
