@@ -31,6 +31,9 @@ pub const LATER: Moving = Moving::Later;
 /// How long a [`Moving::Later`] proxy copies a connection before it splices it.
 pub const LATER_AFTER: Duration = Duration::from_millis(20);
 
+/// Sockets a test proxy's maps hold, unless a test sizes them ([`Proxy::start_sized`]).
+const MAP_CAPACITY: u32 = 1 << 14;
+
 /// A proxy in this process (the library's [`splice_proxy::Proxy`], which it derefs to),
 /// with the waits and counts the tests ask of it. Dropping it stops it.
 pub struct Proxy {
@@ -50,7 +53,7 @@ impl Proxy {
     /// Starts a proxy on 127.0.0.1:0 with `routes` (the text of a routes.toml). A
     /// splicing proxy that cannot load the probe fails the test with the reason.
     pub fn start(routes: &str, moving: Moving) -> Proxy {
-        Proxy::start_sized(routes, moving, 1 << 14)
+        Proxy::start_sized(routes, moving, MAP_CAPACITY)
     }
 
     /// As [`Proxy::start`], with maps that hold `map_capacity` sockets (two per spliced
@@ -67,7 +70,7 @@ impl Proxy {
     /// A splicing proxy that copies each connection for `after` first, or until it
     /// streams.
     pub fn start_splicing_after(routes: &str, after: Duration) -> Proxy {
-        Proxy::start_with(routes, Splicing::Required, after, 1 << 14)
+        Proxy::start_with(routes, Splicing::Required, after, MAP_CAPACITY)
     }
 
     fn start_with(
