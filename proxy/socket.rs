@@ -154,22 +154,25 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> Result<TcpInfo, SyscallError> {
 
 /// Bytes written to the socket that the remote end has not acknowledged yet (SIOCOUTQ).
 pub fn unacked_bytes(fd: BorrowedFd<'_>) -> Result<u64, SyscallError> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (== TIOCOUTQ) writes one c_int through the pointer, which is valid.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    if rc < 0 {
-        return Err(SyscallError::last("ioctl(SIOCOUTQ)"));
-    }
-    Ok(u64::try_from(queued).unwrap_or(0))
+    queue_length(fd, libc::TIOCOUTQ, "ioctl(SIOCOUTQ)").map(|n| n as u64)
 }
 
 /// Bytes received and not yet read (SIOCINQ).
 pub fn unread_bytes(fd: BorrowedFd<'_>) -> Result<usize, SyscallError> {
+    queue_length(fd, libc::FIONREAD, "ioctl(SIOCINQ)")
+}
+
+/// One of the ioctls that report a queue's length as a c_int (SIOCOUTQ, SIOCINQ).
+fn queue_length(
+    fd: BorrowedFd<'_>,
+    request: libc::Ioctl,
+    call: &'static str,
+) -> Result<usize, SyscallError> {
     let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCINQ (== FIONREAD) writes one c_int through the pointer, which is valid.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    // SAFETY: both requests write one c_int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut queued) };
     if rc < 0 {
-        return Err(SyscallError::last("ioctl(SIOCINQ)"));
+        return Err(SyscallError::last(call));
     }
     Ok(usize::try_from(queued).unwrap_or(0))
 }

@@ -95,16 +95,9 @@ impl CopyBuffer {
     ) -> io::Result<Filled> {
         READ.with_borrow_mut(|scratch| {
             scratch.resize(COPY_BUFFER, 0);
-            let n = loop {
-                match socket::read(src, scratch) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.drained = true;
-                        return Ok(Filled::Empty);
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            let Some(n) = read_queued(src, scratch)? else {
+                self.drained = true;
+                return Ok(Filled::Empty);
             };
             if n == 0 {
                 return Ok(Filled::Eof);
@@ -177,16 +170,9 @@ impl CopyBuffer {
         let offered = (queued + COPY_BUFFER).min(DRAIN_MAX);
         READ.with_borrow_mut(|scratch| {
             scratch.resize(offered, 0);
-            let n = loop {
-                match socket::read(src, &mut scratch[..offered]) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.drained = true;
-                        return Ok(Drain::Moved(moved));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            let Some(n) = read_queued(src, &mut scratch[..offered])? else {
+                self.drained = true;
+                return Ok(Drain::Moved(moved));
             };
             if n == 0 {
                 moved.eof = true;
@@ -233,6 +219,19 @@ impl CopyBuffer {
             }
         }
         Ok(pumped)
+    }
+}
+
+/// One read of what `src` has queued into `buf`: None when nothing is (EAGAIN), 0 at
+/// its end. Interrupted reads are retried.
+fn read_queued(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match socket::read(src, buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -1033,9 +1033,6 @@ impl Worker {
             Takeover::At(at) => due = Some(due.map_or(at, |due| due.min(at))),
             Takeover::NotNow => {}
         }
-        let Some(pair) = self.pairs.get_mut(slot) else {
-            return;
-        };
         let (held, throttles) = (pair.held(), pair.throttles());
         if held != pair.held_reported {
             self.metrics.held(held as i64 - pair.held_reported as i64);

@@ -767,7 +767,7 @@ impl Direction {
                             self.consumed += drained.read;
                             self.eof |= drained.eof;
                             if !self.eof && buffer.is_empty() && !buffer.is_drained() {
-                                // It read less than was queued by the time it read.
+                                // More arrived than was queued when it looked: again.
                                 return Ok(Next::Poll(Instant::now()));
                             }
                         }
