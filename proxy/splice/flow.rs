@@ -463,13 +463,16 @@ impl KernelFlow {
                 // Everything redirected before is in the destination: `moved` is
                 // `redirected`, and the credit runs from there.
                 self.grant_from(maps, throttle.redirected, throttle.redirected)?;
-                self.window.ready_for_read(src)?;
-                discard(src, &mut peeked[..throttle.written_ahead])?;
-                throttle.written_ahead = 0;
-                // A message may have parked after the peek: the probe keeps parking until
-                // `unparked` catches up with it, so move it too.
+                // A message may have parked after the peek, and the probe parks until
+                // `unparked` catches up with it: move it too, and read nothing out until
+                // then. Each read reopens the window, so a sender faster than this loop
+                // would park again behind every read for as long as the loop went on;
+                // unread, the bytes close the window within one buffer.
                 let flow = maps.flow(self.cookie).map_err(io::Error::other)?;
                 if flow.parked == self.unparked {
+                    self.window.ready_for_read(src)?;
+                    discard(src, &mut peeked[..throttle.written_ahead])?;
+                    throttle.written_ahead = 0;
                     self.held = 0;
                     return Ok(Unpark::Flowing);
                 }
@@ -482,7 +485,7 @@ impl KernelFlow {
                     throttle.next_look = now + FIRST_LOOK;
                     return Ok(Unpark::Waiting(throttle.next_look));
                 }
-                if queued == 0 {
+                if written == 0 {
                     // Counted as parked but not yet in the receive queue: its arrival
                     // wakes the worker, and the look is a fallback.
                     return Ok(Unpark::Waiting(now + FIRST_LOOK));
