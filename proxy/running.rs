@@ -174,7 +174,7 @@ impl ProxyBuilder {
 
     /// Bytes the kernel may hold for one spliced direction and for all of them (a
     /// routes file's `splice_backlog_max` and `splice_backlog_total`). Default: the
-    /// file's, or 16 MiB and 512 MiB.
+    /// file's, or 32 MiB and 512 MiB.
     pub fn backlog(mut self, backlog: Backlog) -> ProxyBuilder {
         self.backlog = backlog;
         self

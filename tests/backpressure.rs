@@ -921,9 +921,17 @@ fn the_ring_of_credit_asks_is_sized_to_the_maps() {
 /// Connections of [`stalled_downloads_are_bounded_together`].
 const STALLED_TOGETHER: usize = 16;
 
-/// The `splice_backlog_total` they run under, with the default `splice_backlog_max`
-/// (16 MiB): without a bound on the sum, their directions could hold 16 × 16 MiB.
+/// The `splice_backlog_max` and `splice_backlog_total` they run under: without a bound
+/// on the sum, their directions could hold 16 × 16 MiB.
+const EACH: u64 = 16 << 20;
 const TOTAL: u64 = 64 << 20;
+
+/// Routes to `backend` under [`EACH`] and [`TOTAL`].
+fn bounded_together(backend: SocketAddr) -> String {
+    format!(
+        "splice_backlog_max = {EACH}\nsplice_backlog_total = {TOTAL}\n\n[[route]]\nname = \"hello\"\nprefix = \"hello\"\nbackends = [\"{backend}\"]\n"
+    )
+}
 
 /// A backend writing flat out to each of many clients that do not read: the kernel holds
 /// no more than `splice_backlog_total` for all of them together, as the engine measures it
@@ -934,11 +942,7 @@ const TOTAL: u64 = 64 << 20;
 fn stalled_downloads_are_bounded_together() {
     let _alone = alone();
     let (backend, held) = holding_backend();
-    let routes = format!(
-        "splice_backlog_total = {TOTAL}\n\n[[route]]\nname = \"hello\"\nprefix = \"hello\"\nbackends = [\"{}\"]\n",
-        backend.addr
-    );
-    let proxy = Proxy::start(&routes, SPLICE);
+    let proxy = Proxy::start(&bounded_together(backend.addr), SPLICE);
     let pairs: Vec<(TcpStream, TcpStream)> = (0..STALLED_TOGETHER)
         .map(|_| connect_held(&proxy, &held))
         .collect();
@@ -1007,16 +1011,12 @@ fn an_idle_connection_gives_back_its_promise() {
     const UPLOAD: usize = 32 << 20;
     let _shared = shared();
     let (backend, held) = holding_backend();
-    let routes = format!(
-        "splice_backlog_total = {TOTAL}\n\n[[route]]\nname = \"hello\"\nprefix = \"hello\"\nbackends = [\"{}\"]\n",
-        backend.addr
-    );
-    let proxy = Proxy::start(&routes, SPLICE);
+    let proxy = Proxy::start(&bounded_together(backend.addr), SPLICE);
     let (client, mut upstream) = connect_held(&proxy, &held);
     let promised = || metric(&proxy, "splice_proxy_splice_budget_promised_bytes");
-    // Half the budget free: the pair joined with the bound (16 MiB) for each direction,
-    // which leaves the budget tight.
-    assert_eq!(promised(), 32 << 20);
+    // Half the budget free: the pair joined with the bound for each direction, which
+    // leaves the budget tight.
+    assert_eq!(promised(), 2 * EACH);
     for round in 0..2 {
         let data = payload(UPLOAD, round);
         let mut writer = client.try_clone().unwrap();

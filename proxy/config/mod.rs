@@ -43,7 +43,7 @@ use self::span::Source;
 
 /// `splice_backlog_max` when the file has none; docs/flow-control.md, "What it costs",
 /// has the measurements it was chosen from.
-pub const DEFAULT_SPLICE_BACKLOG_MAX: u64 = 16 << 20;
+pub const DEFAULT_SPLICE_BACKLOG_MAX: u64 = 32 << 20;
 
 /// `splice_backlog_total` when the file has none; docs/flow-control.md, "A bound on all
 /// directions together", has the measurements it was chosen from.
