@@ -416,10 +416,11 @@ impl KernelFlow {
     /// the direction back to the kernel.
     ///
     /// The bytes are peeked and written, and read out of the source only once all of
-    /// them are written and the credit granted: reading them would reopen the source's
-    /// window, and whatever the sender put into it before the grant would park too and
-    /// have to be moved the same way, a race a fast sender wins for megabytes
-    /// (docs/flow-control.md). Left in place, they keep the window shut.
+    /// them, and any that parked behind them meanwhile, are written and the credit
+    /// granted: reading them would reopen the source's window, and whatever the sender
+    /// put into it before the grant would park too and have to be moved the same way, a
+    /// race a fast sender wins for megabytes (docs/flow-control.md, "The hand-back waits
+    /// for the last park"). Left in place, they keep the window shut.
     fn move_parked(
         &mut self,
         throttle: &mut Throttle,
