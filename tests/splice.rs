@@ -892,3 +892,57 @@ fn a_stream_in_the_first_write_is_spliced_early() {
     let _lock = shared();
     stream_is_spliced_early(64 * MIB, AllAtOnce);
 }
+
+/// A download whose client is not reading when the pair's time comes cannot drain into
+/// the client's socket, so no attempt to splice it can join: each is given up after
+/// 20 ms and tried again after a doubling delay, and the pair is copied on meanwhile.
+/// Once the client reads, a later attempt splices it, and every byte arrives once, in
+/// order. The backend trickles its reply in 16 KiB writes, so that no read of the copy
+/// fills its buffer (which would start an attempt at once, while the client's socket
+/// still had room). With a print in the give-up, two attempts were given up here before
+/// the third joined; no other test in this file gives one up.
+#[test]
+fn a_switch_waits_for_a_client_that_stopped_reading() {
+    const PIECE: usize = 16 << 10;
+    const STOPPED: Duration = Duration::from_millis(1000);
+    let _lock = shared();
+    let data = shared_payload(16 * MIB, 23);
+    let reply = Arc::clone(&data);
+    let backend = Backend::start(move |mut stream| {
+        if read_exactly(&mut stream, FIRST.len()).is_err() {
+            return;
+        }
+        for piece in reply.chunks(PIECE) {
+            if stream.write_all(piece).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let proxy = Proxy::start_splicing_after(
+        &prefix_routes("HELLO", &[backend.addr]),
+        Duration::from_millis(300),
+    );
+    // A small receive buffer keeps the client's socket, and the proxy's send buffer
+    // that its window holds back, from absorbing the trickle before the time comes.
+    let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    client.set_recv_buffer_size(8 << 10).unwrap();
+    client.connect(&proxy.addr.into()).unwrap();
+    let mut client = TcpStream::from(client);
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    client.write_all(FIRST).unwrap();
+    thread::sleep(STOPPED);
+    let received = read_exactly(&mut client, data.len()).unwrap();
+    assert!(received == *data, "the download arrived changed");
+    assert_eq!(
+        proxy.spliced_later(),
+        1,
+        "the pair was never spliced after its client read again"
+    );
+    assert!(
+        proxy.redirected_bytes() > 0,
+        "spliced, yet the probe redirected none of the download"
+    );
+    drop(client);
+    finish(&proxy);
+}
