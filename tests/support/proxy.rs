@@ -31,6 +31,18 @@ pub const LATER: Moving = Moving::Later;
 /// How long a [`Moving::Later`] proxy copies a connection before it splices it.
 pub const LATER_AFTER: Duration = Duration::from_millis(20);
 
+/// Sends the proxy's log (its access log says how and why each connection ended) to the
+/// output of the test that started it, which the harness prints when that test fails:
+/// the proxy's threads inherit their test's output. A failure in a guest then says what
+/// the proxy saw.
+fn show_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .try_init();
+}
+
 /// Sockets a test proxy's maps hold, unless a test sizes them ([`Proxy::start_sized`]).
 const MAP_CAPACITY: u32 = 1 << 14;
 
@@ -79,6 +91,7 @@ impl Proxy {
         splice_after: Duration,
         map_capacity: u32,
     ) -> Proxy {
+        show_log();
         let config =
             Config::parse(routes, Path::new("test-routes.toml")).expect("test routes parse");
         let running = splice_proxy::Proxy::from_config(config)
