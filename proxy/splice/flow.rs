@@ -441,7 +441,14 @@ impl KernelFlow {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(e) => return Err(e.into()),
                 };
-                let ahead = throttle.written_ahead.min(queued);
+                if queued < throttle.written_ahead {
+                    // The bytes written ahead are still at the head of the queue, unread,
+                    // but this peek did not show them all (6.1 answers EAGAIN while
+                    // segments wait in the receive queue for the verdict): look again,
+                    // rather than take what follows them for what they were.
+                    return Ok(Unpark::Waiting(now + FIRST_LOOK));
+                }
+                let ahead = throttle.written_ahead;
                 let written = write_now(dst, &peeked[ahead..queued])?;
                 self.unparked += written as u64;
                 self.copied += written as u64;
