@@ -36,6 +36,8 @@ pub(super) struct CopyBuffer {
     /// The last read found the source's receive queue empty (it returned less than it
     /// was offered, or nothing): no buffer of the source's is left half-read.
     drained: bool,
+    /// What the destination had queued when a drain last found too little room there.
+    waited_on: Option<usize>,
 }
 
 /// What one read into a [`CopyBuffer`] found.
@@ -54,7 +56,9 @@ pub(super) enum Drain {
     /// It read what was queued, if anything, and wrote or kept it.
     Moved(Pumped),
     /// The destination has too little room for what is queued: nothing was read.
-    NoRoom,
+    /// `progressed`: its queue is shorter than at the last such look, so its reader
+    /// reads.
+    NoRoom { progressed: bool },
 }
 
 /// What [`CopyBuffer::pump`] did.
@@ -164,8 +168,11 @@ impl CopyBuffer {
         }
         let space = socket::send_space(dst)?;
         if space.room < queued && space.queued > 0 {
-            return Ok(Drain::NoRoom);
+            let progressed = self.waited_on.is_some_and(|was| space.queued < was);
+            self.waited_on = Some(space.queued);
+            return Ok(Drain::NoRoom { progressed });
         }
+        self.waited_on = None;
         // A queue past DRAIN_MAX is read in parts, none of which drains it.
         let offered = (queued + COPY_BUFFER).min(DRAIN_MAX);
         READ.with_borrow_mut(|scratch| {

@@ -28,9 +28,14 @@ use crate::{
 const COPY_FIRST_BUDGET: u64 = 1 << 20;
 
 /// How long an attempt to hand a copied pair to the kernel may keep its sources
-/// drained and unread ([`SpliceLater`]): a fast destination takes what was queued
-/// within a millisecond or two.
+/// drained and unread without moving ([`SpliceLater`]): a fast destination takes what
+/// was queued within a millisecond or two.
 const SWITCH_ATTEMPT: Duration = Duration::from_millis(20);
+
+/// How long an attempt may go on while it moves: a destination that reads slowly but
+/// reads (an emulated guest's sink took 64 MiB in 3.7 s) is waited for, though not for
+/// as long as a slow client's whole download.
+const SWITCH_ATTEMPT_MAX: Duration = Duration::from_secs(1);
 
 /// The longest wait between attempts to hand a copied pair to the kernel.
 const LAST_RETRY: Duration = Duration::from_secs(10);
@@ -88,16 +93,19 @@ impl Endpoint {
 /// drains its source (copy.rs, `CopyBuffer::drain`) and reads it no more, and the join
 /// waits for both. A direction drained and left unread could hold up the other's peer
 /// for good (a backend that reads the rest of a request only once its reply is
-/// taken), so an attempt that has not joined within [`SWITCH_ATTEMPT`] is given up and
-/// tried again later.
+/// taken), so an attempt that has not joined within [`SWITCH_ATTEMPT`] of its start or
+/// its last progress (bytes written, or a destination's queue shorter), or within
+/// [`SWITCH_ATTEMPT_MAX`] in all, is given up and tried again later. Without the
+/// progress, a sender faster than its reader kept both sides too full to drain within
+/// 20 ms, and its stream was copied whole.
 pub(super) struct SpliceLater {
     /// When the next attempt starts: brought forward to the first read that fills a
     /// full-size copy buffer.
     pub at: Instant,
     /// The PROXY header's length, written into the upstream before the first message.
     pub header: u64,
-    /// Until when the running attempt may drain.
-    attempt: Option<Instant>,
+    /// The running attempt: when it started, and until when it may drain.
+    attempt: Option<(Instant, Instant)>,
     /// How long after a failed attempt the next starts; doubles each time.
     retry: Duration,
 }
@@ -119,16 +127,23 @@ impl SpliceLater {
         }
         match self.attempt {
             None => {
-                self.attempt = Some(now + SWITCH_ATTEMPT);
+                self.attempt = Some((now, now + SWITCH_ATTEMPT));
                 true
             }
-            Some(until) if until > now => true,
+            Some((_, until)) if until > now => true,
             Some(_) => {
                 self.attempt = None;
                 self.at = now + self.retry;
                 self.retry = (self.retry * 2).min(LAST_RETRY);
                 false
             }
+        }
+    }
+
+    /// The running attempt moved bytes: it may go on.
+    fn progressed(&mut self, now: Instant) {
+        if let Some((started, until)) = &mut self.attempt {
+            *until = (now + SWITCH_ATTEMPT).min(*started + SWITCH_ATTEMPT_MAX);
         }
     }
 }
@@ -192,6 +207,9 @@ struct Direction {
     closed: bool,
     /// Last progress seen while waiting for the kernel to drain, to detect a stall.
     drain_progress: Option<(u64, Instant)>,
+    /// The last advance moved bytes toward a switch to the kernel ([`SpliceLater`]):
+    /// the pair takes it when it looks whether the attempt goes on.
+    switch_progressed: bool,
     /// Bytes the source sent in all, as the kernel counted them when a spliced
     /// direction's FIN arrived (the count is final then).
     source_total: Option<u64>,
@@ -276,7 +294,7 @@ impl Pair {
             Some(_) if self.to_upstream.is_drained() && self.to_client.is_drained() => {
                 Takeover::Now
             }
-            Some(until) => Takeover::At(until),
+            Some((_, until)) => Takeover::At(until),
         }
     }
 
@@ -635,7 +653,12 @@ impl Pair {
                 .to_client
                 .advance(upstream, client, maps, copying(look)),
         };
+        let progressed = std::mem::take(&mut self.to_upstream.switch_progressed)
+            | std::mem::take(&mut self.to_client.switch_progressed);
         if let Some(later) = &mut self.splice_later {
+            if drain && progressed {
+                later.progressed(Instant::now());
+            }
             let (up, down) = (&self.to_upstream, &self.to_client);
             if up.eof || down.eof {
                 // An ending pair is copied to its end.
@@ -698,6 +721,7 @@ impl Direction {
             eof: false,
             closed: false,
             drain_progress: None,
+            switch_progressed: false,
             source_total: None,
         }
     }
@@ -761,9 +785,13 @@ impl Direction {
         let drained = match &mut self.mover {
             Mover::Copy(buffer) if copying.drain => {
                 // What is held goes first; a drained source is read no more.
-                if buffer.write_all_now(dst, &mut 0)? && !buffer.is_drained() {
+                let mut written = 0;
+                let all_written = buffer.write_all_now(dst, &mut written)?;
+                self.switch_progressed |= written > 0;
+                if all_written && !buffer.is_drained() {
                     match buffer.drain(src, dst)? {
                         Drain::Moved(drained) => {
+                            self.switch_progressed |= drained.read > 0;
                             self.consumed += drained.read;
                             self.eof |= drained.eof;
                             if !self.eof && buffer.is_empty() && !buffer.is_drained() {
@@ -771,7 +799,10 @@ impl Direction {
                                 return Ok(Next::Poll(Instant::now()));
                             }
                         }
-                        Drain::NoRoom => return Ok(Next::Poll(Instant::now() + DRAIN_LOOK)),
+                        Drain::NoRoom { progressed } => {
+                            self.switch_progressed |= progressed;
+                            return Ok(Next::Poll(Instant::now() + DRAIN_LOOK));
+                        }
                     }
                 }
                 buffer.is_empty()
@@ -906,12 +937,50 @@ mod tests {
 
     use super::{
         ConnectionInfo, Cookie, DRAIN_STALL_LIMIT, Direction, Endpoint, KernelFlow, Mode, Mover,
-        Next, Pair, Promise, Side, Ticket, drain_stalled, owed_after_fin, poll,
+        Next, Pair, Promise, SWITCH_ATTEMPT, SWITCH_ATTEMPT_MAX, Side, SpliceLater, Ticket,
+        drain_stalled, owed_after_fin, poll,
     };
     use crate::{
         socket::{self, connected},
         splice::flow::FIRST_RECEIVE_BUFFER,
     };
+
+    /// An attempt to splice goes on for [`SWITCH_ATTEMPT`] past its start or its last
+    /// progress, never past [`SWITCH_ATTEMPT_MAX`]; given up, the next starts after the
+    /// retry delay, which doubles.
+    #[test]
+    fn an_attempt_goes_on_while_it_moves_up_to_its_limit() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut later = SpliceLater::new(start, 0, ms(100));
+        assert!(
+            later.drains(start),
+            "the attempt starts when its time comes"
+        );
+        assert!(later.drains(start + SWITCH_ATTEMPT - ms(1)));
+        let mut now = start + SWITCH_ATTEMPT / 2;
+        while now < start + SWITCH_ATTEMPT_MAX {
+            later.progressed(now);
+            assert!(later.drains(now), "an attempt that moved was given up");
+            now += SWITCH_ATTEMPT / 2;
+        }
+        let over = start + SWITCH_ATTEMPT_MAX + ms(1);
+        assert!(!later.drains(over), "an attempt went on past its limit");
+        assert_eq!(later.at, over + ms(100));
+
+        let second = later.at;
+        assert!(later.drains(second));
+        let stalled = second + SWITCH_ATTEMPT + ms(1);
+        assert!(
+            !later.drains(stalled),
+            "an attempt that never moved went on"
+        );
+        assert_eq!(
+            later.at,
+            stalled + ms(200),
+            "the retry delay did not double"
+        );
+    }
 
     /// A copied pair (no probe) and its two peers: `client` talks to the pair's client
     /// socket, `backend` to its upstream socket. The cookies are 1 and 2.
