@@ -841,7 +841,7 @@ fn a_short_exchange_is_copied_and_a_long_one_spliced() {
     long.write_all(FIRST).unwrap();
     assert_eq!(read_exactly(&mut long, FIRST.len()).unwrap(), FIRST);
     proxy.wait_handed_off(1, WAIT);
-    assert_eq!(proxy.spliced_later(), 1);
+    proxy.wait_spliced_later(1, WAIT);
     let data = shared_payload(MIB, 21);
     let echoed = write_while_reading(&mut long, Arc::clone(&data)).unwrap();
     assert_eq!(echoed, (MIB as u64, sha256(&data)));
@@ -878,7 +878,7 @@ fn stream_is_spliced_early(len: usize, timing: Timing) {
     client.shutdown(Shutdown::Write).unwrap();
     sink_received(&reports, &data);
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(proxy.spliced_later(), 1, "the stream was never spliced");
+    proxy.wait_spliced_later(1, WAIT);
     assert!(
         proxy.redirected_bytes() > 0,
         "spliced, yet the probe redirected none of the {len} bytes"
@@ -940,11 +940,7 @@ fn a_switch_waits_for_a_client_that_stopped_reading() {
     thread::sleep(STOPPED);
     let received = read_exactly(&mut client, data.len()).unwrap();
     assert!(received == *data, "the download arrived changed");
-    assert_eq!(
-        proxy.spliced_later(),
-        1,
-        "the pair was never spliced after its client read again"
-    );
+    proxy.wait_spliced_later(1, WAIT);
     assert!(
         proxy.redirected_bytes() > 0,
         "spliced, yet the probe redirected none of the download"

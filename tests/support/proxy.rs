@@ -196,6 +196,21 @@ impl Proxy {
             .unwrap_or_else(|e| panic!("not a count ({e}): {sample:?}"))
     }
 
+    /// Waits until [`Proxy::spliced_later`] reads `count`: the engine counts a switch
+    /// just after both sockets entered the maps, so [`Proxy::wait_handed_off`] can return
+    /// first (an emulated guest once did).
+    pub fn wait_spliced_later(&self, count: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.spliced_later() != count {
+            assert!(
+                Instant::now() < deadline,
+                "after {limit:?}: {} connections spliced later, not {count}",
+                self.spliced_later()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The probe's counters since it was loaded (all 0 when copying).
     pub fn counters(&self) -> splice_proxy::probe::Counters {
         self.probe().map_or_else(Default::default, |p| {
