@@ -901,7 +901,8 @@ fn a_stream_in_the_first_write_is_spliced_early() {
 
 /// A download whose client is not reading when the pair's time comes cannot drain into
 /// the client's socket, so no attempt to splice it can join: each is given up after
-/// 20 ms and tried again after a doubling delay, and the pair is copied on meanwhile.
+/// 20 ms in which nothing moved and tried again after a doubling delay, and the pair is
+/// copied on meanwhile.
 /// Once the client reads, a later attempt splices it, and every byte arrives once, in
 /// order. The backend trickles its reply in 16 KiB writes, so that no read of the copy
 /// fills its buffer (which would start an attempt at once, while the client's socket

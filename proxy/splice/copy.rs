@@ -204,6 +204,8 @@ impl CopyBuffer {
         budget: u64,
         short_read_ends: bool,
     ) -> io::Result<Pumped> {
+        // Copying again: an attempt to drain is over, and the next compares afresh.
+        self.waited_on = None;
         let mut pumped = Pumped {
             read: 0,
             written: 0,

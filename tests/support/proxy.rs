@@ -36,10 +36,23 @@ pub const LATER_AFTER: Duration = Duration::from_millis(20);
 /// the proxy's threads inherit their test's output. A failure in a guest then says what
 /// the proxy saw.
 fn show_log() {
+    log_to_test_output(tracing::Level::INFO);
+}
+
+/// For a test that serves so many connections that their access lines, which the
+/// harness keeps in memory as the test's output, would count in what it measures (the
+/// soak checks the process's RSS): only warnings and errors go there. Called before the
+/// test starts a proxy, it takes the place of [`show_log`] for the whole test binary.
+pub fn log_warnings_only() {
+    log_to_test_output(tracing::Level::WARN);
+}
+
+/// The process's log subscriber: the first call sets it, later ones change nothing.
+fn log_to_test_output(level: tracing::Level) {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(level)
         .try_init();
 }
 
