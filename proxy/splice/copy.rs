@@ -99,7 +99,7 @@ impl CopyBuffer {
     ) -> io::Result<Filled> {
         READ.with_borrow_mut(|scratch| {
             scratch.resize(COPY_BUFFER, 0);
-            let Some(n) = read_queued(src, scratch)? else {
+            let Some(n) = read_available(src, scratch)? else {
                 self.drained = true;
                 return Ok(Filled::Empty);
             };
@@ -177,7 +177,7 @@ impl CopyBuffer {
         let offered = (queued + COPY_BUFFER).min(DRAIN_MAX);
         READ.with_borrow_mut(|scratch| {
             scratch.resize(offered, 0);
-            let Some(n) = read_queued(src, &mut scratch[..offered])? else {
+            let Some(n) = read_available(src, &mut scratch[..offered])? else {
                 self.drained = true;
                 return Ok(Drain::Moved(moved));
             };
@@ -232,8 +232,10 @@ impl CopyBuffer {
 }
 
 /// One read of what `src` has queued into `buf`: None when nothing is (EAGAIN), 0 at
-/// its end. Interrupted reads are retried.
-fn read_queued(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+/// its end. Interrupted reads are retried. It reads with `socket::read`, not
+/// `socket::read_queued`'s `recv`, so that /proc's `rchar` counts the copy (the tests
+/// prove by that count that spliced bytes are never read).
+fn read_available(src: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
         match socket::read(src, buf) {
             Ok(n) => return Ok(Some(n)),
