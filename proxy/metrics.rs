@@ -87,6 +87,7 @@ pub struct Metrics {
     held: Gauge,
     throttled: Counter,
     spliced_later: Counter,
+    switches_given_up: Counter,
     /// The backend set whose states are exported, once a proxy shows it.
     backends: BackendSlot,
 }
@@ -112,6 +113,7 @@ impl Metrics {
             held: Gauge::default(),
             throttled: Counter::default(),
             spliced_later: Counter::default(),
+            switches_given_up: Counter::default(),
             backends: BackendSlot::default(),
         };
         metrics.registered(probe)
@@ -183,6 +185,11 @@ impl Metrics {
             "Connections copied at first and spliced once they streamed or outlived --splice-after; counted under mode copy in connections_total",
             self.spliced_later.clone(),
         );
+        registry.register(
+            "splice_switches_given_up",
+            "Attempts to splice a copied connection given up because a direction could not drain into its destination (a reader that does not read); each is tried again after a doubling delay, and the connection is copied meanwhile",
+            self.switches_given_up.clone(),
+        );
         registry.register_collector(Box::new(BackendHealth(Arc::clone(&self.backends))));
         if let Some(probe) = probe {
             registry.register_collector(Box::new(ProbeCounters(probe)));
@@ -210,6 +217,11 @@ impl Metrics {
             .get_or_create(&pair_labels(route, backend, Mode::Splice.as_str()))
             .inc();
         self.spliced_later.inc();
+    }
+
+    /// Attempts to splice copied connections were given up `times` more times.
+    pub(crate) fn switches_given_up(&self, times: u64) {
+        self.switches_given_up.inc_by(times);
     }
 
     /// Spliced directions parked `times` more times.

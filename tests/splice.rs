@@ -906,8 +906,7 @@ fn a_stream_in_the_first_write_is_spliced_early() {
 /// Once the client reads, a later attempt splices it, and every byte arrives once, in
 /// order. The backend trickles its reply in 16 KiB writes, so that no read of the copy
 /// fills its buffer (which would start an attempt at once, while the client's socket
-/// still had room). With a print in the give-up, two attempts were given up here before
-/// the third joined; no other test in this file gives one up.
+/// still had room). Two attempts were given up here before the third joined.
 #[test]
 fn a_switch_waits_for_a_client_that_stopped_reading() {
     const PIECE: usize = 16 << 10;
@@ -945,6 +944,10 @@ fn a_switch_waits_for_a_client_that_stopped_reading() {
     assert!(
         proxy.redirected_bytes() > 0,
         "spliced, yet the probe redirected none of the download"
+    );
+    assert!(
+        proxy.switches_given_up() > 0,
+        "no attempt was given up while the client did not read"
     );
     drop(client);
     finish(&proxy);

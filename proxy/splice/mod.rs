@@ -1033,7 +1033,8 @@ impl Worker {
             Takeover::At(at) => due = Some(due.map_or(at, |due| due.min(at))),
             Takeover::NotNow => {}
         }
-        let (held, throttles) = (pair.held(), pair.throttles());
+        let (held, throttles, given_up) =
+            (pair.held(), pair.throttles(), pair.switches_given_up());
         if held != pair.held_reported {
             self.metrics.held(held as i64 - pair.held_reported as i64);
             pair.held_reported = held;
@@ -1042,6 +1043,11 @@ impl Worker {
             self.metrics
                 .throttled(u64::from(throttles - pair.throttles_reported));
             pair.throttles_reported = throttles;
+        }
+        if given_up != pair.given_up_reported {
+            self.metrics
+                .switches_given_up(u64::from(given_up - pair.given_up_reported));
+            pair.given_up_reported = given_up;
         }
         if let Some(due) = due
             && pair.poll_due.is_none_or(|scheduled| due < scheduled)

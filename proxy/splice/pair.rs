@@ -108,6 +108,8 @@ pub(super) struct SpliceLater {
     attempt: Option<(Instant, Instant)>,
     /// How long after a failed attempt the next starts; doubles each time.
     retry: Duration,
+    /// Attempts given up so far, for the metrics.
+    given_up: u32,
 }
 
 impl SpliceLater {
@@ -117,6 +119,7 @@ impl SpliceLater {
             header,
             attempt: None,
             retry,
+            given_up: 0,
         }
     }
 
@@ -133,6 +136,7 @@ impl SpliceLater {
             Some((_, until)) if until > now => true,
             Some(_) => {
                 self.attempt = None;
+                self.given_up += 1;
                 self.at = now + self.retry;
                 self.retry = (self.retry * 2).min(LAST_RETRY);
                 false
@@ -247,9 +251,11 @@ pub(super) struct Pair {
     pub poll_due: Option<Instant>,
     /// The epoll interest registered for the client and the upstream.
     pub registered: [u32; 2],
-    /// [`Pair::held`] and [`Pair::throttles`] as last added to the metrics.
+    /// [`Pair::held`], [`Pair::throttles`] and [`Pair::switches_given_up`] as last
+    /// added to the metrics.
     pub held_reported: u64,
     pub throttles_reported: u32,
+    pub given_up_reported: u32,
     /// Set while the pair is copied until it shows it is long.
     pub splice_later: Option<SpliceLater>,
 }
@@ -277,6 +283,7 @@ impl Pair {
             registered: [0; 2],
             held_reported: 0,
             throttles_reported: 0,
+            given_up_reported: 0,
             splice_later: None,
         }
     }
@@ -371,6 +378,15 @@ impl Pair {
     pub fn throttles(&self) -> u32 {
         self.to_upstream.flow().map_or(0, KernelFlow::throttles)
             + self.to_client.flow().map_or(0, KernelFlow::throttles)
+    }
+
+    /// Attempts to splice the pair given up because its directions did not drain
+    /// ([`SpliceLater`]); a pair the kernel took over gives up no more, so its count stays
+    /// what was last reported.
+    pub fn switches_given_up(&self) -> u32 {
+        self.splice_later
+            .as_ref()
+            .map_or(self.given_up_reported, |later| later.given_up)
     }
 
     /// Bytes the kernel holds for both directions beyond the sockets' own buffers, as

@@ -199,14 +199,24 @@ impl Proxy {
 
     /// Connections copied first and spliced since, from the metrics.
     pub fn spliced_later(&self) -> u64 {
+        self.count("splice_proxy_connections_spliced_later_total")
+    }
+
+    /// Attempts to splice a copied connection given up, from the metrics.
+    pub fn switches_given_up(&self) -> u64 {
+        self.count("splice_proxy_splice_switches_given_up_total")
+    }
+
+    /// The counter `name` (without labels) from the metrics.
+    fn count(&self, name: &str) -> u64 {
         let metrics = self.engine().metrics().encode();
         let sample = metrics
             .lines()
-            .find_map(|line| line.strip_prefix("splice_proxy_connections_spliced_later_total "))
-            .unwrap_or_else(|| panic!("no count of connections spliced later in:\n{metrics}"));
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"));
         sample
             .parse()
-            .unwrap_or_else(|e| panic!("not a count ({e}): {sample:?}"))
+            .unwrap_or_else(|e| panic!("{name} is not a count ({e}): {sample:?}"))
     }
 
     /// Waits until [`Proxy::spliced_later`] reads `count`: the engine counts a switch
