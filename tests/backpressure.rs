@@ -73,6 +73,8 @@ fn routes(backend: SocketAddr) -> String {
 /// `write` accepted and hashing it. Bounded by `limit` bytes so that a broken bound
 /// cannot eat the machine.
 struct Writer {
+    /// The local and remote ports of the sender's socket, for a failure message.
+    ports: [u16; 2],
     written: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     done: thread::JoinHandle<io::Result<(u64, [u8; 32])>>,
@@ -80,6 +82,7 @@ struct Writer {
 
 impl Writer {
     fn start(mut stream: TcpStream, seed: u64, limit: u64) -> Writer {
+        let ports = ports_of(&stream);
         let written = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (count, stopping) = (Arc::clone(&written), Arc::clone(&stop));
@@ -109,6 +112,7 @@ impl Writer {
             Ok((total, hasher.finalize().into()))
         });
         Writer {
+            ports,
             written,
             stop,
             done,
@@ -1050,22 +1054,31 @@ fn every_byte_arrives(proxy: &Proxy, readers: Vec<TcpStream>, writers: Vec<Write
     let reading: Vec<_> = readers
         .into_iter()
         .map(|mut reader| {
-            thread::spawn(move || {
+            let ports = ports_of(&reader);
+            let reading = thread::spawn(move || {
                 let mut hasher = Sha256::new();
                 let read = io::copy(&mut reader, &mut hasher)?;
                 Ok::<_, io::Error>((read, <[u8; 32]>::from(hasher.finalize())))
-            })
+            });
+            (ports, reading)
         })
         .collect();
-    for (index, (writer, reading)) in writers.into_iter().zip(reading).enumerate() {
+    for (index, (writer, (ports, reading))) in writers.into_iter().zip(reading).enumerate() {
+        let sender = writer.ports;
         let written = writer.finish();
         let read = reading
             .join()
             .expect("reader thread panicked")
             .unwrap_or_else(|e| {
+                // The four sockets of the connection (the proxy's two are the peers of the
+                // test's), with what the engine says the kernel holds for all directions.
                 panic!(
-                    "connection {index}: read: {e}; probe {:?}",
-                    proxy.counters()
+                    "connection {index}: read: {e}; {} bytes written; the engine says the \
+                     kernel holds {} bytes; probe {:?}; its sockets:\n{}",
+                    written.0,
+                    metric(proxy, "splice_proxy_splice_held_bytes"),
+                    proxy.counters(),
+                    sockets_on(&[sender, ports].concat()),
                 )
             });
         assert_eq!(
@@ -1073,6 +1086,12 @@ fn every_byte_arrives(proxy: &Proxy, readers: Vec<TcpStream>, writers: Vec<Write
             "connection {index}: (bytes, hash) read and written"
         );
     }
+}
+
+/// The local and remote ports of `stream`.
+fn ports_of(stream: &TcpStream) -> [u16; 2] {
+    let port = |addr: io::Result<SocketAddr>| addr.map_or(0, |addr| addr.port());
+    [port(stream.local_addr()), port(stream.peer_addr())]
 }
 
 /// A metric without labels from the proxy's exposition.

@@ -1033,8 +1033,7 @@ impl Worker {
             Takeover::At(at) => due = Some(due.map_or(at, |due| due.min(at))),
             Takeover::NotNow => {}
         }
-        let (held, throttles, given_up) =
-            (pair.held(), pair.throttles(), pair.switches_given_up());
+        let (held, throttles, given_up) = (pair.held(), pair.throttles(), pair.switches_given_up());
         if held != pair.held_reported {
             self.metrics.held(held as i64 - pair.held_reported as i64);
             pair.held_reported = held;

@@ -1,6 +1,6 @@
 //! A client's side of a connection: connecting with bounded IO, reading exactly or to
-//! the end (hashing as it goes), writing while reading, closing with a reset, and the
-//! window its peer advertised.
+//! the end (hashing as it goes), writing while reading, closing with a reset, the
+//! window its peer advertised, and what `ss` says of its sockets.
 
 use std::{
     io::{self, Read, Write},
@@ -101,4 +101,24 @@ pub fn send_window(stream: &TcpStream) -> u32 {
         "this kernel's tcp_info has no tcpi_snd_wnd"
     );
     info[57]
+}
+
+/// What `ss` says of every TCP socket with a local or remote port in `ports`: queues,
+/// memory and TCP's own state, a line each, for a failure message that must say where
+/// bytes stopped (the proxy's two sockets of a pair are the peers of the test's).
+pub fn sockets_on(ports: &[u16]) -> String {
+    let filter = ports
+        .iter()
+        .map(|port| format!("sport = :{port} or dport = :{port}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let output = super::output_within(
+        super::external("ss", "iproute2").args(["-tnmieHO", &format!("( {filter} )")]),
+        Duration::from_secs(10),
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
