@@ -1070,15 +1070,24 @@ fn every_byte_arrives(proxy: &Proxy, readers: Vec<TcpStream>, writers: Vec<Write
             .join()
             .expect("reader thread panicked")
             .unwrap_or_else(|e| {
-                // The four sockets of the connection (the proxy's two are the peers of the
-                // test's), with what the engine says the kernel holds for all directions.
+                // The four sockets of the connection, by the two ports that are not a
+                // listener's, with what the engine says the kernel holds for all
+                // directions and TCP's counters.
                 panic!(
                     "connection {index}: read: {e}; {} bytes written; the engine says the \
-                     kernel holds {} bytes; probe {:?}; its sockets:\n{}",
+                     kernel holds {} bytes; probe {:?}; its sockets:\n{}TCP: {}",
                     written.0,
                     metric(proxy, "splice_proxy_splice_held_bytes"),
                     proxy.counters(),
-                    sockets_on(&[sender, ports].concat()),
+                    sockets_on(&[sender, ports].map(|ports| {
+                        // The client's own port, or the proxy's on the backend's side.
+                        if ports[1] == proxy.addr.port() {
+                            ports[0]
+                        } else {
+                            ports[1]
+                        }
+                    })),
+                    tcp_counters(),
                 )
             });
         assert_eq!(

@@ -103,6 +103,24 @@ pub fn send_window(stream: &TcpStream) -> u32 {
     info[57]
 }
 
+/// TCP's own counters on this host that are not 0 (`/proc/net/netstat`'s `TcpExt`: drops,
+/// zero windows, memory pressure, timeouts), for a failure message.
+pub fn tcp_counters() -> String {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return String::from("(no TcpExt in /proc/net/netstat)");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter(|(_, value)| *value != "0")
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// What `ss` says of every TCP socket with a local or remote port in `ports`: queues,
 /// memory and TCP's own state, a line each, for a failure message that must say where
 /// bytes stopped (the proxy's two sockets of a pair are the peers of the test's).
