@@ -24,6 +24,18 @@ use support::*;
 /// How long the reader does not read while the sender writes flat out.
 const STALL: Duration = Duration::from_secs(4);
 
+/// How long a reader waits for its next byte once the readers of many stalled
+/// connections resume. Those stalls drive the host's TCP memory to its limit
+/// (`tcp_mem`), where TCP drops segments, and a sender retransmits a dropped segment on
+/// its retransmission timer, doubling the timer at every drop; a window that reopens
+/// meanwhile does not make it send sooner (the lost segment counts as in flight until
+/// the timer fires). In 6.12 guests 2 to 4 clients of a thousand had backed off to a
+/// 26 s timer (13 drops each, one 53-byte segment) while their window stood open, and
+/// went on at its next expiry, after their readers had given up at [`IO_TIMEOUT`]
+/// (docs/flow-control.md, "On the kernel matrix"). The timer never passes 120 s
+/// (`TCP_RTO_MAX`), so a direction that has not resumed after that is stuck.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(130);
+
 /// The bound tests run with: small, so that a test sees several parks.
 const BACKLOG: u64 = 256 * 1024;
 
@@ -1054,6 +1066,9 @@ fn every_byte_arrives(proxy: &Proxy, readers: Vec<TcpStream>, writers: Vec<Write
     let reading: Vec<_> = readers
         .into_iter()
         .map(|mut reader| {
+            reader
+                .set_read_timeout(Some(RESUME_TIMEOUT))
+                .expect("SO_RCVTIMEO");
             let ports = ports_of(&reader);
             let reading = thread::spawn(move || {
                 let mut hasher = Sha256::new();
