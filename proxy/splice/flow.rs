@@ -400,9 +400,14 @@ impl KernelFlow {
         self.held = throttle.redirected.saturating_sub(moved);
         // Bytes this process writes may not overtake what the kernel still holds.
         if self.held > 0 {
-            if moved > throttle.last_moved {
+            // A look before its time was an event: the destination has room, so its
+            // reader reads again, and the kworker writes what it holds within a tick.
+            // Looked at on the backed-off timer instead, that write is seen up to
+            // LAST_LOOK late: the kworker writes without filling the send buffer, so
+            // no further event comes (49-54 ms gaps in a resume measured here).
+            if moved > throttle.last_moved || now < throttle.next_look {
                 throttle.interval = FIRST_LOOK;
-            } else if now >= throttle.next_look {
+            } else {
                 throttle.interval = (throttle.interval * 2).min(LAST_LOOK);
             }
             throttle.last_moved = moved;
