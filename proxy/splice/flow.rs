@@ -404,7 +404,7 @@ impl KernelFlow {
             // reader reads again, and the kworker writes what it holds within a tick.
             // Looked at on the backed-off timer instead, that write is seen up to
             // LAST_LOOK late: the kworker writes without filling the send buffer, so
-            // no further event comes (49-54 ms gaps in a resume measured here).
+            // no further event comes (docs/flow-control.md, "How long a resume takes").
             if moved > throttle.last_moved || now < throttle.next_look {
                 throttle.interval = FIRST_LOOK;
             } else {
