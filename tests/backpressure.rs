@@ -990,8 +990,8 @@ fn stalled_downloads_are_bounded_together() {
         );
         last = written;
     };
-    let kernel_held = metric(&proxy, "splice_proxy_splice_held_bytes");
-    let promised = metric(&proxy, "splice_proxy_splice_budget_promised_bytes");
+    let kernel_held = proxy.metric("splice_proxy_splice_held_bytes");
+    let promised = proxy.metric("splice_proxy_splice_budget_promised_bytes");
     let counters = proxy.counters();
     assert!(
         promised <= TOTAL,
@@ -1012,10 +1012,7 @@ fn stalled_downloads_are_bounded_together() {
     );
     every_byte_arrives(&proxy, clients, writers);
     proxy.wait_idle(IO_TIMEOUT);
-    assert_eq!(
-        metric(&proxy, "splice_proxy_splice_budget_promised_bytes"),
-        0
-    );
+    assert_eq!(proxy.metric("splice_proxy_splice_budget_promised_bytes"), 0);
 }
 
 /// A connection that moved a bulk upload and then sat idle gives back what its directions
@@ -1029,7 +1026,7 @@ fn an_idle_connection_gives_back_its_promise() {
     let (backend, held) = holding_backend();
     let proxy = Proxy::start(&bounded_together(backend.addr), SPLICE);
     let (client, mut upstream) = connect_held(&proxy, &held);
-    let promised = || metric(&proxy, "splice_proxy_splice_budget_promised_bytes");
+    let promised = || proxy.metric("splice_proxy_splice_budget_promised_bytes");
     // Half the budget free: the pair joined with the bound for each direction, which
     // leaves the budget tight.
     assert_eq!(promised(), 2 * EACH);
@@ -1092,7 +1089,7 @@ fn every_byte_arrives(proxy: &Proxy, readers: Vec<TcpStream>, writers: Vec<Write
                     "connection {index}: read: {e}; {} bytes written; the engine says the \
                      kernel holds {} bytes; probe {:?}; its sockets:\n{}TCP: {}",
                     written.0,
-                    metric(proxy, "splice_proxy_splice_held_bytes"),
+                    proxy.metric("splice_proxy_splice_held_bytes"),
                     proxy.counters(),
                     sockets_on(&[sender, ports].map(|ports| {
                         // The client's own port, or the proxy's on the backend's side.
@@ -1116,15 +1113,6 @@ fn every_byte_arrives(proxy: &Proxy, readers: Vec<TcpStream>, writers: Vec<Write
 fn ports_of(stream: &TcpStream) -> [u16; 2] {
     let port = |addr: io::Result<SocketAddr>| addr.map_or(0, |addr| addr.port());
     [port(stream.local_addr()), port(stream.peer_addr())]
-}
-
-/// A metric without labels from the proxy's exposition.
-fn metric(proxy: &Proxy, name: &str) -> u64 {
-    let text = proxy.engine().metrics().encode();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
 }
 
 #[test]

@@ -811,22 +811,8 @@ fn settled_rss(baseline: u64) -> u64 {
 /// skmem r, w and bl). Per socket rather than /proc/net/sockstat's total, which the
 /// machine's other work moves.
 fn socket_memory(ports: &[u16]) -> u64 {
-    let output = output_within(
-        external("ss", "iproute2").args(["-tmnHO"]),
-        Duration::from_secs(10),
-    );
-    assert!(output.status.success(), "ss -tmnHO: {output:?}");
-    let port_of = |addr: &str| addr.rsplit(':').next()?.parse::<u16>().ok();
-    String::from_utf8_lossy(&output.stdout)
+    sockets_on(ports)
         .lines()
-        .filter(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.get(3..5).is_some_and(|addrs| {
-                addrs
-                    .iter()
-                    .any(|addr| port_of(addr).is_some_and(|port| ports.contains(&port)))
-            })
-        })
         .filter_map(|line| {
             let skmem = line.split("skmem:(").nth(1)?.split(')').next()?;
             Some(

@@ -199,16 +199,16 @@ impl Proxy {
 
     /// Connections copied first and spliced since, from the metrics.
     pub fn spliced_later(&self) -> u64 {
-        self.count("splice_proxy_connections_spliced_later_total")
+        self.metric("splice_proxy_connections_spliced_later_total")
     }
 
     /// Attempts to splice a copied connection given up, from the metrics.
     pub fn switches_given_up(&self) -> u64 {
-        self.count("splice_proxy_splice_switches_given_up_total")
+        self.metric("splice_proxy_splice_switches_given_up_total")
     }
 
-    /// The counter `name` (without labels) from the metrics.
-    fn count(&self, name: &str) -> u64 {
+    /// The value of the metric `name`, a series without labels, from the exposition.
+    pub fn metric(&self, name: &str) -> u64 {
         let metrics = self.engine().metrics().encode();
         let sample = metrics
             .lines()
@@ -216,7 +216,7 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"));
         sample
             .parse()
-            .unwrap_or_else(|e| panic!("{name} is not a count ({e}): {sample:?}"))
+            .unwrap_or_else(|e| panic!("{name} is not a whole number ({e}): {sample:?}"))
     }
 
     /// Waits until [`Proxy::spliced_later`] reads `count`: the engine counts a switch

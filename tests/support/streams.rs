@@ -121,9 +121,8 @@ pub fn tcp_counters() -> String {
         .join(" ")
 }
 
-/// What `ss` says of every TCP socket with a local or remote port in `ports`: queues,
-/// memory and TCP's own state, a line each, for a failure message that must say where
-/// bytes stopped (the proxy's two sockets of a pair are the peers of the test's).
+/// What `ss` says of every TCP socket with a local or remote port in `ports`, a line
+/// each: queues, memory (`skmem`) and TCP's own state.
 pub fn sockets_on(ports: &[u16]) -> String {
     let filter = ports
         .iter()
@@ -134,9 +133,6 @@ pub fn sockets_on(ports: &[u16]) -> String {
         super::external("ss", "iproute2").args(["-tnmieHO", &format!("( {filter} )")]),
         Duration::from_secs(10),
     );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    assert!(output.status.success(), "ss: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
