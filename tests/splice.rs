@@ -854,34 +854,63 @@ fn a_short_exchange_is_copied_and_a_long_one_spliced() {
     finish(&proxy);
 }
 
-/// A connection that streams is spliced long before its time is up: a 64 MiB upload
-/// through a proxy that would otherwise copy for 10 s takes the kernel's path before it
-/// ends, and every byte arrives once, in order. (How much was copied first depends on
-/// how soon both sockets drain: alone on this machine, under half.)
-fn stream_is_spliced_early(len: usize, timing: Timing) {
+/// A connection that streams is spliced long before its time is up: an upload through
+/// a proxy that would otherwise copy for 10 s takes the kernel's path while it streams,
+/// the bytes after the switch go through the probe, and every byte arrives once, in
+/// order. The client writes 16 MiB pieces until the proxy counts the switch, then one
+/// more: a fixed length would race the switch (at full speed on loopback, 64 MiB was
+/// sometimes all copied before an attempt could drain the sockets, and the attempt ended
+/// with the upload).
+fn stream_is_spliced_early(timing: Timing) {
+    /// Bounds the upload: 1 GiB.
+    const PIECES_MAX: usize = 64;
     let (sink, reports) = Backend::sink();
     let proxy = Proxy::start_splicing_after(
         &prefix_routes("HELLO", &[sink.addr]),
         Duration::from_secs(10),
     );
-    let data = shared_payload(len, 22);
-    let all_at_once = concat(&[FIRST, &data]);
+    let piece = shared_payload(16 * MIB, 22);
     let mut client = proxy.connect();
     let started = Instant::now();
     match timing {
         AfterHandOff => {
             client.write_all(FIRST).unwrap();
-            client.write_all(&data).unwrap();
+            client.write_all(&piece).unwrap();
         }
-        AllAtOnce => client.write_all(&all_at_once).unwrap(),
+        AllAtOnce => client.write_all(&concat(&[FIRST, &piece])).unwrap(),
     }
+    let mut pieces = 1;
+    while proxy.spliced_later() == 0 {
+        assert!(
+            pieces < PIECES_MAX && started.elapsed() < WAIT,
+            "not spliced after {pieces} pieces of 16 MiB in {:?}",
+            started.elapsed()
+        );
+        client.write_all(&piece).unwrap();
+        pieces += 1;
+    }
+    let redirected_at_switch = proxy.redirected_bytes();
+    client.write_all(&piece).unwrap();
+    pieces += 1;
     client.shutdown(Shutdown::Write).unwrap();
-    sink_received(&reports, &data);
+    let mut sent: Vec<&[u8]> = vec![FIRST];
+    sent.extend(std::iter::repeat_n(&piece[..], pieces));
+    let received = reports
+        .recv_timeout(WAIT)
+        .expect("the sink reported within 10s");
+    assert_eq!(
+        received,
+        (
+            sent.iter().map(|part| part.len() as u64).sum(),
+            sha256_concat(&sent)
+        ),
+        "the backend received other bytes than the client sent"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
-    proxy.wait_spliced_later(1, WAIT);
+    let redirected = proxy.redirected_bytes() - redirected_at_switch;
     assert!(
-        proxy.redirected_bytes() > 0,
-        "spliced, yet the probe redirected none of the {len} bytes"
+        redirected >= 8 * MIB as u64,
+        "the probe redirected only {redirected} of the 16 MiB written after the switch"
     );
     drop(client);
     finish(&proxy);
@@ -890,13 +919,13 @@ fn stream_is_spliced_early(len: usize, timing: Timing) {
 #[test]
 fn a_stream_is_spliced_early() {
     let _lock = shared();
-    stream_is_spliced_early(64 * MIB, AfterHandOff);
+    stream_is_spliced_early(AfterHandOff);
 }
 
 #[test]
 fn a_stream_in_the_first_write_is_spliced_early() {
     let _lock = shared();
-    stream_is_spliced_early(64 * MIB, AllAtOnce);
+    stream_is_spliced_early(AllAtOnce);
 }
 
 /// A download whose client is not reading when the pair's time comes cannot drain into
