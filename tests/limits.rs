@@ -5,7 +5,8 @@
 //! connections. `first_message_timeout` closes silent and trickling (slowloris) clients
 //! unless a default route takes them; `connect_timeout` gives up on a backend that
 //! answers no SYN; `idle_timeout` resets a pair that moves nothing and keeps one that
-//! trickles. A proxy out of descriptors closes the client without blaming the backend.
+//! trickles. A proxy out of descriptors closes the client without blaming the backend,
+//! and one that cannot accept waits for a free descriptor without spinning.
 
 mod support;
 
@@ -659,4 +660,72 @@ fn a_proxy_out_of_descriptors_does_not_take_the_backend_down() {
         Vec::<String>::new(),
         "the backend was taken down"
     );
+}
+
+/// A proxy out of descriptors cannot accept: the client waits in the listener's queue
+/// while the proxy retries every few milliseconds, without spinning or logging every
+/// retry, and is served once a descriptor is free.
+#[test]
+fn a_proxy_that_cannot_accept_retries_without_spinning_and_then_serves() {
+    const LIMIT: usize = 160;
+    let backend = Backend::echo();
+    let routes = routes_file(
+        "no-accept",
+        &format!(
+            "first_message_timeout = \"60s\"\n\n{}",
+            prefix_routes("a", &[backend.addr])
+        ),
+    );
+    let mut command = external("prlimit", "util-linux");
+    command
+        .arg(format!("--nofile={LIMIT}:{LIMIT}"))
+        .arg(binary())
+        .args(["--listen", "127.0.0.1:0", "--routes"])
+        .arg(&routes);
+    let proxy = ProxyProcess::spawn(&mut command);
+    let pid = proxy.child.id();
+    let used = settled_fds_below(pid, LIMIT);
+    // Every descriptor taken: two per held connection, one for a silent client.
+    let gap = LIMIT - used;
+    let mut held_connections: Vec<TcpStream> =
+        (0..gap / 2).map(|_| held(proxy.addr(), b"a")).collect();
+    let _silent = (gap % 2 == 1).then(|| connect(proxy.addr()));
+    assert_eq!(settled_fds_below(pid, LIMIT), LIMIT);
+
+    let mut waiting = connect(proxy.addr());
+    waiting.write_all(b"a").unwrap();
+    let line = proxy.wait_for_log("accept failed", WAIT);
+    assert!(line.contains("Too many open files"), "{line}");
+    let cpu_before = process_cpu(pid);
+    thread::sleep(Duration::from_secs(2));
+    let busy = process_cpu(pid) - cpu_before;
+    assert!(
+        busy < Duration::from_millis(500),
+        "the proxy used {busy:?} of CPU in 2 s while it could not accept"
+    );
+    // Retried every 10 ms, logged at most once a second.
+    let lines = proxy.log_lines("accept failed");
+    assert!(lines.len() <= 4, "{lines:#?}");
+
+    drop(held_connections.pop());
+    waiting.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(read_exactly(&mut waiting, 1).unwrap(), b"a");
+    echo_checked(waiting, 2);
+}
+
+/// The CPU time, user and system, the process `pid` has used so far.
+fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the proxy's stat");
+    // After the command's name, which may hold spaces, in parentheses: utime and stime
+    // are the 12th and 13th fields.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a stat line")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant of the system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
 }
