@@ -207,8 +207,11 @@ struct Direction {
     consumed: u64,
     /// The source sent its FIN.
     eof: bool,
-    /// Everything has been written and the FIN passed on (`shutdown(dst, SHUT_WR)`).
+    /// Everything the source sent before its FIN has been written: only the FIN is
+    /// left to pass on, by `shutdown(dst, SHUT_WR)` or by the close of a done pair.
     closed: bool,
+    /// The FIN was passed on while the other direction was still open.
+    fin_passed: bool,
     /// Last progress seen while waiting for the kernel to drain, to detect a stall.
     drain_progress: Option<(u64, Instant)>,
     /// The last advance moved bytes toward a switch to the kernel ([`SpliceLater`]):
@@ -686,8 +689,18 @@ impl Pair {
         match (up, down) {
             (Err(e), _) | (_, Err(e)) => Next::Reset(e),
             (Ok(up), Ok(down)) => {
+                // Closing a done pair's sockets passes on the FINs not yet passed: a
+                // short exchange, whose directions close in the same event, makes no
+                // shutdown at all.
                 if self.to_upstream.closed && self.to_client.closed {
                     return Next::Done;
+                }
+                let fins = self
+                    .to_upstream
+                    .pass_fin(upstream)
+                    .and_then(|()| self.to_client.pass_fin(client));
+                if let Err(e) = fins {
+                    return Next::Reset(e);
                 }
                 match (up, down) {
                     (Next::Poll(a), Next::Poll(b)) => Next::Poll(a.min(b)),
@@ -712,11 +725,15 @@ impl Pair {
         Ok(Duration::from_millis(idle_ms.into()))
     }
 
-    /// Bytes each side sent, by the kernel's count, for the access log: the count taken
-    /// at a spliced direction's FIN, else asked now.
+    /// Bytes each side sent, for the access log: what a copied direction read up to
+    /// the FIN, the kernel's count taken at a spliced direction's FIN, else the kernel's
+    /// count asked now (a copy that ends before the FIN leaves bytes unread).
     pub fn bytes_sent(&self) -> (u64, u64) {
         let sent = |fd: BorrowedFd<'_>, direction: &Direction| match direction.source_total {
             Some(total) => total,
+            None if direction.eof && matches!(direction.mover, Mover::Copy(_)) => {
+                direction.consumed
+            }
             None => socket::tcp_info(fd)
                 .map(|info| info.bytes_received.saturating_sub(u64::from(direction.eof)))
                 .unwrap_or(0),
@@ -736,6 +753,7 @@ impl Direction {
             consumed,
             eof: false,
             closed: false,
+            fin_passed: false,
             drain_progress: None,
             switch_progressed: false,
             source_total: None,
@@ -870,10 +888,19 @@ impl Direction {
             }
         };
         if self.eof && drained {
-            socket::shutdown_write(dst).map_err(|e| on_side(self.to, e))?;
             self.closed = true;
         }
         Ok(Next::Wait)
+    }
+
+    /// Passes the source's FIN on to the destination once everything before it is
+    /// written.
+    fn pass_fin(&mut self, dst: BorrowedFd<'_>) -> io::Result<()> {
+        if self.closed && !self.fin_passed {
+            socket::shutdown_write(dst).map_err(|e| on_side(self.to, e))?;
+            self.fin_passed = true;
+        }
+        Ok(())
     }
 }
 
@@ -1168,11 +1195,13 @@ mod tests {
         backend.shutdown(Shutdown::Write).unwrap();
         let next = advance_until(&mut pair, |_, next| !matches!(next, Next::Wait));
         assert!(matches!(next, Next::Done), "{next:?}");
+        // Each side's bytes, as the access log gives them: without the FIN.
+        assert_eq!(pair.bytes_sent(), (3, 5));
+        // A done pair's close passes the last FIN on.
+        drop(pair);
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).unwrap();
         assert_eq!(reply, b"reply");
-        // Each side's bytes, as the access log gives them: without the FIN.
-        assert_eq!(pair.bytes_sent(), (3, 5));
     }
 
     #[test]
