@@ -214,9 +214,6 @@ struct Direction {
     fin_passed: bool,
     /// Last progress seen while waiting for the kernel to drain, to detect a stall.
     drain_progress: Option<(u64, Instant)>,
-    /// The last advance moved bytes toward a switch to the kernel ([`SpliceLater`]):
-    /// the pair takes it when it looks whether the attempt goes on.
-    switch_progressed: bool,
     /// Bytes the source sent in all, as the kernel counted them when a spliced
     /// direction's FIN arrived (the count is final then).
     source_total: Option<u64>,
@@ -660,20 +657,25 @@ impl Pair {
             drain,
             short_read_ends: look == Look::Readable,
         };
+        // Whether either direction moved bytes toward a switch to the kernel, which
+        // keeps an attempt going.
+        let mut progressed = false;
         let up = match up {
             Look::Skip => Ok(Next::Wait),
-            look => self
-                .to_upstream
-                .advance(client, upstream, maps.as_deref_mut(), copying(look)),
+            look => self.to_upstream.advance(
+                client,
+                upstream,
+                maps.as_deref_mut(),
+                copying(look),
+                &mut progressed,
+            ),
         };
         let down = match down {
             Look::Skip => Ok(Next::Wait),
             look => self
                 .to_client
-                .advance(upstream, client, maps, copying(look)),
+                .advance(upstream, client, maps, copying(look), &mut progressed),
         };
-        let progressed = std::mem::take(&mut self.to_upstream.switch_progressed)
-            | std::mem::take(&mut self.to_client.switch_progressed);
         if let Some(later) = &mut self.splice_later {
             if drain && progressed {
                 later.progressed(Instant::now());
@@ -755,7 +757,6 @@ impl Direction {
             closed: false,
             fin_passed: false,
             drain_progress: None,
-            switch_progressed: false,
             source_total: None,
         }
     }
@@ -806,12 +807,15 @@ impl Direction {
         }
     }
 
+    /// Moves what can move now; sets `switch_progressed` when it moved bytes toward a
+    /// switch to the kernel (a drain, [`SpliceLater`]).
     fn advance(
         &mut self,
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
         maps: Option<&mut SpliceMaps>,
         copying: Copying,
+        switch_progressed: &mut bool,
     ) -> io::Result<Next> {
         if self.closed {
             return Ok(Next::Wait);
@@ -821,11 +825,11 @@ impl Direction {
                 // What is held goes first; a drained source is read no more.
                 let mut written = 0;
                 let all_written = buffer.write_all_now(dst, &mut written)?;
-                self.switch_progressed |= written > 0;
+                *switch_progressed |= written > 0;
                 if all_written && !buffer.is_drained() {
                     match buffer.drain(src, dst)? {
                         Drain::Moved(drained) => {
-                            self.switch_progressed |= drained.read > 0;
+                            *switch_progressed |= drained.read > 0;
                             self.consumed += drained.read;
                             self.eof |= drained.eof;
                             if !self.eof && buffer.is_empty() && !buffer.is_drained() {
@@ -834,7 +838,7 @@ impl Direction {
                             }
                         }
                         Drain::NoRoom { progressed } => {
-                            self.switch_progressed |= progressed;
+                            *switch_progressed |= progressed;
                             return Ok(Next::Poll(Instant::now() + DRAIN_LOOK));
                         }
                     }
