@@ -13,7 +13,11 @@ mod support;
 use std::{
     io::{self, Write},
     net::{Shutdown, SocketAddr, TcpStream},
-    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc},
+    sync::{
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -933,30 +937,46 @@ fn a_stream_in_the_first_write_is_spliced_early() {
 /// 20 ms in which nothing moved and tried again after a doubling delay, and the pair is
 /// copied on meanwhile.
 /// Once the client reads, a later attempt splices it, and every byte arrives once, in
-/// order. The backend trickles its reply in 16 KiB writes, so that no read of the copy
-/// fills its buffer (which would start an attempt at once, while the client's socket
-/// still had room). Two attempts were given up here before the third joined.
+/// order. Until then the backend trickles its reply, 8 KiB every 2 ms: no read of the
+/// copy may fill its 64 KiB buffer while the client's socket and the proxy's send
+/// buffer (at most `tcp_wmem`'s 4 MiB) still have room, since such a read starts an
+/// attempt at once, which then joins; at 16 KiB a millisecond a worker 4 ms late (which
+/// an emulated 6.1 guest once was) did that. The trickle fills them in about 0.9 s
+/// (3.5 MB queued in the proxy's 4 MiB send buffer, seen with `ss`), before the pair's
+/// time at 1.5 s. Here one attempt was given up, and the next, once the client read,
+/// joined.
 #[test]
 fn a_switch_waits_for_a_client_that_stopped_reading() {
-    const PIECE: usize = 16 << 10;
-    const STOPPED: Duration = Duration::from_millis(1000);
+    const PIECE: usize = 8 << 10;
+    const STOPPED: Duration = Duration::from_millis(2000);
     let _lock = shared();
     let data = shared_payload(16 * MIB, 23);
     let reply = Arc::clone(&data);
+    let reading = Arc::new(AtomicBool::new(false));
+    let client_reads = Arc::clone(&reading);
     let backend = Backend::start(move |mut stream| {
         if read_exactly(&mut stream, FIRST.len()).is_err() {
             return;
         }
-        for piece in reply.chunks(PIECE) {
+        let mut pieces = reply.chunks(PIECE);
+        for piece in pieces.by_ref() {
             if stream.write_all(piece).is_err() {
                 return;
             }
-            thread::sleep(Duration::from_millis(1));
+            if client_reads.load(Ordering::SeqCst) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        for piece in pieces {
+            if stream.write_all(piece).is_err() {
+                return;
+            }
         }
     });
     let proxy = Proxy::start_splicing_after(
         &prefix_routes("HELLO", &[backend.addr]),
-        Duration::from_millis(300),
+        Duration::from_millis(1500),
     );
     // A small receive buffer keeps the client's socket, and the proxy's send buffer
     // that its window holds back, from absorbing the trickle before the time comes.
@@ -967,6 +987,7 @@ fn a_switch_waits_for_a_client_that_stopped_reading() {
     client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     client.write_all(FIRST).unwrap();
     thread::sleep(STOPPED);
+    reading.store(true, Ordering::SeqCst);
     let received = read_exactly(&mut client, data.len()).unwrap();
     assert!(received == *data, "the download arrived changed");
     proxy.wait_spliced_later(1, WAIT);
