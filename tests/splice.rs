@@ -943,8 +943,10 @@ fn a_stream_in_the_first_write_is_spliced_early() {
 /// attempt at once, which then joins; at 16 KiB a millisecond a worker 4 ms late (which
 /// an emulated 6.1 guest once was) did that. The trickle fills them in about 0.9 s
 /// (3.5 MB queued in the proxy's 4 MiB send buffer, seen with `ss`), before the pair's
-/// time at 1.5 s. Here one attempt was given up, and the next, once the client read,
-/// joined.
+/// time at 1.5 s. Once the client reads, the backend goes on at 8 KiB every 0.5 ms: the
+/// pauses let an attempt find the backend's socket drained (written flat out, an
+/// emulated guest's attempts never joined, and the download was copied whole). Here
+/// one attempt was given up, and the next, once the client read, joined.
 #[test]
 fn a_switch_waits_for_a_client_that_stopped_reading() {
     const PIECE: usize = 8 << 10;
@@ -958,20 +960,16 @@ fn a_switch_waits_for_a_client_that_stopped_reading() {
         if read_exactly(&mut stream, FIRST.len()).is_err() {
             return;
         }
-        let mut pieces = reply.chunks(PIECE);
-        for piece in pieces.by_ref() {
+        for piece in reply.chunks(PIECE) {
             if stream.write_all(piece).is_err() {
                 return;
             }
-            if client_reads.load(Ordering::SeqCst) {
-                break;
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
-        for piece in pieces {
-            if stream.write_all(piece).is_err() {
-                return;
-            }
+            let pause = if client_reads.load(Ordering::SeqCst) {
+                Duration::from_micros(500)
+            } else {
+                Duration::from_millis(2)
+            };
+            thread::sleep(pause);
         }
     });
     let proxy = Proxy::start_splicing_after(
