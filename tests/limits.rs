@@ -680,7 +680,7 @@ fn a_proxy_that_cannot_accept_retries_without_spinning_and_then_serves() {
     command
         .arg(format!("--nofile={LIMIT}:{LIMIT}"))
         .arg(binary())
-        .args(["--listen", "127.0.0.1:0", "--routes"])
+        .args(["--workers", "2", "--listen", "127.0.0.1:0", "--routes"])
         .arg(&routes);
     let proxy = ProxyProcess::spawn(&mut command);
     let pid = proxy.child.id();
@@ -703,9 +703,11 @@ fn a_proxy_that_cannot_accept_retries_without_spinning_and_then_serves() {
         busy < Duration::from_millis(500),
         "the proxy used {busy:?} of CPU in 2 s while it could not accept"
     );
-    // Retried every 10 ms, logged at most once a second.
+    // Retried every 10 ms, logged at most once a second by each of the two workers: the
+    // worker whose listener holds no client may fail too, since accept4 takes a
+    // descriptor before it looks at the queue.
     let lines = proxy.log_lines("accept failed");
-    assert!(lines.len() <= 4, "{lines:#?}");
+    assert!(lines.len() <= 6, "{lines:#?}");
 
     drop(held_connections.pop());
     waiting.set_read_timeout(Some(WAIT)).unwrap();
