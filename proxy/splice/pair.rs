@@ -108,8 +108,6 @@ pub(super) struct SpliceLater {
     attempt: Option<(Instant, Instant)>,
     /// How long after a failed attempt the next starts; doubles each time.
     retry: Duration,
-    /// Attempts given up so far, for the metrics.
-    given_up: u32,
 }
 
 impl SpliceLater {
@@ -119,12 +117,12 @@ impl SpliceLater {
             header,
             attempt: None,
             retry,
-            given_up: 0,
         }
     }
 
-    /// Whether the directions drain now, starting an attempt or giving one up.
-    fn drains(&mut self, now: Instant) -> bool {
+    /// Whether the directions drain now, starting an attempt or giving one up (counted
+    /// in `given_up`).
+    fn drains(&mut self, now: Instant, given_up: &mut u32) -> bool {
         if self.at > now {
             return false;
         }
@@ -136,7 +134,7 @@ impl SpliceLater {
             Some((_, until)) if until > now => true,
             Some(_) => {
                 self.attempt = None;
-                self.given_up += 1;
+                *given_up += 1;
                 self.at = now + self.retry;
                 self.retry = (self.retry * 2).min(LAST_RETRY);
                 false
@@ -258,6 +256,9 @@ pub(super) struct Pair {
     pub given_up_reported: u32,
     /// Set while the pair is copied until it shows it is long.
     pub splice_later: Option<SpliceLater>,
+    /// Attempts to splice it given up so far. Kept here, not in [`SpliceLater`]: that
+    /// goes when the pair starts to end, possibly in the look that gave an attempt up.
+    switches_given_up: u32,
 }
 
 impl Pair {
@@ -285,6 +286,7 @@ impl Pair {
             throttles_reported: 0,
             given_up_reported: 0,
             splice_later: None,
+            switches_given_up: 0,
         }
     }
 
@@ -381,12 +383,9 @@ impl Pair {
     }
 
     /// Attempts to splice the pair given up because its directions did not drain
-    /// ([`SpliceLater`]); a pair the kernel took over gives up no more, so its count stays
-    /// what was last reported.
+    /// ([`SpliceLater`]).
     pub fn switches_given_up(&self) -> u32 {
-        self.splice_later
-            .as_ref()
-            .map_or(self.given_up_reported, |later| later.given_up)
+        self.switches_given_up
     }
 
     /// Bytes the kernel holds for both directions beyond the sockets' own buffers, as
@@ -650,7 +649,10 @@ impl Pair {
         let (client, upstream) = (self.client.fd.as_fd(), self.upstream.fd.as_fd());
         let (budget, drain) = match &mut self.splice_later {
             None => (u64::MAX, false),
-            Some(later) => (COPY_FIRST_BUDGET, later.drains(Instant::now())),
+            Some(later) => (
+                COPY_FIRST_BUDGET,
+                later.drains(Instant::now(), &mut self.switches_given_up),
+            ),
         };
         let copying = |look: Look| Copying {
             budget,
@@ -1000,26 +1002,34 @@ mod tests {
         let ms = Duration::from_millis;
         let start = Instant::now();
         let mut later = SpliceLater::new(start, 0, ms(100));
+        let mut given_up = 0;
         assert!(
-            later.drains(start),
+            later.drains(start, &mut given_up),
             "the attempt starts when its time comes"
         );
-        assert!(later.drains(start + SWITCH_ATTEMPT - ms(1)));
+        assert!(later.drains(start + SWITCH_ATTEMPT - ms(1), &mut given_up));
         let mut now = start + SWITCH_ATTEMPT / 2;
         while now < start + SWITCH_ATTEMPT_MAX {
             later.progressed(now);
-            assert!(later.drains(now), "an attempt that moved was given up");
+            assert!(
+                later.drains(now, &mut given_up),
+                "an attempt that moved was given up"
+            );
             now += SWITCH_ATTEMPT / 2;
         }
         let over = start + SWITCH_ATTEMPT_MAX + ms(1);
-        assert!(!later.drains(over), "an attempt went on past its limit");
+        assert!(
+            !later.drains(over, &mut given_up),
+            "an attempt went on past its limit"
+        );
         assert_eq!(later.at, over + ms(100));
+        assert_eq!(given_up, 1);
 
         let second = later.at;
-        assert!(later.drains(second));
+        assert!(later.drains(second, &mut given_up));
         let stalled = second + SWITCH_ATTEMPT + ms(1);
         assert!(
-            !later.drains(stalled),
+            !later.drains(stalled, &mut given_up),
             "an attempt that never moved went on"
         );
         assert_eq!(
@@ -1027,6 +1037,7 @@ mod tests {
             stalled + ms(200),
             "the retry delay did not double"
         );
+        assert_eq!(given_up, 2);
     }
 
     /// A copied pair (no probe) and its two peers: `client` talks to the pair's client
