@@ -1059,21 +1059,7 @@ impl Worker {
             Takeover::At(at) => due = Some(due.map_or(at, |due| due.min(at))),
             Takeover::NotNow => {}
         }
-        let (held, throttles, given_up) = (pair.held(), pair.throttles(), pair.switches_given_up());
-        if held != pair.held_reported {
-            self.metrics.held(held as i64 - pair.held_reported as i64);
-            pair.held_reported = held;
-        }
-        if throttles != pair.throttles_reported {
-            self.metrics
-                .throttled(u64::from(throttles - pair.throttles_reported));
-            pair.throttles_reported = throttles;
-        }
-        if given_up != pair.given_up_reported {
-            self.metrics
-                .switches_given_up(u64::from(given_up - pair.given_up_reported));
-            pair.given_up_reported = given_up;
-        }
+        pair.report(&self.metrics);
         if let Some(due) = due
             && pair.poll_due.is_none_or(|scheduled| due < scheduled)
         {
@@ -1142,6 +1128,8 @@ impl Worker {
         drop(pair.lease.take());
         drop(std::mem::take(&mut pair.ticket));
 
+        // What its last look changed, then the bytes it held, which go with it.
+        pair.report(&self.metrics);
         self.metrics.held(-(pair.held_reported as i64));
         let line = ConnectionEnd::proxied(
             &pair.info,

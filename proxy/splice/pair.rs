@@ -19,6 +19,7 @@ use crate::{
     backend::Lease,
     budget::Promise,
     ending::{ConnectionInfo, Mode},
+    metrics::Metrics,
     probe::{Cookie, Side, SpliceMaps},
     socket::{self, SyscallError},
 };
@@ -249,11 +250,11 @@ pub(super) struct Pair {
     pub poll_due: Option<Instant>,
     /// The epoll interest registered for the client and the upstream.
     pub registered: [u32; 2],
-    /// [`Pair::held`], [`Pair::throttles`] and [`Pair::switches_given_up`] as last
-    /// added to the metrics.
+    /// [`Pair::held`], [`Pair::throttles`] and `switches_given_up` as last added to
+    /// the metrics ([`Pair::report`]).
     pub held_reported: u64,
-    pub throttles_reported: u32,
-    pub given_up_reported: u32,
+    throttles_reported: u32,
+    given_up_reported: u32,
     /// Set while the pair is copied until it shows it is long.
     pub splice_later: Option<SpliceLater>,
     /// Attempts to splice it given up so far. Kept here, not in [`SpliceLater`]: that
@@ -382,10 +383,23 @@ impl Pair {
             + self.to_client.flow().map_or(0, KernelFlow::throttles)
     }
 
-    /// Attempts to splice the pair given up because its directions did not drain
-    /// ([`SpliceLater`]).
-    pub fn switches_given_up(&self) -> u32 {
-        self.switches_given_up
+    /// Adds to the metrics what changed since the last report: the bytes the kernel
+    /// holds for the pair, its throttles, and the attempts to splice it given up
+    /// because its directions did not drain ([`SpliceLater`]).
+    pub fn report(&mut self, metrics: &Metrics) {
+        let (held, throttles) = (self.held(), self.throttles());
+        if held != self.held_reported {
+            metrics.held(held as i64 - self.held_reported as i64);
+            self.held_reported = held;
+        }
+        if throttles != self.throttles_reported {
+            metrics.throttled(u64::from(throttles - self.throttles_reported));
+            self.throttles_reported = throttles;
+        }
+        if self.switches_given_up != self.given_up_reported {
+            metrics.switches_given_up(u64::from(self.switches_given_up - self.given_up_reported));
+            self.given_up_reported = self.switches_given_up;
+        }
     }
 
     /// Bytes the kernel holds for both directions beyond the sockets' own buffers, as
