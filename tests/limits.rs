@@ -570,6 +570,19 @@ fn idle_pair_is_logged_as_idle() {
     assert!(line.contains("mode=\"splice\""), "{line}");
 }
 
+/// The proxy binary on `routes` with `args`, allowed `limit` descriptors: prlimit execs
+/// it, so it is the same process, with both limits at `limit`.
+fn proxy_with_descriptors(limit: usize, args: &[&str], routes: &std::path::Path) -> ProxyProcess {
+    let mut command = external("prlimit", "util-linux");
+    command
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(binary())
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--routes"])
+        .arg(routes);
+    ProxyProcess::spawn(&mut command)
+}
+
 /// Descriptors below `limit` that the process `pid` has open, once the count has
 /// stopped moving. Below the limit: a descriptor inherited from above it (cargo's
 /// jobserver pipe) takes no place the limit leaves.
@@ -613,14 +626,7 @@ fn a_proxy_out_of_descriptors_does_not_take_the_backend_down() {
             prefix_routes("a", &[backend.addr])
         ),
     );
-    // prlimit execs the proxy: the same process, with both limits at LIMIT.
-    let mut command = external("prlimit", "util-linux");
-    command
-        .arg(format!("--nofile={LIMIT}:{LIMIT}"))
-        .arg(binary())
-        .args(["--listen", "127.0.0.1:0", "--routes"])
-        .arg(&routes);
-    let proxy = ProxyProcess::spawn(&mut command);
+    let proxy = proxy_with_descriptors(LIMIT, &[], &routes);
     let pid = proxy.child.id();
     let used = settled_fds_below(pid, LIMIT);
     assert!(
@@ -676,13 +682,7 @@ fn a_proxy_that_cannot_accept_retries_without_spinning_and_then_serves() {
             prefix_routes("a", &[backend.addr])
         ),
     );
-    let mut command = external("prlimit", "util-linux");
-    command
-        .arg(format!("--nofile={LIMIT}:{LIMIT}"))
-        .arg(binary())
-        .args(["--workers", "2", "--listen", "127.0.0.1:0", "--routes"])
-        .arg(&routes);
-    let proxy = ProxyProcess::spawn(&mut command);
+    let proxy = proxy_with_descriptors(LIMIT, &["--workers", "2"], &routes);
     let pid = proxy.child.id();
     let used = settled_fds_below(pid, LIMIT);
     // Every descriptor taken: two per held connection, one for a silent client.
