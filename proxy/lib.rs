@@ -111,4 +111,4 @@ mod socket;
 pub mod splice;
 
 pub use running::{Proxy, ProxyBuilder, ProxyError, Splicing};
-pub use server::Limits;
+pub use server::{Limits, Steering};

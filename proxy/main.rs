@@ -16,7 +16,9 @@ use signal_hook::{
     consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
-use splice_proxy::{Proxy, ProxyError, Splicing, config::Config, logging, privileges::Identity};
+use splice_proxy::{
+    Proxy, ProxyError, Splicing, Steering, config::Config, logging, privileges::Identity,
+};
 
 /// A TCP reverse proxy that routes each connection on its first message (TLS SNI and
 /// ALPN, HTTP Host and path, a byte prefix, bytes at an offset, a regex, a length, or a
@@ -60,6 +62,14 @@ struct Args {
         alias = "executors"
     )]
     workers: usize,
+
+    /// Give a new connection to the worker numbered after the CPU that received it
+    /// (CPU mod workers), not to one picked by a hash of its addresses: its packets and
+    /// its worker then tend to share a CPU. Only where connections arrive on every CPU
+    /// (a receive queue per CPU, RPS, or local clients): if one CPU receives them all,
+    /// one worker serves them all.
+    #[arg(long)]
+    steer_by_cpu: bool,
 
     /// Sockets the probe's maps can hold, two per spliced connection; connections beyond
     /// it are copied.
@@ -166,6 +176,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut proxy = Proxy::from_config(config)
         .listen(args.listen)
         .workers(args.workers)
+        .steering(if args.steer_by_cpu {
+            Steering::ByCpu
+        } else {
+            Steering::ByHash
+        })
         .map_capacity(args.map_capacity)
         .splicing(match args.mode {
             Mode::Auto => Splicing::Auto,

@@ -19,7 +19,7 @@ use crate::{
     privileges::{self, Identity, PrivilegeError},
     probe::{self, Probe, ProbeError},
     route::{RouteTable, Router},
-    server::{Limits, Listeners, Server},
+    server::{Limits, Listeners, Server, Steering},
     splice::DEFAULT_SPLICE_AFTER,
     splice::{Closer, SPLICED_SEND_BUFFER, SpliceEngine},
 };
@@ -103,6 +103,7 @@ pub struct ProxyBuilder {
     limits: Option<Limits>,
     listen: SocketAddr,
     workers: usize,
+    steering: Steering,
     splicing: Splicing,
     map_capacity: u32,
     splice_after: Duration,
@@ -118,6 +119,7 @@ impl ProxyBuilder {
             limits: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             workers: 0,
+            steering: Steering::ByHash,
             splicing: Splicing::Auto,
             map_capacity: proxy_probe::DEFAULT_MAP_CAPACITY,
             splice_after: DEFAULT_SPLICE_AFTER,
@@ -138,6 +140,12 @@ impl ProxyBuilder {
     /// the worker that accepted it. Default: 0, one per CPU.
     pub fn workers(mut self, workers: usize) -> ProxyBuilder {
         self.workers = workers;
+        self
+    }
+
+    /// Which worker's listener gets a new connection. Default: [`Steering::ByHash`].
+    pub fn steering(mut self, steering: Steering) -> ProxyBuilder {
+        self.steering = steering;
         self
     }
 
@@ -219,11 +227,12 @@ impl ProxyBuilder {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let listeners =
-            Listeners::bind(self.listen, workers).map_err(|source| ProxyError::Bind {
+        let listeners = Listeners::bind(self.listen, workers, self.steering).map_err(|source| {
+            ProxyError::Bind {
                 addr: self.listen,
                 source,
-            })?;
+            }
+        })?;
         let metrics_listener = self
             .metrics
             .map(|addr| match TcpListener::bind(addr) {

@@ -285,6 +285,43 @@ pub fn grow_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> Result<(), SyscallE
     }
 }
 
+/// Makes the kernel give each new connection to listener `cpu % listeners` of the
+/// SO_REUSEPORT group `fd` listens in, `cpu` being the CPU its SYN is processed on,
+/// instead of one picked by a hash of its addresses. The group numbers its sockets in
+/// the order they began to listen; an index past its end falls back to the hash.
+pub fn steer_reuseport_by_cpu(fd: BorrowedFd<'_>, listeners: usize) -> Result<(), SyscallError> {
+    let statement = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // Classic BPF, run by the kernel at each SYN: A = the CPU; A %= listeners; return A.
+    let mut program = [
+        statement(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32,
+        ),
+        statement(
+            libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K,
+            u32::try_from(listeners.max(1)).unwrap_or(u32::MAX),
+        ),
+        statement(libc::BPF_RET | libc::BPF_A, 0),
+    ];
+    let program = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // The kernel copies the statements during the call; the array outlives it.
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_REUSEPORT_CBPF,
+        program,
+        "setsockopt(SO_ATTACH_REUSEPORT_CBPF)",
+    )
+}
+
 /// The receive buffer as the kernel reports it: twice what was set, for its overhead.
 pub fn receive_buffer(fd: BorrowedFd<'_>) -> Result<usize, SyscallError> {
     let bytes: libc::c_int = getsockopt(

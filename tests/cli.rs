@@ -12,6 +12,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
+    thread,
     time::Duration,
 };
 
@@ -41,7 +42,13 @@ fn run(args: &[&str]) -> (i32, String, String) {
 fn help_names_the_options() {
     let (code, stdout, stderr) = run(&["--help"]);
     assert_eq!(code, 0, "stderr: {stderr}");
-    for option in ["--listen", "--routes", "--check", "--mode"] {
+    for option in [
+        "--listen",
+        "--routes",
+        "--check",
+        "--mode",
+        "--steer-by-cpu",
+    ] {
         assert!(
             stdout.contains(option),
             "--help does not mention {option}:\n{stdout}"
@@ -301,6 +308,36 @@ fn copy_mode_proxies_and_logs_copy() {
 /// The binary as user nobody with no capabilities. nobody must be able to reach and run
 /// it: if some directory above it is closed to others, it runs from a copy in a
 /// world-readable temporary directory.
+/// Steered by CPU, whichever CPU a client connects from, its connection is served: the
+/// steering itself is the server module's unit test.
+#[test]
+fn steered_by_cpu_every_connection_is_served() {
+    let backend = Backend::echo();
+    let routes = echo_routes("cli-steer", backend.addr);
+    let proxy = ProxyProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--steer-by-cpu",
+    ]);
+    let addr = proxy.addr();
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            thread::spawn(move || {
+                for exchange in 0..8 {
+                    echo_exchange(addr, 64 << 10, 100 + client * 8 + exchange);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+}
+
 fn unprivileged(args: &[&str]) -> Command {
     let binary = Path::new(binary());
     let open_to_others = |path: &Path| {

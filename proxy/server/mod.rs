@@ -134,6 +134,21 @@ impl RoutingSlot {
     }
 }
 
+/// Which worker's listener the kernel gives a new connection to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Steering {
+    /// By a hash of its addresses: an even spread, whichever CPUs receive connections.
+    #[default]
+    ByHash,
+    /// By the CPU that processes its SYN, modulo the workers: the connection's packets
+    /// and the worker that serves it then tend to meet on one CPU, with fewer wake-ups
+    /// across CPUs (benchmarks/connection-path.md, "Steering by CPU"). Only where
+    /// connections arrive on every CPU (a NIC with a receive queue per CPU, or RPS, or
+    /// clients on the same host): where one CPU receives them all, one worker serves
+    /// them all.
+    ByCpu,
+}
+
 /// Listening sockets, bound before any worker accepts so that the address (and a port
 /// the kernel chose for `:0`) is known and shared by every worker.
 pub(crate) struct Listeners {
@@ -143,13 +158,16 @@ pub(crate) struct Listeners {
 
 impl Listeners {
     /// Binds `count` SO_REUSEPORT sockets to `addr`: the kernel spreads new connections
-    /// over them, one per worker.
-    pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Listeners> {
+    /// over them, one per worker, as `steering` says.
+    pub fn bind(addr: SocketAddr, count: usize, steering: Steering) -> io::Result<Listeners> {
         let first = reuseport_listener(addr)?;
         let local_addr = first.local_addr()?;
         let mut sockets = vec![OwnedFd::from(first)];
         for _ in 1..count.max(1) {
             sockets.push(OwnedFd::from(reuseport_listener(local_addr)?));
+        }
+        if steering == Steering::ByCpu && sockets.len() > 1 {
+            socket::steer_reuseport_by_cpu(sockets[0].as_fd(), sockets.len())?;
         }
         Ok(Listeners {
             sockets,
@@ -363,6 +381,86 @@ impl Front {
                 // A failure leaves an orderly close, which still refuses the client.
                 let _ = socket::reset_on_close(client.as_fd());
                 Accepted::Refused
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        net::{Ipv4Addr, TcpStream},
+        os::fd::AsFd,
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::{Listeners, Steering};
+    use crate::socket;
+
+    /// The CPUs this process may run on.
+    fn allowed_cpus() -> Vec<usize> {
+        // SAFETY: all zeroes is an empty cpu_set_t.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the size is `set`'s, which the call fills.
+        let rc = unsafe { libc::sched_getaffinity(0, size_of_val(&set), &mut set) };
+        assert_eq!(rc, 0, "sched_getaffinity: {}", io::Error::last_os_error());
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .collect()
+    }
+
+    /// Runs the calling thread on `cpu` only.
+    fn pin_to(cpu: usize) {
+        // SAFETY: all zeroes is an empty cpu_set_t.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` is below CPU_SETSIZE (it came from allowed_cpus).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: the size is `set`'s; 0 is the calling thread.
+        let rc = unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) };
+        assert_eq!(rc, 0, "sched_setaffinity: {}", io::Error::last_os_error());
+    }
+
+    /// The index of the listener whose queue the next connection arrives in, and that
+    /// no other listener got one.
+    fn listener_that_accepts(listeners: &Listeners) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let queued: Vec<usize> = (0..listeners.sockets.len())
+                .filter(|&i| socket::accept(listeners.sockets[i].as_fd()).is_ok())
+                .collect();
+            match queued[..] {
+                [] if Instant::now() < deadline => thread::sleep(Duration::from_millis(1)),
+                [index] => return index,
+                _ => panic!("listeners {queued:?} accepted, for one connection"),
+            }
+        }
+    }
+
+    #[test]
+    fn steered_by_cpu_a_connection_goes_to_the_listener_numbered_after_its_cpu() {
+        for count in [2, 3] {
+            let listeners =
+                Listeners::bind((Ipv4Addr::LOCALHOST, 0).into(), count, Steering::ByCpu).unwrap();
+            let addr = listeners.local_addr;
+            for cpu in allowed_cpus() {
+                // On loopback the SYN is processed on the CPU of the thread that connects.
+                for _ in 0..4 {
+                    let client = thread::spawn(move || {
+                        pin_to(cpu);
+                        TcpStream::connect(addr).unwrap()
+                    })
+                    .join()
+                    .unwrap();
+                    assert_eq!(
+                        listener_that_accepts(&listeners),
+                        cpu % count,
+                        "a connection from CPU {cpu}, {count} listeners"
+                    );
+                    drop(client);
+                }
             }
         }
     }
