@@ -29,6 +29,9 @@ const PROXY_THREADS: usize = 2;
 pub enum Kind {
     Direct,
     SpliceVerdict,
+    /// `splice-verdict` with `--steer-by-cpu`: not among the defaults, since a workload
+    /// whose connections all come from one client thread puts them on one worker.
+    SpliceSteered,
     Copy,
     Haproxy,
     HaproxyAuto,
@@ -36,9 +39,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::SpliceVerdict,
+        Kind::SpliceSteered,
         Kind::Copy,
         Kind::Haproxy,
         Kind::HaproxyAuto,
@@ -46,7 +50,8 @@ impl Kind {
     ];
 
     /// The targets a run without `--targets` measures: `haproxy-auto` only compares
-    /// HAProxy's two ways to splice.
+    /// HAProxy's two ways to splice, `splice-steered` splice-proxy's two ways to spread
+    /// connections over its workers.
     pub const DEFAULT: [Kind; 5] = [
         Kind::Direct,
         Kind::SpliceVerdict,
@@ -59,6 +64,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::SpliceVerdict => "splice-verdict",
+            Kind::SpliceSteered => "splice-steered",
             Kind::Copy => "copy",
             Kind::Haproxy => "haproxy",
             Kind::HaproxyAuto => "haproxy-auto",
@@ -70,6 +76,7 @@ impl Kind {
         match self {
             Kind::Direct => "client to backend, no proxy: the limit",
             Kind::SpliceVerdict => "splice-proxy --mode splice (stream verdict only)",
+            Kind::SpliceSteered => "splice-proxy --mode splice --steer-by-cpu",
             Kind::Copy => "splice-proxy --mode copy (userspace copy)",
             Kind::Haproxy => "HAProxy, mode tcp, option splice-request + splice-response",
             Kind::HaproxyAuto => "HAProxy, mode tcp, option splice-auto",
@@ -78,7 +85,7 @@ impl Kind {
     }
 
     fn is_splice_proxy(self) -> bool {
-        matches!(self, Kind::SpliceVerdict | Kind::Copy)
+        matches!(self, Kind::SpliceVerdict | Kind::SpliceSteered | Kind::Copy)
     }
 
     pub fn parse(name: &str) -> Option<Kind> {
@@ -104,7 +111,9 @@ pub enum Program {
 pub fn locate(kind: Kind) -> Result<Option<Program>, String> {
     let program = match kind {
         Kind::Direct => return Ok(None),
-        Kind::SpliceVerdict | Kind::Copy => Program::SpliceProxy(splice_proxy_binary()?),
+        Kind::SpliceVerdict | Kind::SpliceSteered | Kind::Copy => {
+            Program::SpliceProxy(splice_proxy_binary()?)
+        }
         Kind::Haproxy | Kind::HaproxyAuto => Program::Haproxy(
             find_program("haproxy")
                 .ok_or_else(|| "haproxy is not installed: apt-get install haproxy".to_owned())?,
@@ -412,6 +421,7 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
     fs::write(&routes, config).with_context(|| format!("writing {}", routes.display()))?;
     let mode: &[&str] = match kind {
         Kind::SpliceVerdict => &["--mode", "splice"],
+        Kind::SpliceSteered => &["--mode", "splice", "--steer-by-cpu"],
         _ => &["--mode", "copy"],
     };
     let mut command = Command::new(binary);
