@@ -3,7 +3,7 @@
 //! copied this way from start to end, one copied first is until it is spliced, and a
 //! spliced direction uses it only for the bytes the probe parked (see `flow.rs`).
 
-use std::{cell::RefCell, io, os::fd::BorrowedFd};
+use std::{cell::RefCell, io, os::fd::BorrowedFd, time::Duration};
 
 use crate::socket;
 
@@ -36,8 +36,10 @@ pub(super) struct CopyBuffer {
     /// The last read found the source's receive queue empty (it returned less than it
     /// was offered, or nothing): no buffer of the source's is left half-read.
     drained: bool,
-    /// What the destination had queued when a drain last found too little room there.
-    waited_on: Option<usize>,
+    /// Since a drain first found too little room in the destination, and until one
+    /// moves or copying resumes: the looks it has taken, and what the destination had
+    /// queued at the last.
+    waiting_for_room: Option<WaitForRoom>,
 }
 
 /// What one read into a [`CopyBuffer`] found.
@@ -51,14 +53,30 @@ pub(super) enum Filled {
     Full(usize),
 }
 
+/// A drain that waits for room in its destination ([`Drain::NoRoom`]).
+#[derive(Clone, Copy)]
+struct WaitForRoom {
+    looks: u32,
+    queued: usize,
+}
+
+/// How long a drain that found no room, after `looks_before` earlier such looks, waits
+/// before it looks again: 1 ms after the first, since a destination that reads at once
+/// makes room within a millisecond or two, then twice as long after each look up to
+/// 8 ms. A destination that reads, but slowly, keeps an attempt going for up to a
+/// second, and this way costs it about 130 looks (two system calls each), not 1,000.
+fn look_again_in(looks_before: u32) -> Duration {
+    Duration::from_millis(1 << looks_before.min(3))
+}
+
 /// What [`CopyBuffer::drain`] did.
 pub(super) enum Drain {
     /// It read what was queued, if anything, and wrote or kept it.
     Moved(Pumped),
     /// The destination has too little room for what is queued: nothing was read.
     /// `progressed`: its queue is shorter than at the last such look, so its reader
-    /// reads.
-    NoRoom { progressed: bool },
+    /// reads. `look_in`: when to look again.
+    NoRoom { progressed: bool, look_in: Duration },
 }
 
 /// What [`CopyBuffer::pump`] did.
@@ -168,11 +186,18 @@ impl CopyBuffer {
         }
         let space = socket::send_space(dst)?;
         if space.room < queued && space.queued > 0 {
-            let progressed = self.waited_on.is_some_and(|was| space.queued < was);
-            self.waited_on = Some(space.queued);
-            return Ok(Drain::NoRoom { progressed });
+            let before = self.waiting_for_room;
+            let looks_before = before.map_or(0, |was| was.looks);
+            self.waiting_for_room = Some(WaitForRoom {
+                looks: looks_before + 1,
+                queued: space.queued,
+            });
+            return Ok(Drain::NoRoom {
+                progressed: before.is_some_and(|was| space.queued < was.queued),
+                look_in: look_again_in(looks_before),
+            });
         }
-        self.waited_on = None;
+        self.waiting_for_room = None;
         // A queue past DRAIN_MAX is read in parts, none of which drains it.
         let offered = (queued + COPY_BUFFER).min(DRAIN_MAX);
         READ.with_borrow_mut(|scratch| {
@@ -205,7 +230,7 @@ impl CopyBuffer {
         short_read_ends: bool,
     ) -> io::Result<Pumped> {
         // Copying again: an attempt to drain is over, and the next compares afresh.
-        self.waited_on = None;
+        self.waiting_for_room = None;
         let mut pumped = Pumped {
             read: 0,
             written: 0,
@@ -273,7 +298,7 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use super::{COPY_BUFFER, CopyBuffer, Filled, Pumped};
+    use super::{COPY_BUFFER, CopyBuffer, Drain, Filled, Pumped};
     use crate::socket::{self, connected};
 
     /// A copy's four sockets: `sender` writes into `src`, `dst` is read by `reader`.
@@ -435,6 +460,56 @@ mod tests {
             received == sent,
             "the bytes arrived altered or out of order"
         );
+    }
+
+    #[test]
+    fn a_drain_without_room_looks_again_later_each_time_until_it_moves() {
+        let mut copy = copy_into_small_buffers();
+        // The destination's queue holds what its reader has not taken.
+        let mut filler = pattern(256 * 1024);
+        let mut into_dst = 0;
+        while let Ok(n) = socket::write(copy.dst.as_fd(), &filler[into_dst..]) {
+            into_dst += n;
+            assert!(into_dst < filler.len(), "the destination never filled");
+        }
+        copy.sender.write_all(&pattern(16 * 1024)).unwrap();
+        wait_queued(&copy.src, 16 * 1024);
+        let mut buffer = CopyBuffer::default();
+        let mut looks = Vec::new();
+        for _ in 0..5 {
+            match buffer.drain(copy.src.as_fd(), copy.dst.as_fd()).unwrap() {
+                Drain::NoRoom {
+                    progressed,
+                    look_in,
+                } => {
+                    assert!(!progressed, "a reader that never read made progress");
+                    looks.push(look_in.as_millis());
+                }
+                Drain::Moved(_) => panic!("a drain read into a full destination"),
+            }
+        }
+        assert_eq!(looks, [1, 2, 4, 8, 8]);
+
+        // Once the reader has taken everything, the drain moves the source's bytes, and
+        // the next wait for room starts again at 1 ms.
+        let mut taken = vec![0; into_dst];
+        copy.reader.read_exact(&mut taken).unwrap();
+        filler.truncate(into_dst);
+        assert!(taken == filler);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match buffer.drain(copy.src.as_fd(), copy.dst.as_fd()).unwrap() {
+                Drain::Moved(moved) => {
+                    assert_eq!(moved.read, 16 * 1024);
+                    break;
+                }
+                Drain::NoRoom { .. } => {
+                    assert!(Instant::now() < deadline, "room never came");
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        assert!(buffer.waiting_for_room.is_none());
     }
 
     #[test]

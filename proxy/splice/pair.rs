@@ -41,9 +41,6 @@ const SWITCH_ATTEMPT_MAX: Duration = Duration::from_secs(1);
 /// The longest wait between attempts to hand a copied pair to the kernel.
 const LAST_RETRY: Duration = Duration::from_secs(10);
 
-/// How long a drain waits for room in its destination before it looks again.
-const DRAIN_LOOK: Duration = Duration::from_millis(1);
-
 /// How often a half-close that waits for the kernel to drain is checked again. The waits
 /// measured here took 2-600 us, so a millisecond keeps the close prompt.
 const DRAIN_POLL: Duration = Duration::from_millis(1);
@@ -853,9 +850,12 @@ impl Direction {
                                 return Ok(Next::Poll(Instant::now()));
                             }
                         }
-                        Drain::NoRoom { progressed } => {
+                        Drain::NoRoom {
+                            progressed,
+                            look_in,
+                        } => {
                             *switch_progressed |= progressed;
-                            return Ok(Next::Poll(Instant::now() + DRAIN_LOOK));
+                            return Ok(Next::Poll(Instant::now() + look_in));
                         }
                     }
                 }
