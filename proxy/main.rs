@@ -217,8 +217,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         "copy"
     };
+    let steering = if args.steer_by_cpu {
+        ", connections steered by CPU"
+    } else {
+        ""
+    };
     tracing::info!(
-        "listening on {} ({mode} mode, {routes} routes from {})",
+        "listening on {} ({mode} mode, {routes} routes from {}{steering})",
         proxy.local_addr(),
         args.routes.display()
     );

@@ -323,6 +323,7 @@ fn steered_by_cpu_every_connection_is_served() {
         "2",
         "--steer-by-cpu",
     ]);
+    proxy.wait_for_log(", connections steered by CPU)", LOG_LIMIT);
     let addr = proxy.addr();
     let clients: Vec<_> = (0..4)
         .map(|client| {
