@@ -305,9 +305,6 @@ fn copy_mode_proxies_and_logs_copy() {
     proxy_and_log("cli-copy", "copy", "copy", 4 << 20, 2);
 }
 
-/// The binary as user nobody with no capabilities. nobody must be able to reach and run
-/// it: if some directory above it is closed to others, it runs from a copy in a
-/// world-readable temporary directory.
 /// Steered by CPU, whichever CPU a client connects from, its connection is served: the
 /// steering itself is the server module's unit test.
 #[test]
@@ -339,6 +336,9 @@ fn steered_by_cpu_every_connection_is_served() {
     }
 }
 
+/// The binary as user nobody with no capabilities. nobody must be able to reach and run
+/// it: if some directory above it is closed to others, it runs from a copy in a
+/// world-readable temporary directory.
 fn unprivileged(args: &[&str]) -> Command {
     let binary = Path::new(binary());
     let open_to_others = |path: &Path| {

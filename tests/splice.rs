@@ -862,9 +862,9 @@ fn a_short_exchange_is_copied_and_a_long_one_spliced() {
 /// a proxy that would otherwise copy for 10 s takes the kernel's path while it streams,
 /// the bytes after the switch go through the probe, and every byte arrives once, in
 /// order. The client writes 16 MiB pieces until the proxy counts the switch, then one
-/// more, at least half of which the verdict must see: a fixed length would race the switch (at full speed on loopback, 64 MiB was
-/// sometimes all copied before an attempt could drain the sockets, and the attempt ended
-/// with the upload).
+/// more, at least half of which the verdict must see: a fixed length would race the
+/// switch (at full speed on loopback, 64 MiB was sometimes all copied before an attempt
+/// could drain the sockets, and the attempt ended with the upload).
 fn stream_is_spliced_early(timing: Timing) {
     /// Bounds the upload: 1 GiB.
     const PIECES_MAX: usize = 64;
