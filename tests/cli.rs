@@ -305,8 +305,66 @@ fn copy_mode_proxies_and_logs_copy() {
     proxy_and_log("cli-copy", "copy", "copy", 4 << 20, 2);
 }
 
-/// Steered by CPU, whichever CPU a client connects from, its connection is served: the
-/// steering itself is the server module's unit test.
+/// Runs the calling thread on one CPU only, the first it may run on.
+fn pin_to_one_cpu() {
+    // SAFETY: all zeroes is an empty cpu_set_t.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the size is `set`'s, which the call fills.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of_val(&set), &mut set) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    let first = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .expect("a CPU to run on");
+    // SAFETY: `first` is below CPU_SETSIZE; the set then holds it alone.
+    unsafe {
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(first, &mut set);
+    }
+    // SAFETY: the size is `set`'s; 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The times each of the process `pid`'s worker threads (`splice-N`) has slept and been
+/// woken, by thread name.
+fn worker_wakeups(pid: u32) -> Vec<(String, u64)> {
+    let mut wakeups = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|value| value.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let name = field("Name:");
+        if name
+            .strip_prefix("splice-")
+            .is_some_and(|index| index.parse::<usize>().is_ok())
+        {
+            let switches = field("voluntary_ctxt_switches:").parse().unwrap();
+            wakeups.push((name, switches));
+        }
+    }
+    wakeups.sort();
+    wakeups
+}
+
+/// Steered by CPU, the connections of a client on one CPU all go to one worker, and
+/// every one is served; from clients on any CPU, every one is served too. The listener
+/// each CPU's connections reach is the server module's unit test.
 #[test]
 fn steered_by_cpu_every_connection_is_served() {
     let backend = Backend::echo();
@@ -322,6 +380,31 @@ fn steered_by_cpu_every_connection_is_served() {
     ]);
     proxy.wait_for_log(", connections steered by CPU)", LOG_LIMIT);
     let addr = proxy.addr();
+
+    // Each connection wakes its worker several times (accept, the first message, the
+    // echo, the closes); the other worker wakes about once a second for its sweep.
+    let pid = proxy.child.id();
+    let before = worker_wakeups(pid);
+    thread::spawn(move || {
+        pin_to_one_cpu();
+        for exchange in 0..200 {
+            echo_exchange(addr, 16, exchange);
+        }
+    })
+    .join()
+    .unwrap();
+    let after = worker_wakeups(pid);
+    let mut woken: Vec<u64> = after
+        .iter()
+        .zip(&before)
+        .map(|((_, now), (_, then))| now - then)
+        .collect();
+    woken.sort();
+    assert!(
+        woken.len() == 2 && woken[1] >= 200 && woken[1] >= 10 * woken[0],
+        "200 connections from one CPU woke the workers {before:?} -> {after:?}"
+    );
+
     let clients: Vec<_> = (0..4)
         .map(|client| {
             thread::spawn(move || {
