@@ -63,13 +63,9 @@ struct Args {
     )]
     workers: usize,
 
-    /// Give a new connection to the worker numbered after the CPU that received it
-    /// (CPU mod workers), not to one picked by a hash of its addresses: its packets and
-    /// its worker then tend to share a CPU. Only where connections arrive on every CPU
-    /// (a receive queue per CPU, RPS, or local clients): if one CPU receives them all,
-    /// one worker serves them all.
-    #[arg(long)]
-    steer_by_cpu: bool,
+    /// Which worker a new connection goes to.
+    #[arg(long, value_enum, default_value_t = SteeringArg::Auto)]
+    steering: SteeringArg,
 
     /// Sockets the probe's maps can hold, two per spliced connection; connections beyond
     /// it are copied.
@@ -124,6 +120,18 @@ enum Mode {
     Copy,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SteeringArg {
+    /// By CPU when splicing, by hash when copying every connection.
+    Auto,
+    /// To the worker numbered after the CPU that received it (CPU mod workers): its
+    /// packets and its worker then tend to share a CPU. Where one CPU receives most
+    /// connections, the other workers help its worker once it falls behind.
+    Cpu,
+    /// To a worker picked by a hash of its addresses: an even spread.
+    Hash,
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     // tracing-subscriber itself only looks at NO_COLOR, not at where the lines go.
@@ -176,10 +184,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut proxy = Proxy::from_config(config)
         .listen(args.listen)
         .workers(args.workers)
-        .steering(if args.steer_by_cpu {
-            Steering::ByCpu
-        } else {
-            Steering::ByHash
+        .steering(match args.steering {
+            SteeringArg::Auto => Steering::Auto,
+            SteeringArg::Cpu => Steering::ByCpu,
+            SteeringArg::Hash => Steering::ByHash,
         })
         .map_capacity(args.map_capacity)
         .splicing(match args.mode {
@@ -217,13 +225,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         "copy"
     };
-    let steering = if args.steer_by_cpu {
-        ", connections steered by CPU"
-    } else {
-        ""
+    let steering = match proxy.steering() {
+        Steering::ByCpu => "steered by CPU",
+        _ => "spread by hash",
     };
     tracing::info!(
-        "listening on {} ({mode} mode, {routes} routes from {}{steering})",
+        "listening on {} ({mode} mode, {routes} routes from {}, connections {steering})",
         proxy.local_addr(),
         args.routes.display()
     );

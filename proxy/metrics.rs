@@ -76,6 +76,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     accepted: Counter,
+    accepted_helping: Counter,
     routing: Gauge,
     proxied: Family<PairLabels, Counter>,
     active: Family<PairLabels, Gauge>,
@@ -102,6 +103,7 @@ impl Metrics {
         let metrics = Metrics {
             registry: Registry::with_prefix("splice_proxy"),
             accepted: Counter::default(),
+            accepted_helping: Counter::default(),
             routing: Gauge::default(),
             proxied: Family::default(),
             active: Family::default(),
@@ -125,6 +127,11 @@ impl Metrics {
             "connections_accepted",
             "Connections accepted from clients",
             self.accepted.clone(),
+        );
+        registry.register(
+            "connections_accepted_helping",
+            "Connections a worker accepted from another worker's listener, helping it empty a queue it had fallen behind on; counted in connections_accepted too",
+            self.accepted_helping.clone(),
         );
         registry.register(
             "connections_routing",
@@ -233,6 +240,12 @@ impl Metrics {
     pub(crate) fn accepted(&self) {
         self.accepted.inc();
         self.routing.inc();
+    }
+
+    /// A connection [`Metrics::accepted`] counted was accepted by a worker helping
+    /// another.
+    pub(crate) fn accepted_helping(&self) {
+        self.accepted_helping.inc();
     }
 
     /// A connection counted by [`Metrics::accepted`] left the server: handed to the

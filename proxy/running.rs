@@ -67,6 +67,15 @@ pub enum ProxyError {
     /// Handing the listeners to the workers failed.
     #[error("starting to accept")]
     Accept(#[source] std::io::Error),
+    /// [`Steering::ByCpu`] was asked and the kernel refused the listeners' program.
+    #[error("steering the listeners on {addr} by CPU")]
+    Steer {
+        /// The address listened on.
+        addr: SocketAddr,
+        /// Why the kernel refused it.
+        #[source]
+        source: std::io::Error,
+    },
     /// [`Proxy::stop_accepting`] could not shut a listener.
     #[error("stopping the listeners")]
     StopAccepting(#[source] std::io::Error),
@@ -119,7 +128,7 @@ impl ProxyBuilder {
             limits: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             workers: 0,
-            steering: Steering::ByHash,
+            steering: Steering::Auto,
             splicing: Splicing::Auto,
             map_capacity: proxy_probe::DEFAULT_MAP_CAPACITY,
             splice_after: DEFAULT_SPLICE_AFTER,
@@ -143,7 +152,8 @@ impl ProxyBuilder {
         self
     }
 
-    /// Which worker's listener gets a new connection. Default: [`Steering::ByHash`].
+    /// Which worker's listener gets a new connection. Default: [`Steering::Auto`], by CPU
+    /// when splicing.
     pub fn steering(mut self, steering: Steering) -> ProxyBuilder {
         self.steering = steering;
         self
@@ -227,12 +237,11 @@ impl ProxyBuilder {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let listeners = Listeners::bind(self.listen, workers, self.steering).map_err(|source| {
-            ProxyError::Bind {
+        let listeners =
+            Listeners::bind(self.listen, workers).map_err(|source| ProxyError::Bind {
                 addr: self.listen,
                 source,
-            }
-        })?;
+            })?;
         let metrics_listener = self
             .metrics
             .map(|addr| match TcpListener::bind(addr) {
@@ -287,6 +296,29 @@ impl ProxyBuilder {
             }
         }
 
+        let steering = match self.steering {
+            Steering::Auto if probe.is_some() => Steering::ByCpu,
+            Steering::Auto => Steering::ByHash,
+            asked => asked,
+        };
+        let steering = match steering {
+            Steering::ByCpu => match listeners.steer_by_cpu() {
+                Ok(()) => Steering::ByCpu,
+                Err(source) if self.steering == Steering::Auto => {
+                    tracing::warn!(
+                        "connections are spread by a hash of their addresses: steering the listeners by CPU failed: {source}"
+                    );
+                    Steering::ByHash
+                }
+                Err(source) => {
+                    return Err(ProxyError::Steer {
+                        addr: listeners.local_addr(),
+                        source,
+                    });
+                }
+            },
+            other => other,
+        };
         let engine = SpliceEngine::new(probe.map(Arc::new), workers, self.splice_after)
             .map_err(ProxyError::Engine)?;
         let metrics = metrics_listener
@@ -311,6 +343,7 @@ impl ProxyBuilder {
         Ok(Proxy {
             engine,
             server,
+            steering,
             metrics,
             backends,
         })
@@ -330,6 +363,8 @@ pub struct Proxy {
     // duplicates and the metrics endpoint close.
     engine: SpliceEngine,
     server: Server,
+    /// How its listeners are steered: [`Steering::ByCpu`] or [`Steering::ByHash`].
+    steering: Steering,
     metrics: Option<metrics::Endpoint>,
     /// Dropped last, once the routes and connections that hold its states are gone: it
     /// ends the health-check threads. Shared only with the metrics, weakly.
@@ -367,6 +402,12 @@ impl Proxy {
         self.metrics
             .as_ref()
             .and_then(metrics::Endpoint::local_addr)
+    }
+
+    /// How new connections are given to its workers, as decided at start:
+    /// [`Steering::ByCpu`] or [`Steering::ByHash`], never [`Steering::Auto`].
+    pub fn steering(&self) -> Steering {
+        self.steering
     }
 
     /// Whether it splices (the probe is loaded), or copies every connection.

@@ -42,13 +42,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 fn help_names_the_options() {
     let (code, stdout, stderr) = run(&["--help"]);
     assert_eq!(code, 0, "stderr: {stderr}");
-    for option in [
-        "--listen",
-        "--routes",
-        "--check",
-        "--mode",
-        "--steer-by-cpu",
-    ] {
+    for option in ["--listen", "--routes", "--check", "--mode", "--steering"] {
         assert!(
             stdout.contains(option),
             "--help does not mention {option}:\n{stdout}"
@@ -305,8 +299,8 @@ fn copy_mode_proxies_and_logs_copy() {
     proxy_and_log("cli-copy", "copy", "copy", 4 << 20, 2);
 }
 
-/// Runs the calling thread on one CPU only, the first it may run on.
-fn pin_to_one_cpu() {
+/// The first CPU the calling thread may run on.
+fn first_cpu() -> usize {
     // SAFETY: all zeroes is an empty cpu_set_t.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: the size is `set`'s, which the call fills.
@@ -317,31 +311,40 @@ fn pin_to_one_cpu() {
         "sched_getaffinity: {}",
         std::io::Error::last_os_error()
     );
-    let first = (0..libc::CPU_SETSIZE as usize)
+    (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
         .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .expect("a CPU to run on");
-    // SAFETY: `first` is below CPU_SETSIZE; the set then holds it alone.
-    unsafe {
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(first, &mut set);
-    }
-    // SAFETY: the size is `set`'s; 0 is the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) };
+        .expect("a CPU to run on")
+}
+
+/// Runs thread `tid` (0: the calling thread) on `cpu` only.
+fn pin(tid: libc::pid_t, cpu: usize) {
+    // SAFETY: all zeroes is an empty cpu_set_t.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` came from first_cpu, below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the size is `set`'s.
+    let rc = unsafe { libc::sched_setaffinity(tid, size_of_val(&set), &set) };
     assert_eq!(
         rc,
         0,
-        "sched_setaffinity: {}",
+        "sched_setaffinity({tid}): {}",
         std::io::Error::last_os_error()
     );
 }
 
-/// The times each of the process `pid`'s worker threads (`splice-N`) has slept and been
-/// woken, by thread name.
-fn worker_wakeups(pid: u32) -> Vec<(String, u64)> {
-    let mut wakeups = Vec::new();
+/// Runs the calling thread on one CPU only, the first it may run on.
+fn pin_to_one_cpu() {
+    pin(0, first_cpu());
+}
+
+/// The process `pid`'s worker threads (`splice-N`): name, thread id, and the times each
+/// has slept and been woken.
+fn workers(pid: u32) -> Vec<(String, libc::pid_t, u64)> {
+    let mut workers = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let task = task.unwrap();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
         let field = |name: &str| {
             status
                 .lines()
@@ -354,12 +357,13 @@ fn worker_wakeups(pid: u32) -> Vec<(String, u64)> {
             .strip_prefix("splice-")
             .is_some_and(|index| index.parse::<usize>().is_ok())
         {
+            let tid = task.file_name().to_str().unwrap().parse().unwrap();
             let switches = field("voluntary_ctxt_switches:").parse().unwrap();
-            wakeups.push((name, switches));
+            workers.push((name, tid, switches));
         }
     }
-    wakeups.sort();
-    wakeups
+    workers.sort();
+    workers
 }
 
 /// Steered by CPU, the connections of a client on one CPU all go to one worker, and
@@ -376,7 +380,8 @@ fn steered_by_cpu_every_connection_is_served() {
         routes.to_str().unwrap(),
         "--workers",
         "2",
-        "--steer-by-cpu",
+        "--steering",
+        "cpu",
     ]);
     proxy.wait_for_log(", connections steered by CPU)", LOG_LIMIT);
     let addr = proxy.addr();
@@ -384,7 +389,7 @@ fn steered_by_cpu_every_connection_is_served() {
     // Each connection wakes its worker several times (accept, the first message, the
     // echo, the closes); the other worker wakes about once a second for its sweep.
     let pid = proxy.child.id();
-    let before = worker_wakeups(pid);
+    let before = workers(pid);
     thread::spawn(move || {
         pin_to_one_cpu();
         for exchange in 0..200 {
@@ -393,11 +398,11 @@ fn steered_by_cpu_every_connection_is_served() {
     })
     .join()
     .unwrap();
-    let after = worker_wakeups(pid);
+    let after = workers(pid);
     let mut woken: Vec<u64> = after
         .iter()
         .zip(&before)
-        .map(|((_, now), (_, then))| now - then)
+        .map(|((_, _, now), (_, _, then))| now - then)
         .collect();
     woken.sort();
     assert!(
@@ -417,6 +422,89 @@ fn steered_by_cpu_every_connection_is_served() {
     for client in clients {
         client.join().unwrap();
     }
+}
+
+/// Steered by CPU, a worker that falls behind on its listener gets help: the other
+/// worker accepts from its queue too, and every connection is served. To fall behind on
+/// demand, the client runs as a real-time thread on the CPU of the worker its
+/// connections go to, with that worker pinned there: it opens all its connections
+/// before the worker can run, so they all wait in the worker's queue.
+#[test]
+fn steered_by_cpu_a_worker_that_falls_behind_gets_help() {
+    const CONNECTIONS: usize = 200;
+    let message = |index: usize| format!("HELLO {index:>5}\n").into_bytes();
+    let backend = Backend::echo();
+    let routes = echo_routes("cli-help", backend.addr);
+    let proxy = ProxyProcess::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--steering",
+        "cpu",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let addr = proxy.addr();
+    let metrics = proxy.wait_for_log("metrics at http://", LOG_LIMIT);
+    let metrics: SocketAddr = metrics
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {metrics:?}"));
+    let cpu = first_cpu();
+    let (_, owner, _) = workers(proxy.child.id())[cpu % 2];
+    pin(owner, cpu);
+
+    let clients = thread::spawn(move || {
+        pin(0, cpu);
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: `param` is a valid sched_param; 0 is the calling thread.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setscheduler: {}",
+            std::io::Error::last_os_error()
+        );
+        // Loopback completes each handshake in this thread's connect, queueing the
+        // connection, and its first message, without the worker.
+        let clients: Vec<_> = (0..CONNECTIONS)
+            .map(|index| {
+                let mut client = connect(addr);
+                client.write_all(&message(index)).unwrap();
+                client
+            })
+            .collect();
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        clients
+    })
+    .join()
+    .unwrap();
+    for (index, mut client) in clients.into_iter().enumerate() {
+        let mut echo = vec![0; message(index).len()];
+        client.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, message(index), "connection {index}");
+    }
+
+    let mut scrape = connect(metrics);
+    scrape.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut exposition = String::new();
+    scrape.read_to_string(&mut exposition).unwrap();
+    let helped: u64 = exposition
+        .lines()
+        .find_map(|line| line.strip_prefix("splice_proxy_connections_accepted_helping_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no helping count in:\n{exposition}"));
+    assert!(
+        helped > 0 && helped < CONNECTIONS as u64,
+        "{helped} of {CONNECTIONS} connections queued on one worker were accepted by the other"
+    );
 }
 
 /// The binary as user nobody with no capabilities. nobody must be able to reach and run
@@ -493,7 +581,10 @@ fn auto_mode_without_privileges_warns_once_and_copies() {
         "auto",
     ]));
     let addr = proxy.addr();
+    // Copying, by hash: steered, a CPU that receives most connections would leave one
+    // worker copying every stream.
     proxy.wait_for_log("(copy mode", LOG_LIMIT);
+    proxy.wait_for_log(", connections spread by hash)", LOG_LIMIT);
     for seed in 0..3 {
         let (client, bytes) = echo_exchange(addr, 1 << 20, 10 + seed);
         check_log(&proxy, client, backend.addr, "copy", bytes);
@@ -510,13 +601,20 @@ fn auto_mode_without_privileges_warns_once_and_copies() {
 
 /// `--mode auto` as root splices only on a kernel where the bound on a spliced direction
 /// is tested (6.1 on); on an older one it says why in one line and copies every
-/// connection. The kernel matrix (scripts/test-kernels) runs this on both kinds.
+/// connection. The kernel matrix (scripts/test-kernels) runs this on both kinds. Its
+/// connections are steered by CPU where it splices, spread by hash where it copies.
 #[test]
 fn auto_mode_splices_only_where_the_bound_is_tested() {
     let release = splice_proxy::probe::kernel_release().expect("/proc/sys/kernel/osrelease");
     let tested = splice_proxy::probe::bound_is_tested_on(&release);
     let moves = if tested { "splice" } else { "copy" };
     let proxy = proxy_and_log("cli-auto", "auto", moves, 1 << 20, 20);
+    let steering = if tested {
+        "steered by CPU"
+    } else {
+        "spread by hash"
+    };
+    proxy.wait_for_log(&format!(", connections {steering})"), LOG_LIMIT);
     let warnings = proxy.log_lines(&format!("kernel {release}: the bound"));
     let want = if tested { 0 } else { 1 };
     assert_eq!(

@@ -139,15 +139,20 @@ impl RoutingSlot {
 /// Which worker's listener the kernel gives a new connection to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Steering {
-    /// By a hash of its addresses: an even spread, whichever CPUs receive connections.
+    /// By CPU when the proxy splices, by hash when it copies every connection (`--mode
+    /// copy`, or a probe that could not load). Spliced, a worker does little per byte,
+    /// so one CPU receiving most connections costs little, and steering measured faster
+    /// in every placement of the clients tried; copying, one worker would copy every
+    /// stream (benchmarks/connection-path.md, "Steering by default").
     #[default]
+    Auto,
+    /// By a hash of its addresses: an even spread, whichever CPUs receive connections.
     ByHash,
     /// By the CPU that processes its SYN, modulo the workers: the connection's packets
     /// and the worker that serves it then tend to meet on one CPU, with fewer wake-ups
-    /// across CPUs (benchmarks/connection-path.md, "Steering by CPU"). Only where
-    /// connections arrive on every CPU (a NIC with a receive queue per CPU, or RPS, or
-    /// clients on the same host): where one CPU receives them all, one worker serves
-    /// them all.
+    /// across CPUs (benchmarks/connection-path.md, "Steering by CPU"). Where one CPU
+    /// receives most connections, its worker takes them all until it falls behind; then
+    /// the other workers help it empty its queue.
     ByCpu,
 }
 
@@ -160,21 +165,32 @@ pub(crate) struct Listeners {
 
 impl Listeners {
     /// Binds `count` SO_REUSEPORT sockets to `addr`: the kernel spreads new connections
-    /// over them, one per worker, as `steering` says.
-    pub fn bind(addr: SocketAddr, count: usize, steering: Steering) -> io::Result<Listeners> {
+    /// over them, one per worker, by a hash of their addresses until
+    /// [`Listeners::steer_by_cpu`].
+    pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Listeners> {
         let first = reuseport_listener(addr)?;
         let local_addr = first.local_addr()?;
         let mut sockets = vec![OwnedFd::from(first)];
         for _ in 1..count.max(1) {
             sockets.push(OwnedFd::from(reuseport_listener(local_addr)?));
         }
-        if steering == Steering::ByCpu && sockets.len() > 1 {
-            socket::steer_reuseport_by_cpu(sockets[0].as_fd(), sockets.len())?;
-        }
         Ok(Listeners {
             sockets,
             local_addr,
         })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Gives each new connection to the listener numbered after the CPU that processes
+    /// its SYN ([`Steering::ByCpu`]). One listener needs no steering.
+    pub fn steer_by_cpu(&self) -> io::Result<()> {
+        if self.sockets.len() > 1 {
+            socket::steer_reuseport_by_cpu(self.sockets[0].as_fd(), self.sockets.len())?;
+        }
+        Ok(())
     }
 }
 
@@ -223,7 +239,7 @@ impl Server {
         });
         for listener in listeners.sockets {
             engine.listen(Front {
-                listener,
+                listener: Arc::new(listener),
                 shared: Arc::clone(&shared),
             });
         }
@@ -316,9 +332,11 @@ impl Drop for InFlight {
     }
 }
 
-/// A listener, in the worker that accepts on it.
+/// A listener, in the worker that accepts on it; a clone goes to another worker for
+/// as long as it helps empty the listener's queue.
+#[derive(Clone)]
 pub(crate) struct Front {
-    listener: OwnedFd,
+    listener: Arc<OwnedFd>,
     shared: Arc<Shared>,
 }
 
@@ -398,7 +416,7 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use super::{Listeners, Steering};
+    use super::Listeners;
     use crate::socket;
 
     /// The CPUs this process may run on.
@@ -444,8 +462,8 @@ mod tests {
     #[test]
     fn steered_by_cpu_a_connection_goes_to_the_listener_numbered_after_its_cpu() {
         for count in [2, 3] {
-            let listeners =
-                Listeners::bind((Ipv4Addr::LOCALHOST, 0).into(), count, Steering::ByCpu).unwrap();
+            let listeners = Listeners::bind((Ipv4Addr::LOCALHOST, 0).into(), count).unwrap();
+            listeners.steer_by_cpu().unwrap();
             let addr = listeners.local_addr;
             for cpu in allowed_cpus() {
                 // On loopback the SYN is processed on the CPU of the thread that connects.

@@ -83,6 +83,13 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a worker waits to accept again after accept failed (EMFILE and friends).
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
+/// A worker that has accepted this many connections in a row from its listener without
+/// emptying its queue has fallen behind: it asks another worker to help empty it, and
+/// asks the next one after as many more. Steered by CPU, a worker whose CPU receives most
+/// connections takes them all, and this bounds how long they wait for it while others
+/// idle; a worker that keeps up seldom finds more than a few queued.
+const HELP_AFTER: usize = 16;
+
 /// A connection whose first message has been routed and written to the upstream. Its
 /// sockets may be blocking or not: the engine never waits on them.
 pub struct Connection {
@@ -122,9 +129,29 @@ pub struct SpliceEngine {
 }
 
 struct WorkerHandle {
+    mailbox: Mailbox,
+    thread: JoinHandle<()>,
+}
+
+/// Where a worker gets work from outside its thread: from the engine, or from another
+/// worker that asks for help.
+#[derive(Clone)]
+struct Mailbox {
     queue: mpsc::Sender<Work>,
     wakeup: Arc<Wakeup>,
-    thread: JoinHandle<()>,
+}
+
+impl Mailbox {
+    /// Queues `work` and wakes the worker; false if the worker has stopped, and then
+    /// `work` is dropped.
+    fn send(&self, work: Work) -> bool {
+        if self.queue.send(work).is_ok() {
+            self.wakeup.wake();
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Resets every connection of an engine, from any thread; cloned freely. See
@@ -150,6 +177,9 @@ impl Closer {
 enum Work {
     Adopt(Connection),
     Listen(Front),
+    /// Accept from another worker's listener until its queue is empty: that worker has
+    /// fallen behind ([`HELP_AFTER`]).
+    Help(Front),
 }
 
 impl SpliceEngine {
@@ -178,22 +208,38 @@ impl SpliceEngine {
             asks: None,
             metrics,
         };
-        let mut inboxes = Vec::with_capacity(workers.max(1));
-        for index in 0..workers.max(1) {
+        let count = workers.max(1);
+        let (mailboxes, incomings): (Vec<Mailbox>, Vec<_>) = (0..count)
+            .map(|_| {
+                let (queue, incoming) = mpsc::channel();
+                let wakeup = Arc::new(Wakeup::new()?);
+                io::Result::Ok((Mailbox { queue, wakeup }, incoming))
+            })
+            .collect::<io::Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let mut inboxes = Vec::with_capacity(count);
+        for (index, incoming) in incomings.into_iter().enumerate() {
             let maps = engine
                 .probe
                 .as_ref()
                 .map(|probe| probe.maps())
                 .transpose()
                 .map_err(io::Error::other)?;
-            let (queue, incoming) = mpsc::channel();
-            let wakeup = Arc::new(Wakeup::new()?);
+            let mailbox = mailboxes[index].clone();
+            let wakeup = Arc::clone(&mailbox.wakeup);
             let inbox = Arc::new(Inbox::default());
             inboxes.push((Arc::clone(&inbox), Arc::clone(&wakeup)));
             let worker = Worker {
                 epoll: Epoll::new()?,
                 wakeup: Arc::clone(&wakeup),
                 incoming,
+                // The others, from the next one on: workers that ask start with
+                // different helpers.
+                helpers: (1..count)
+                    .map(|offset| mailboxes[(index + offset) % count].clone())
+                    .collect(),
+                next_helper: 0,
                 inbox,
                 asked: Vec::new(),
                 maps,
@@ -220,12 +266,8 @@ impl SpliceEngine {
             let thread = thread::Builder::new()
                 .name(format!("splice-{index}"))
                 .spawn(move || worker.run())?;
-            engine.closer.wakeups.push(Arc::clone(&wakeup));
-            engine.workers.push(WorkerHandle {
-                queue,
-                wakeup,
-                thread,
-            });
+            engine.closer.wakeups.push(wakeup);
+            engine.workers.push(WorkerHandle { mailbox, thread });
         }
         if let Some(asks) = engine.probe.as_ref().and_then(|probe| probe.take_asks()) {
             engine.asks = Some(asks::Reader::start(asks, inboxes)?);
@@ -253,9 +295,7 @@ impl SpliceEngine {
     /// Sends `work` to the next worker; false if that worker has stopped.
     fn give(&self, work: Work) -> bool {
         let index = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        let worker = &self.workers[index];
-        if worker.queue.send(work).is_ok() {
-            worker.wakeup.wake();
+        if self.workers[index].mailbox.send(work) {
             true
         } else {
             // The worker thread is gone: it only ends by panicking.
@@ -508,6 +548,11 @@ struct Worker {
     epoll: Epoll,
     wakeup: Arc<Wakeup>,
     incoming: mpsc::Receiver<Work>,
+    /// The other workers, asked in turn to help when this one falls behind on its
+    /// listener.
+    helpers: Vec<Mailbox>,
+    /// The helper to ask next.
+    next_helper: usize,
     /// Cookies of directions the probe asked credit for, from the asks thread.
     inbox: Arc<Inbox>,
     /// The inbox's cookies being handled, kept to reuse the allocation.
@@ -604,6 +649,7 @@ impl Worker {
                     match work {
                         Work::Adopt(connection) => self.adopt(connection, Origin::Adopted),
                         Work::Listen(front) => self.listen(front),
+                        Work::Help(front) => self.help(front),
                     }
                 }
                 if self.closing.load(Ordering::SeqCst) {
@@ -641,12 +687,19 @@ impl Worker {
     /// Accepting all of it at once, not one a wake, measured faster under load
     /// (benchmarks/connection-path.md, "Fewer system calls at the close").
     fn accept(&mut self, index: usize) {
+        let mut accepted = 0;
         loop {
             let Some(Some(front)) = self.fronts.get(index) else {
                 return;
             };
             match front.accept() {
-                Accepted::Arrival(arrival) => self.arrival_step(None, arrival.advance()),
+                Accepted::Arrival(arrival) => {
+                    accepted += 1;
+                    if accepted % HELP_AFTER == 0 {
+                        self.ask_for_help(index);
+                    }
+                    self.arrival_step(None, arrival.advance());
+                }
                 Accepted::Refused => {}
                 Accepted::Nothing => return,
                 Accepted::Stopped => {
@@ -658,6 +711,34 @@ impl Worker {
                     self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Asks the next other worker to help empty listener `index`'s queue.
+    fn ask_for_help(&mut self, index: usize) {
+        let Some(Some(front)) = self.fronts.get(index) else {
+            return;
+        };
+        if let Some(helper) = self.helpers.get(self.next_helper) {
+            // A helper that has stopped cannot help; the queue is still this worker's.
+            helper.send(Work::Help(front.clone()));
+            self.next_helper = (self.next_helper + 1) % self.helpers.len();
+        }
+    }
+
+    /// Accepts from another worker's `front` until its queue is empty, and keeps what it
+    /// accepts: a connection stays on the worker that accepted it. Failures are the
+    /// owner's to retry; a helper only stops.
+    fn help(&mut self, front: Front) {
+        loop {
+            match front.accept() {
+                Accepted::Arrival(arrival) => {
+                    self.metrics.accepted_helping();
+                    self.arrival_step(None, arrival.advance());
+                }
+                Accepted::Refused => {}
+                Accepted::Nothing | Accepted::Stopped | Accepted::Failed(_) => return,
             }
         }
     }
