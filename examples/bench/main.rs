@@ -1,8 +1,8 @@
 //! The splice-proxy benchmark: one run measures each target side by side on 127.0.0.1:
 //!
 //! - `direct`: the client talks to the backend with no proxy (the limit),
-//! - `splice-verdict`: splice-proxy in splice mode (`splice-steered`, on request: with
-//!   `--steer-by-cpu`), `copy`: splice-proxy copying in userspace,
+//! - `splice-verdict`: splice-proxy in splice mode (`splice-hashed`, on request: with
+//!   `--steering hash`), `copy`: splice-proxy copying in userspace,
 //! - `haproxy`: HAProxy in `mode tcp` with `option splice-request` and
 //!   `option splice-response`, as its users configure it for speed (`haproxy-auto`, on
 //!   request: with `option splice-auto` instead),
@@ -102,8 +102,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     repeats: Option<usize>,
 
-    /// Only these targets, comma-separated: direct, splice-verdict, splice-steered, copy,
-    /// haproxy, haproxy-auto, nginx [default: all but splice-steered and haproxy-auto].
+    /// Only these targets, comma-separated: direct, splice-verdict, splice-hashed, copy,
+    /// haproxy, haproxy-auto, nginx [default: all but splice-hashed and haproxy-auto].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     targets: Vec<String>,
 

@@ -29,9 +29,9 @@ const PROXY_THREADS: usize = 2;
 pub enum Kind {
     Direct,
     SpliceVerdict,
-    /// `splice-verdict` with `--steer-by-cpu`: not among the defaults, since a workload
-    /// whose connections all come from one client thread puts them on one worker.
-    SpliceSteered,
+    /// `splice-verdict` with `--steering hash`, the default before steering by CPU: on
+    /// request, to compare the two.
+    SpliceHashed,
     Copy,
     Haproxy,
     HaproxyAuto,
@@ -42,7 +42,7 @@ impl Kind {
     pub const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::SpliceVerdict,
-        Kind::SpliceSteered,
+        Kind::SpliceHashed,
         Kind::Copy,
         Kind::Haproxy,
         Kind::HaproxyAuto,
@@ -50,7 +50,7 @@ impl Kind {
     ];
 
     /// The targets a run without `--targets` measures: `haproxy-auto` only compares
-    /// HAProxy's two ways to splice, `splice-steered` splice-proxy's two ways to spread
+    /// HAProxy's two ways to splice, `splice-hashed` splice-proxy's two ways to spread
     /// connections over its workers.
     pub const DEFAULT: [Kind; 5] = [
         Kind::Direct,
@@ -64,7 +64,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::SpliceVerdict => "splice-verdict",
-            Kind::SpliceSteered => "splice-steered",
+            Kind::SpliceHashed => "splice-hashed",
             Kind::Copy => "copy",
             Kind::Haproxy => "haproxy",
             Kind::HaproxyAuto => "haproxy-auto",
@@ -75,8 +75,10 @@ impl Kind {
     pub fn describe(self) -> &'static str {
         match self {
             Kind::Direct => "client to backend, no proxy: the limit",
-            Kind::SpliceVerdict => "splice-proxy --mode splice (stream verdict only)",
-            Kind::SpliceSteered => "splice-proxy --mode splice --steer-by-cpu",
+            Kind::SpliceVerdict => {
+                "splice-proxy --mode splice, steered by CPU (stream verdict only)"
+            }
+            Kind::SpliceHashed => "splice-proxy --mode splice --steering hash",
             Kind::Copy => "splice-proxy --mode copy (userspace copy)",
             Kind::Haproxy => "HAProxy, mode tcp, option splice-request + splice-response",
             Kind::HaproxyAuto => "HAProxy, mode tcp, option splice-auto",
@@ -85,7 +87,7 @@ impl Kind {
     }
 
     fn is_splice_proxy(self) -> bool {
-        matches!(self, Kind::SpliceVerdict | Kind::SpliceSteered | Kind::Copy)
+        matches!(self, Kind::SpliceVerdict | Kind::SpliceHashed | Kind::Copy)
     }
 
     pub fn parse(name: &str) -> Option<Kind> {
@@ -111,7 +113,7 @@ pub enum Program {
 pub fn locate(kind: Kind) -> Result<Option<Program>, String> {
     let program = match kind {
         Kind::Direct => return Ok(None),
-        Kind::SpliceVerdict | Kind::SpliceSteered | Kind::Copy => {
+        Kind::SpliceVerdict | Kind::SpliceHashed | Kind::Copy => {
             Program::SpliceProxy(splice_proxy_binary()?)
         }
         Kind::Haproxy | Kind::HaproxyAuto => Program::Haproxy(
@@ -421,7 +423,7 @@ fn splice_proxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow:
     fs::write(&routes, config).with_context(|| format!("writing {}", routes.display()))?;
     let mode: &[&str] = match kind {
         Kind::SpliceVerdict => &["--mode", "splice"],
-        Kind::SpliceSteered => &["--mode", "splice", "--steer-by-cpu"],
+        Kind::SpliceHashed => &["--mode", "splice", "--steering", "hash"],
         _ => &["--mode", "copy"],
     };
     let mut command = Command::new(binary);
