@@ -3,9 +3,10 @@
 //! worker) belongs to one worker of the [`SpliceEngine`], which accepts on it in its own
 //! event loop and carries each connection through its first message (`Arrival`, in
 //! arrival.rs) and into the engine on the same thread: one owner per connection, from
-//! accept to close. The kernel gives each new connection to one listener of the group,
-//! by a hash of its addresses or, steered ([`Steering::ByCpu`]), by the CPU that
-//! processed its SYN.
+//! accept to close. The kernel gives each new connection to one listener of the group:
+//! by the CPU that processed its SYN when the proxy splices, by a hash of its addresses
+//! when it copies ([`Steering`]). A worker that falls behind on its listener's queue asks
+//! the others to accept from it too (the engine's `HELP_AFTER`).
 //!
 //! The routing (router and limits) sits in a `RoutingSlot` that can be replaced while
 //! the server runs: each connection reads it once, at accept, and keeps what it read.

@@ -5,7 +5,9 @@
 //! Each worker thread sleeps on one epoll instance, which is the proxy's one event loop
 //! on that thread: a worker given a listener (`server::Front`) also accepts on it and
 //! carries each connection through its first message (`server::Arrival`), then adopts it
-//! itself, with no hand-off to another thread.
+//! itself, with no hand-off to another thread. A worker that falls behind on its
+//! listener asks another to accept from the same queue (`HELP_AFTER`), which then owns
+//! what it accepted in the same way.
 //!
 //! For a spliced connection a worker only watches for the close: the bytes never reach
 //! it. When a side sends its FIN the worker
@@ -65,9 +67,9 @@ pub use crate::ending::ConnectionInfo;
 pub const SPLICED_SEND_BUFFER: usize = 16 << 20;
 
 /// How long a connection is copied before it is spliced, unless it streams first
-/// ([`SpliceLater`]). Short connections, most of what a front proxy sees, end well
-/// within it: spliced, each cost the kernel a psock per socket and a kworker item per
-/// redirect, and the proxy its map inserts and socket options, for a few bytes
+/// (`SpliceLater`, in pair.rs). Short connections, most of what a front proxy sees, end
+/// well within it: spliced, each cost the kernel a psock per socket and a kworker item
+/// per redirect, and the proxy its map inserts and socket options, for a few bytes
 /// (benchmarks/connection-path.md).
 pub const DEFAULT_SPLICE_AFTER: Duration = Duration::from_millis(100);
 
@@ -286,7 +288,8 @@ impl SpliceEngine {
     }
 
     /// Gives `front`'s listener to a worker, which accepts on it from now on, and
-    /// adopts what it accepts itself. Workers take listeners in turn.
+    /// adopts what it accepts itself; the others accept from it too while it is behind
+    /// ([`HELP_AFTER`]). Workers take listeners in turn.
     pub(crate) fn listen(&self, front: Front) {
         // A listener dropped with the message is closed: connects to it are refused.
         self.give(Work::Listen(front));
