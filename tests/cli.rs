@@ -13,7 +13,7 @@ use std::{
     process::Command,
     sync::Arc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use support::*;
@@ -366,6 +366,24 @@ fn workers(pid: u32) -> Vec<(String, libc::pid_t, u64)> {
     workers
 }
 
+/// The process `pid`'s `count` workers, once each has named its thread: a thread takes
+/// its name once it runs, which can be after the proxy logs that it listens.
+fn wait_for_workers(pid: u32, count: usize) -> Vec<(String, libc::pid_t, u64)> {
+    let deadline = Instant::now() + LOG_LIMIT;
+    loop {
+        let workers = workers(pid);
+        if workers.len() == count {
+            return workers;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {LOG_LIMIT:?}, {} workers named: {workers:?}",
+            workers.len()
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Steered by CPU, the connections of a client on one CPU all go to one worker, and
 /// every one is served; from clients on any CPU, every one is served too. The listener
 /// each CPU's connections reach is the server module's unit test.
@@ -389,7 +407,7 @@ fn steered_by_cpu_every_connection_is_served() {
     // Each connection wakes its worker several times (accept, the first message, the
     // echo, the closes); the other worker wakes about once a second for its sweep.
     let pid = proxy.child.id();
-    let before = workers(pid);
+    let before = wait_for_workers(pid, 2);
     thread::spawn(move || {
         pin_to_one_cpu();
         for exchange in 0..200 {
@@ -456,7 +474,7 @@ fn steered_by_cpu_a_worker_that_falls_behind_gets_help() {
         .and_then(|addr| addr.parse().ok())
         .unwrap_or_else(|| panic!("no address in {metrics:?}"));
     let cpu = first_cpu();
-    let (_, owner, _) = workers(proxy.child.id())[cpu % 2];
+    let (_, owner, _) = wait_for_workers(proxy.child.id(), 2)[cpu % 2];
     pin(owner, cpu);
 
     let clients = thread::spawn(move || {
