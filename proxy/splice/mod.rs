@@ -573,7 +573,9 @@ struct Worker {
     /// When to advance an arrival without an event, earliest first. An entry whose time
     /// is not its arrival's deadline any more is stale and skipped.
     arrival_deadlines: Timers,
-    pairs: Slots<Pair>,
+    /// Boxed: a pair is 816 bytes, and a table of them grows by doubling, so that a
+    /// worker holding most of the connections would carry up to twice its share.
+    pairs: Slots<Box<Pair>>,
     /// The slot and side of every socket whose bytes the kernel moves, by cookie.
     sources: HashMap<Cookie, (usize, Side)>,
     /// When to look at a slot without an event (a half-close waiting for the kernel,
@@ -1005,7 +1007,7 @@ impl Worker {
         for (cookie, side) in pair.kernel_sources() {
             self.sources.insert(cookie, (slot, side));
         }
-        Ok(self.pairs.insert(pair))
+        Ok(self.pairs.insert(Box::new(pair)))
     }
 
     /// Grants the credit the probe asked for, or starts moving what it parked. A
