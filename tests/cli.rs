@@ -384,6 +384,10 @@ fn wait_for_workers(pid: u32, count: usize) -> Vec<(String, libc::pid_t, u64)> {
     }
 }
 
+/// The steering tests' options: steered whether the kernel splices or copies, and each
+/// connection copied for the command's default 100 ms, as users run it.
+const STEERED_BY_CPU: [&str; 4] = ["--steering", "cpu", "--splice-after", "100ms"];
+
 /// Steered by CPU, the connections of a client on one CPU all go to one worker, and
 /// every one is served; from clients on any CPU, every one is served too. The listener
 /// each CPU's connections reach is the server module's unit test.
@@ -391,16 +395,7 @@ fn wait_for_workers(pid: u32, count: usize) -> Vec<(String, libc::pid_t, u64)> {
 fn steered_by_cpu_every_connection_is_served() {
     let backend = Backend::echo();
     let routes = echo_routes("cli-steer", backend.addr);
-    let proxy = ProxyProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--workers",
-        "2",
-        "--steering",
-        "cpu",
-    ]);
+    let proxy = ProxyProcess::serve(&routes, "auto", &STEERED_BY_CPU);
     proxy.wait_for_log(", connections steered by CPU)", LOG_LIMIT);
     let addr = proxy.addr();
 
@@ -453,18 +448,11 @@ fn steered_by_cpu_a_worker_that_falls_behind_gets_help() {
     let message = |index: usize| format!("HELLO {index:>5}\n").into_bytes();
     let backend = Backend::echo();
     let routes = echo_routes("cli-help", backend.addr);
-    let proxy = ProxyProcess::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-        "--workers",
-        "2",
-        "--steering",
-        "cpu",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let proxy = ProxyProcess::serve(
+        &routes,
+        "auto",
+        &[STEERED_BY_CPU.as_slice(), &["--metrics", "127.0.0.1:0"]].concat(),
+    );
     let addr = proxy.addr();
     let metrics = proxy.wait_for_log("metrics at http://", LOG_LIMIT);
     let metrics: SocketAddr = metrics
