@@ -1,9 +1,10 @@
 //! What the bench measures: the backend reached directly, and each proxy in front of it.
 //! Each proxy runs as a child process on 127.0.0.1 with a config generated into the
 //! bench's temporary directory, two workers or threads each (one per core here), and
-//! otherwise the defaults a user gets, plus what the comparison calls for (`option
-//! splice-request` and `option splice-response` for HAProxy, as its users configure it
-//! for speed; `haproxy-auto`, with `option splice-auto`, on request).
+//! otherwise the defaults a user gets, plus what the comparison calls for, as their users
+//! configure them for speed: `option splice-request` and `option splice-response` with
+//! 1 MiB pipes for HAProxy (`haproxy-auto`, with `option splice-auto`, on request), 4m
+//! buffers for nginx.
 
 use std::{
     fs,
@@ -24,6 +25,18 @@ use crate::{
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Workers (nginx and splice-proxy), threads (HAProxy).
 const PROXY_THREADS: usize = 2;
+
+/// HAProxy's pipe size for splicing (`tune.pipesize`): the largest a pipe may have
+/// without raising `fs.pipe-max-size`. With the system's default of 64 KiB, one stream
+/// ran at 13-14 Gbit/s; with 1 MiB at 20-22, and with 4 MiB (the sysctl raised) no
+/// faster (benchmarks/bulk.md, "The peers' buffers").
+const HAPROXY_PIPE_SIZE: usize = 1 << 20;
+
+/// nginx stream's buffer for each direction of a bench connection (`proxy_buffer_size`,
+/// 16k by default): one stream ran at 12-13 Gbit/s with the default, 19-23 with 1m,
+/// 26-27 with 4m, and no faster with 16m (benchmarks/bulk.md, "The peers' buffers"). The
+/// hold's connections keep the default, as an operator holding 100,000 would.
+const NGINX_BUFFER: &str = "4m";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -80,9 +93,11 @@ impl Kind {
             }
             Kind::SpliceHashed => "splice-proxy --mode splice --steering hash",
             Kind::Copy => "splice-proxy --mode copy (userspace copy)",
-            Kind::Haproxy => "HAProxy, mode tcp, option splice-request + splice-response",
+            Kind::Haproxy => {
+                "HAProxy, mode tcp, option splice-request + splice-response, 1 MiB pipes"
+            }
             Kind::HaproxyAuto => "HAProxy, mode tcp, option splice-auto",
-            Kind::Nginx => "nginx stream proxy_pass",
+            Kind::Nginx => "nginx stream proxy_pass, 4m buffers",
         }
     }
 
@@ -454,6 +469,7 @@ fn haproxy_command(kind: Kind, binary: &Path, place: &Placement) -> anyhow::Resu
          \x20   nbthread {PROXY_THREADS}\n\
          \x20   maxconn {maxconn}\n\
          \x20   maxpipes 1024\n\
+         \x20   tune.pipesize {HAPROXY_PIPE_SIZE}\n\
          defaults\n\
          \x20   mode tcp\n\
          {splice}\
@@ -528,6 +544,7 @@ fn nginx_command(
          \x20       listen {listen} reuseport;\n\
          \x20       proxy_pass {backend};\n\
          \x20       proxy_half_close on;\n\
+         \x20       proxy_buffer_size {NGINX_BUFFER};\n\
          \x20   }}\n\
          \x20   upstream hold {{\n\
          {hold_servers}         \x20   }}\n\
