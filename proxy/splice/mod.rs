@@ -85,6 +85,12 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a worker waits to accept again after accept failed (EMFILE and friends).
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
+/// A worker accepts at most this many connections from a listener per pass of its loop,
+/// then turns to its other events and accepts the rest in the next pass: a flood of
+/// connects must not keep it from the connections it already serves (their closes,
+/// idle checks and the probe's asks for credit).
+const ACCEPT_BATCH: usize = 64;
+
 /// A worker that has accepted this many connections in a row from its listener without
 /// emptying its queue has fallen behind: it asks another worker to help empty it, and
 /// asks the next one after as many more. Steered by CPU, a worker whose CPU receives most
@@ -247,6 +253,7 @@ impl SpliceEngine {
                 maps,
                 fronts: Vec::new(),
                 accept_retry: None,
+                accept_again: Vec::new(),
                 unlogged_accept_failures: None,
                 arrivals: Slots::default(),
                 arrival_deadlines: Timers::default(),
@@ -565,6 +572,10 @@ struct Worker {
     fronts: Vec<Option<Front>>,
     /// When to accept again after accept failed.
     accept_retry: Option<Instant>,
+    /// Listeners a pass left connections queued on ([`ACCEPT_BATCH`]): accepted from
+    /// again in the next pass without waiting, since their events are edge-triggered
+    /// and come only with the next connection.
+    accept_again: Vec<usize>,
     /// Since when accept failures go unlogged, and how many did: a failure is retried
     /// every [`ACCEPT_RETRY`], and logged at most once a second.
     unlogged_accept_failures: Option<(Instant, u64)>,
@@ -617,7 +628,14 @@ impl Worker {
             .flatten()
             .map(|due| due.saturating_duration_since(now))
             .min();
+            let again = std::mem::take(&mut self.accept_again);
+            let timeout = if again.is_empty() {
+                timeout
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.epoll.wait(&mut events, timeout) {
+                self.accept_again = again;
                 tracing::error!("epoll_wait failed in a splice worker: {e}");
                 thread::sleep(WAIT_RETRY);
                 continue;
@@ -635,6 +653,12 @@ impl Worker {
                         let next = pair.on_events(side, event.events, self.maps.as_mut());
                         self.settle(slot, next);
                     }
+                }
+            }
+            for index in again {
+                // Its event this pass may have taken its batch already.
+                if !self.accept_again.contains(&index) {
+                    self.accept(index);
                 }
             }
             self.poll_due();
@@ -688,8 +712,9 @@ impl Worker {
         self.accept(index);
     }
 
-    /// Accepts everything queued on listener `index`: its epoll event is edge-triggered.
-    /// Accepting all of it at once, not one a wake, measured faster under load
+    /// Accepts what is queued on listener `index`, up to [`ACCEPT_BATCH`]: its epoll
+    /// event is edge-triggered, so what a full batch leaves is taken up again in the next
+    /// pass. Accepting all of it at once, not one a wake, measured faster under load
     /// (benchmarks/connection-path.md, "Fewer system calls at the close").
     fn accept(&mut self, index: usize) {
         let mut accepted = 0;
@@ -697,6 +722,12 @@ impl Worker {
             let Some(Some(front)) = self.fronts.get(index) else {
                 return;
             };
+            if accepted == ACCEPT_BATCH {
+                if !self.accept_again.contains(&index) {
+                    self.accept_again.push(index);
+                }
+                return;
+            }
             match front.accept() {
                 Accepted::Arrival(arrival) => {
                     accepted += 1;
@@ -705,7 +736,8 @@ impl Worker {
                     }
                     self.arrival_step(None, arrival.advance());
                 }
-                Accepted::Refused => {}
+                // Counted too: a flood beyond max_connections is refused one by one.
+                Accepted::Refused => accepted += 1,
                 Accepted::Nothing => return,
                 Accepted::Stopped => {
                     self.fronts[index] = None;
@@ -732,11 +764,12 @@ impl Worker {
         }
     }
 
-    /// Accepts from another worker's `front` until its queue is empty, and keeps what it
-    /// accepts: a connection stays on the worker that accepted it. Failures are the
+    /// Accepts from another worker's `front` until its queue is empty or a batch is
+    /// taken ([`ACCEPT_BATCH`]; the owner asks again while it is behind), and keeps what
+    /// it accepts: a connection stays on the worker that accepted it. Failures are the
     /// owner's to retry; a helper only stops.
     fn help(&mut self, front: Front) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             match front.accept() {
                 Accepted::Arrival(arrival) => {
                     self.metrics.accepted_helping();
