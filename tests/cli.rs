@@ -343,6 +343,31 @@ fn pin_to_one_cpu() {
     pin(0, first_cpu());
 }
 
+/// Makes the calling thread real-time (SCHED_FIFO): no ordinary thread runs on its CPU
+/// until it blocks or calls [`ordinary`]. How the tests hold a worker off its CPU.
+fn real_time() {
+    set_policy(libc::SCHED_FIFO, 1);
+}
+
+/// Makes the calling thread an ordinary one again.
+fn ordinary() {
+    set_policy(libc::SCHED_OTHER, 0);
+}
+
+fn set_policy(policy: libc::c_int, priority: libc::c_int) {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param; 0 is the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setscheduler({policy}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// The process `pid`'s worker threads (`splice-N`): name, thread id, and the times each
 /// has slept and been woken.
 fn workers(pid: u32) -> Vec<(String, libc::pid_t, u64)> {
@@ -389,18 +414,20 @@ fn wait_for_workers(pid: u32, count: usize) -> Vec<(String, libc::pid_t, u64)> {
     }
 }
 
-/// The steering tests' options: steered whether the kernel splices or copies, and each
-/// connection copied for the command's default 100 ms, as users run it.
-const STEERED_BY_CPU: [&str; 4] = ["--steering", "cpu", "--splice-after", "100ms"];
+/// The steering tests' option: each connection copied for the command's default 100 ms,
+/// as users run it (`ProxyProcess::serve` splices at once unless told). They give no
+/// `--steering`: splicing, the default steers by CPU.
+const AS_USERS_RUN_IT: [&str; 2] = ["--splice-after", "100ms"];
 
-/// Steered by CPU, the connections of a client on one CPU all go to one worker, and
-/// every one is served; from clients on any CPU, every one is served too. The listener
-/// each CPU's connections reach is the server module's unit test.
+/// Splicing, connections are steered by CPU by default: those of a client on one CPU all
+/// go to one worker, and every one is served; from clients on any CPU, every one is
+/// served too. The listener each CPU's connections reach is the server module's unit
+/// test.
 #[test]
 fn steered_by_cpu_every_connection_is_served() {
     let backend = Backend::echo();
     let routes = echo_routes("cli-steer", backend.addr);
-    let proxy = ProxyProcess::serve(&routes, "auto", &STEERED_BY_CPU);
+    let proxy = ProxyProcess::serve(&routes, "splice", &AS_USERS_RUN_IT);
     proxy.wait_for_log(", connections steered by CPU)", LOG_LIMIT);
     let addr = proxy.addr();
 
@@ -455,32 +482,18 @@ fn steered_by_cpu_a_worker_that_falls_behind_gets_help() {
     let routes = echo_routes("cli-help", backend.addr);
     let proxy = ProxyProcess::serve(
         &routes,
-        "auto",
-        &[STEERED_BY_CPU.as_slice(), &["--metrics", "127.0.0.1:0"]].concat(),
+        "splice",
+        &[AS_USERS_RUN_IT.as_slice(), &["--metrics", "127.0.0.1:0"]].concat(),
     );
     let addr = proxy.addr();
-    let metrics = proxy.wait_for_log("metrics at http://", LOG_LIMIT);
-    let metrics: SocketAddr = metrics
-        .split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {metrics:?}"));
+    let metrics = proxy.metrics_addr();
     let cpu = first_cpu();
     let (_, owner, _) = wait_for_workers(proxy.child.id(), 2)[cpu % 2];
     pin(owner, cpu);
 
     let clients = thread::spawn(move || {
         pin(0, cpu);
-        let param = libc::sched_param { sched_priority: 1 };
-        // SAFETY: `param` is a valid sched_param; 0 is the calling thread.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-        assert_eq!(
-            rc,
-            0,
-            "sched_setscheduler: {}",
-            std::io::Error::last_os_error()
-        );
+        real_time();
         // Loopback completes each handshake in this thread's connect, queueing the
         // connection, and its first message, without the worker.
         let clients: Vec<_> = (0..CONNECTIONS)
@@ -490,9 +503,7 @@ fn steered_by_cpu_a_worker_that_falls_behind_gets_help() {
                 client
             })
             .collect();
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: as above.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        ordinary();
         clients
     })
     .join()
@@ -555,13 +566,7 @@ fn a_flood_of_connects_does_not_hold_up_a_workers_connections() {
     let backend = Backend::echo();
     // No default route: a flood connection, which only closes, is refused as soon as
     // it is accepted and read, and logged then.
-    let routes = routes_file(
-        "cli-flood",
-        &format!(
-            "[[route]]\nname = \"hello\"\nprefix = \"HELLO\"\nbackends = [\"{}\"]\n",
-            backend.addr
-        ),
-    );
+    let routes = routes_file("cli-flood", &prefix_routes("HELLO", &[backend.addr]));
     let proxy = ProxyProcess::serve(&routes, "copy", &["--steering", "cpu"]);
     proxy.wait_for_log(", connections steered by CPU)", LOG_LIMIT);
     let addr = proxy.addr();
@@ -575,15 +580,7 @@ fn a_flood_of_connects_does_not_hold_up_a_workers_connections() {
         served.write_all(b"HELLO flood\n").unwrap();
         let mut echo = [0; 12];
         served.read_exact(&mut echo).unwrap();
-        let param = libc::sched_param { sched_priority: 1 };
-        // SAFETY: `param` is a valid sched_param; 0 is the calling thread.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-        assert_eq!(
-            rc,
-            0,
-            "sched_setscheduler: {}",
-            std::io::Error::last_os_error()
-        );
+        real_time();
         let flood: Vec<_> = (0..CONNECTIONS)
             .map(|_| {
                 let client = connect(addr);
@@ -599,9 +596,7 @@ fn a_flood_of_connects_does_not_hold_up_a_workers_connections() {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(served);
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: as above.
-        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+        ordinary();
         (served_from, flood, queued)
     })
     .join()

@@ -195,12 +195,7 @@ fn refusals_are_logged_and_a_reload_changes_the_limit() {
     echo_checked(first, 5);
     echo_checked(second, 6);
 
-    let metrics = proxy.wait_for_log("metrics at http://", WAIT);
-    let metrics = metrics
-        .split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("the metrics address");
+    let metrics = proxy.metrics_addr();
     let scrape = output_within(
         external("curl", "curl").args(["-sS", &format!("http://{metrics}/metrics")]),
         WAIT,

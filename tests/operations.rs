@@ -35,16 +35,6 @@ fn routes(name: &str, echo: SocketAddr, dead: SocketAddr) -> PathBuf {
     )
 }
 
-/// The address of the metrics endpoint, from the line the binary logs at start.
-fn metrics_addr(proxy: &ProxyProcess) -> SocketAddr {
-    let line = proxy.wait_for_log("metrics at http://", LOG_LIMIT);
-    line.split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-}
-
 /// The first message, its echo (after which the engine owns the connection: the client
 /// is not streaming at the hand-off, so a splicing proxy splices it), then `len` bytes
 /// both ways, checked by hash. Returns the client's address and the bytes it sent.
@@ -156,7 +146,7 @@ fn metrics_count_known_spliced_traffic() {
     let dead = refused_addr();
     let routes = routes("ops-metrics-splice", echo.addr, dead);
     let proxy = ProxyProcess::serve(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
-    let metrics = metrics_addr(&proxy);
+    let metrics = proxy.metrics_addr();
     let before = Scrape::get(metrics);
     assert_eq!(before.sum("splice_proxy_redirected_bytes_total", &[]), 0.0);
 
@@ -281,7 +271,7 @@ fn metrics_label_copied_connections_and_serve_only_get_metrics() {
     let echo = Backend::echo();
     let routes = routes("ops-metrics-copy", echo.addr, refused_addr());
     let proxy = ProxyProcess::serve(&routes, "copy", &["--metrics", "127.0.0.1:0"]);
-    let metrics = metrics_addr(&proxy);
+    let metrics = proxy.metrics_addr();
     let (_, sent) = echo_exchange(proxy.addr(), 2 << 20, 7);
     let scrape = scrape_until(metrics, "the connection closed and counted", |s| {
         s.sum("splice_proxy_transferred_bytes_total", &[]) == 2.0 * sent as f64
@@ -520,7 +510,7 @@ fn user_nobody_keeps_splicing_with_no_capabilities_left() {
     }
     let proxy = ProxyProcess::serve(&routes, "splice", &extra);
     proxy.wait_for_log("running as nobody:nogroup", LOG_LIMIT);
-    let metrics = metrics_addr(&proxy);
+    let metrics = proxy.metrics_addr();
     let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
         .unwrap()
         .trim()
@@ -718,7 +708,7 @@ fn the_systemd_unit_is_valid_and_its_capabilities_suffice() {
     }
     proxy.addr();
     proxy.wait_for_log("running as nobody", LOG_LIMIT);
-    let metrics = metrics_addr(&proxy);
+    let metrics = proxy.metrics_addr();
     let (_, sent) = echo_exchange(proxy.addr(), 2 << 20, 40);
     let scrape = scrape_until(metrics, "the connection closed", |s| {
         s.sum("splice_proxy_transferred_bytes_total", &[]) == 2.0 * sent as f64
@@ -747,7 +737,7 @@ fn metrics_show_each_backends_health_and_connections() {
         ),
     );
     let proxy = ProxyProcess::serve(&routes, "splice", &["--metrics", "127.0.0.1:0"]);
-    let metrics = metrics_addr(&proxy);
+    let metrics = proxy.metrics_addr();
     let (echo, dead) = (echo.addr.to_string(), dead.to_string());
     let scrape = scrape_until(metrics, "the dead backend down", |s| {
         s.sum("splice_proxy_backend_up", &[("backend", &dead)]) == 0.0

@@ -69,6 +69,17 @@ impl ProxyProcess {
         })
     }
 
+    /// Where it serves its metrics (started with `--metrics`), from the line it logs
+    /// before it listens.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log("metrics at http://", super::IO_TIMEOUT);
+        line.split("metrics at http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
     }
