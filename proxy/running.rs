@@ -296,28 +296,26 @@ impl ProxyBuilder {
             }
         }
 
-        let steering = match self.steering {
-            Steering::Auto if probe.is_some() => Steering::ByCpu,
-            Steering::Auto => Steering::ByHash,
-            asked => asked,
+        let by_cpu = match self.steering {
+            Steering::Auto => probe.is_some(),
+            Steering::ByCpu => true,
+            Steering::ByHash => false,
         };
-        let steering = match steering {
-            Steering::ByCpu => match listeners.steer_by_cpu() {
-                Ok(()) => Steering::ByCpu,
-                Err(source) if self.steering == Steering::Auto => {
-                    tracing::warn!(
-                        "connections are spread by a hash of their addresses: steering the listeners by CPU failed: {source}"
-                    );
-                    Steering::ByHash
-                }
-                Err(source) => {
-                    return Err(ProxyError::Steer {
-                        addr: listeners.local_addr(),
-                        source,
-                    });
-                }
-            },
-            other => other,
+        let steering = match by_cpu.then(|| listeners.steer_by_cpu()) {
+            None => Steering::ByHash,
+            Some(Ok(())) => Steering::ByCpu,
+            Some(Err(source)) if self.steering == Steering::Auto => {
+                tracing::warn!(
+                    "connections are spread by a hash of their addresses: steering the listeners by CPU failed: {source}"
+                );
+                Steering::ByHash
+            }
+            Some(Err(source)) => {
+                return Err(ProxyError::Steer {
+                    addr: listeners.local_addr(),
+                    source,
+                });
+            }
         };
         let engine = SpliceEngine::new(probe.map(Arc::new), workers, self.splice_after)
             .map_err(ProxyError::Engine)?;

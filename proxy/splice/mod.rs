@@ -729,15 +729,9 @@ impl Worker {
                 return;
             }
             match front.accept() {
-                Accepted::Arrival(arrival) => {
-                    accepted += 1;
-                    if accepted % HELP_AFTER == 0 {
-                        self.ask_for_help(index);
-                    }
-                    self.arrival_step(None, arrival.advance());
-                }
-                // Counted too: a flood beyond max_connections is refused one by one.
-                Accepted::Refused => accepted += 1,
+                Accepted::Arrival(arrival) => self.arrival_step(None, arrival.advance()),
+                // Counted as well: a flood beyond max_connections is refused one by one.
+                Accepted::Refused => {}
                 Accepted::Nothing => return,
                 Accepted::Stopped => {
                     self.fronts[index] = None;
@@ -748,6 +742,10 @@ impl Worker {
                     self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
                     return;
                 }
+            }
+            accepted += 1;
+            if accepted % HELP_AFTER == 0 {
+                self.ask_for_help(index);
             }
         }
     }
